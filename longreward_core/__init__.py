@@ -1,0 +1,1 @@
+"""LongReward scoring engine."""

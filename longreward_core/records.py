@@ -1,0 +1,216 @@
+"""Records that cross a boundary (files, tasks, processes), and their on-disk schemas.
+
+Every Parquet file the project writes is described once here, as a polars schema; readers and
+writers use these schemas, so a column is named and typed in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+DIMENSIONS: tuple[str, ...] = ("helpfulness", "logicality", "faithfulness", "completeness")
+
+
+class Prompt(BaseModel):
+    """A (long document, question) prompt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(min_length=1)
+    context: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Candidate(BaseModel):
+    """One sampled response to a prompt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_id: str = Field(min_length=1)
+    candidate_id: str = Field(min_length=1)
+    response: str
+
+
+class DimensionResult(BaseModel):
+    """The outcome of one dimension for one candidate: a score, or the reason there is none."""
+
+    score: float | None = None
+    error: str | None = None
+    # Faithfulness only: number of distinct factual statements judged.
+    statements: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.score is not None
+
+
+class CandidateScore(BaseModel):
+    """A candidate's four dimension scores and its reward (mean), or why it has none."""
+
+    prompt_id: str
+    candidate_id: str
+    language: str
+    helpfulness: DimensionResult
+    logicality: DimensionResult
+    faithfulness: DimensionResult
+    completeness: DimensionResult
+
+    @property
+    def reward(self) -> float | None:
+        scores = [getattr(self, d).score for d in DIMENSIONS]
+        if any(s is None for s in scores):
+            return None
+        return sum(scores) / len(scores)
+
+    @property
+    def status(self) -> str:
+        return "scored" if self.reward is not None else "failed"
+
+    @property
+    def error(self) -> str | None:
+        errors = [f"{d}: {getattr(self, d).error}" for d in DIMENSIONS if getattr(self, d).error]
+        return "; ".join(errors) or None
+
+    def to_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "prompt_id": self.prompt_id,
+            "candidate_id": self.candidate_id,
+            "language": self.language,
+        }
+        for d in DIMENSIONS:
+            row[d] = getattr(self, d).score
+        row["faithfulness_statements"] = self.faithfulness.statements
+        row["reward"] = self.reward
+        row["status"] = self.status
+        row["error"] = self.error
+        return row
+
+
+SCORES_SCHEMA = pl.Schema(
+    {
+        "prompt_id": pl.String,
+        "candidate_id": pl.String,
+        "language": pl.String,
+        "helpfulness": pl.Float64,
+        "logicality": pl.Float64,
+        "faithfulness": pl.Float64,
+        "completeness": pl.Float64,
+        "faithfulness_statements": pl.Int64,
+        "reward": pl.Float64,
+        "status": pl.String,  # "scored" | "failed"
+        "error": pl.String,  # "<dimension>: <reason>; ..." when failed
+    }
+)
+
+_MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
+
+# TRL's conversational preference format plus the provenance of each side.
+PAIRS_SCHEMA = pl.Schema(
+    {
+        "prompt_id": pl.String,
+        "prompt": pl.List(_MESSAGE),
+        "chosen": pl.List(_MESSAGE),
+        "rejected": pl.List(_MESSAGE),
+        "chosen_id": pl.String,
+        "rejected_id": pl.String,
+        "chosen_reward": pl.Float64,
+        "rejected_reward": pl.Float64,
+        "margin": pl.Float64,
+    }
+)
+
+QUARANTINE_SCHEMA = pl.Schema(
+    {
+        "source": pl.String,  # the input file
+        "line": pl.Int64,  # 1-based row number in that file
+        "row_id": pl.String,  # the row's id when it has one
+        "reason": pl.String,
+        "raw": pl.String,  # the row as text, for the ops team to fix and resubmit
+    }
+)
+
+
+class PreferencePair(BaseModel):
+    """One DPO preference pair in TRL's conversational format."""
+
+    prompt_id: str
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    chosen_id: str
+    rejected_id: str
+    chosen_reward: float
+    rejected_reward: float
+
+    @property
+    def margin(self) -> float:
+        return self.chosen_reward - self.rejected_reward
+
+    def to_row(self) -> dict[str, Any]:
+        return {**self.model_dump(), "margin": self.margin}
+
+
+class QuarantinedRow(BaseModel):
+    """An input row that was not used, with the reason."""
+
+    source: str
+    line: int
+    row_id: str | None
+    reason: str
+    raw: str
+
+
+@dataclass
+class DimensionAccounting:
+    """Judge usage for one dimension (or overall)."""
+
+    calls: int = 0  # requests that reached the judge (cache hits excluded)
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0  # 0 where litellm does not know the model's price
+    parse_failures: int = 0  # judge answers without a parseable verdict
+    transport_errors: int = 0  # 429 / 5xx / timeouts / connection errors, each retried or fatal
+    failed_calls: int = 0  # logical calls that gave up (no verdict after every attempt)
+
+    def add(self, other: DimensionAccounting) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class RunAccounting:
+    """Judge usage of a run, per dimension and in total."""
+
+    per_dimension: dict[str, DimensionAccounting] = field(
+        default_factory=lambda: {d: DimensionAccounting() for d in DIMENSIONS}
+    )
+
+    def dimension(self, name: str) -> DimensionAccounting:
+        return self.per_dimension.setdefault(name, DimensionAccounting())
+
+    @property
+    def total(self) -> DimensionAccounting:
+        total = DimensionAccounting()
+        for acc in self.per_dimension.values():
+            total.add(acc)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": asdict(self.total),
+            "per_dimension": {k: asdict(v) for k, v in self.per_dimension.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunAccounting:
+        return cls(
+            per_dimension={
+                k: DimensionAccounting(**v) for k, v in data.get("per_dimension", {}).items()
+            }
+        )

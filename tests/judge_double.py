@@ -1,0 +1,223 @@
+"""A real OpenAI-compatible HTTP server on loopback, standing in for the judge in tests.
+
+It answers `POST .../chat/completions` with scripted judge answers chosen by the task line that
+opens every prompt template, and can inject latency, HTTP 429/500 responses, timeouts, a broken
+response body, and answers without a verdict. Every request is logged (task, temperature, time),
+so tests can count judge calls exactly.
+
+Default answers follow the task, so scores depend on the content:
+- helpfulness 7, logicality 8, completeness 6 (override with `ratings`);
+- statements: one per sentence of the response (none for an empty one);
+- support: "Fully supported" when the statement's text occurs in the evidence, else "No support";
+- key points: the first words of the chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TASKS = {
+    "[Task: grade HELPFULNESS]": "helpfulness",
+    "[Task: grade LOGICALITY]": "logicality",
+    "[Task: extract FACTUAL STATEMENTS]": "statements",
+    "[Task: check SUPPORT of a statement]": "support",
+    "[Task: extract KEY POINTS from a document chunk]": "key_points",
+    "[Task: grade COMPLETENESS]": "completeness",
+}
+
+
+def task_of(content: str) -> str:
+    first = content.splitlines()[0] if content else ""
+    for line, task in TASKS.items():
+        if first.startswith(line):
+            return task
+    return "unknown"
+
+
+def slot(content: str, tag: str) -> str:
+    """The text inside the (last) <tag>...</tag> block of a prompt."""
+    matches = re.findall(rf"<{tag}>\n?(.*?)\n?</{tag}>", content, re.S)
+    return matches[-1] if matches else ""
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|(?<=[。！？])", text) if s.strip()]
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().rstrip(".。").casefold()
+
+
+@dataclass
+class Request:
+    task: str
+    temperature: float | None
+    content: str
+    at: float
+
+
+@dataclass
+class Fault:
+    """One injected fault: 'status' (HTTP code), 'timeout', 'broken_body' or 'no_verdict'."""
+
+    kind: str
+    status: int = 500
+
+
+@dataclass
+class JudgeDouble:
+    latency_s: float = 0.0
+    timeout_sleep_s: float = 3.0
+    ratings: dict[str, int] = field(default_factory=lambda: {"helpfulness": 7, "logicality": 8, "completeness": 6})
+    # Called for every request; returns a Fault to inject or None. Default: pop from `faults`.
+    fault_rule: Callable[[Request, int], Fault | None] | None = None
+    faults: list[Fault] = field(default_factory=list)
+    # Overrides the scripted answer for a task: (request) -> answer text.
+    answers: dict[str, Callable[[Request], str]] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    authorization: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    # -- scripted judge -------------------------------------------------------------------
+    def answer(self, request: Request) -> str:
+        if request.task in self.answers:
+            return self.answers[request.task](request)
+        c = request.content
+        if request.task in self.ratings:
+            return f"Analysis: looks fine.\nRating: [[{self.ratings[request.task]}]]"
+        if request.task == "statements":
+            found = sentences(slot(c, "response"))
+            if not found:
+                return "[[no statements]]"
+            return "[[statements]]\n" + "\n".join(f"- {s}" for s in found) + "\n[[end]]"
+        if request.task == "support":
+            statement, evidence = slot(c, "statement"), slot(c, "document_excerpts")
+            supported = _normal(statement) in _normal(evidence)
+            return "Checked.\n" + ("[[Fully supported]]" if supported else "[[No support]]")
+        if request.task == "key_points":
+            words = slot(c, "document_chunk").split()[:8]
+            return "[[information]]\n- " + " ".join(words) + "\n[[end]]" if words else "[[none]]"
+        return "I cannot tell."
+
+    def count(self, task: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if task is None or r.task == task)
+
+    def counts(self) -> Counter:
+        with self._lock:
+            return Counter(r.task for r in self.requests)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.max_in_flight = 0
+
+    def _next_fault(self, request: Request, index: int) -> Fault | None:
+        if self.fault_rule is not None:
+            return self.fault_rule(request, index)
+        with self._lock:
+            return self.faults.pop(0) if self.faults else None
+
+
+def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep test output clean
+            pass
+
+        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            length = int(self.headers.get("Content-Length", 0))
+            payload = json.loads(self.rfile.read(length) or b"{}")
+            if not self.path.endswith("/chat/completions"):
+                self._send(404, b'{"error": {"message": "not found"}}')
+                return
+            content = payload["messages"][-1]["content"]
+            request = Request(task_of(content), payload.get("temperature"), content, time.monotonic())
+            with double._lock:
+                double.requests.append(request)
+                index = len(double.requests) - 1
+                double.in_flight += 1
+                double.max_in_flight = max(double.max_in_flight, double.in_flight)
+                double.authorization.append(self.headers.get("Authorization", ""))
+            try:
+                if double.latency_s:
+                    time.sleep(double.latency_s)
+                fault = double._next_fault(request, index)
+                if fault is not None and fault.kind == "status":
+                    body = json.dumps({"error": {"message": f"injected {fault.status}", "type": "injected"}})
+                    self._send(fault.status, body.encode())
+                    return
+                if fault is not None and fault.kind == "timeout":
+                    time.sleep(double.timeout_sleep_s)
+                if fault is not None and fault.kind == "broken_body":
+                    self._send(200, b'{"choices": [ this is not json')
+                    return
+                text = "I think it is fine." if fault is not None and fault.kind == "no_verdict" else double.answer(request)
+                body = {
+                    "id": f"chatcmpl-{index}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": payload.get("model", "judge-double"),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {
+                        "prompt_tokens": len(content) // 4,
+                        "completion_tokens": len(text) // 4,
+                        "total_tokens": len(content) // 4 + len(text) // 4,
+                    },
+                }
+                try:
+                    self._send(200, json.dumps(body).encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): nothing to answer
+            finally:
+                with double._lock:
+                    double.in_flight -= 1
+
+    return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # the default backlog (5) drops bursts of concurrent connections
+    daemon_threads = True
+
+
+class JudgeServer:
+    """Runs a JudgeDouble on 127.0.0.1 (ephemeral port) in a background thread."""
+
+    def __init__(self, double: JudgeDouble | None = None):
+        self.double = double or JudgeDouble()
+        self._server = _Server(("127.0.0.1", 0), _make_handler(self.double))
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def api_base(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> JudgeServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()
