@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -42,26 +46,37 @@ def chunk_document(text: str, tokenizer: PreTrainedTokenizerBase, chunk_tokens: 
     if not text:
         return []
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    # Each chunk starts where its first token starts; the first chunk starts at 0 and the last
-    # ends at len(text), so leading/trailing whitespace the tokenizer does not cover is kept.
-    starts = [0]
-    for first in range(chunk_tokens, len(offsets), chunk_tokens):
-        start = max(offsets[first][0], starts[-1])
-        if start > starts[-1]:
-            starts.append(start)
-    bounds = starts + [len(text)]
     token_starts = [o[0] for o in offsets]
-    spans = []
+    # A cut may only fall before a token that starts a new character: byte-level tokenizers split
+    # one CJK character or emoji over several tokens that share a start offset.
+    boundaries = [j for j in range(1, len(token_starts)) if token_starts[j] > token_starts[j - 1]]
+    cuts = []  # token indices where chunks after the first begin
+    first = 0
+    while True:
+        limit = first + chunk_tokens
+        if limit >= len(token_starts):
+            break
+        i = bisect.bisect_right(boundaries, limit) - 1
+        if i < 0 or boundaries[i] <= first:
+            # A character longer than the chunk: the smallest cut past it.
+            i = bisect.bisect_right(boundaries, first)
+            if i >= len(boundaries):
+                break
+        first = boundaries[i]
+        cuts.append(first)
+    # The first chunk starts at 0 and the last ends at len(text), so leading and trailing
+    # whitespace the tokenizer does not cover is kept: the chunks tile the text.
+    bounds = [0] + [token_starts[j] for j in cuts] + [len(text)]
     length = len(text)
+    spans = []
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        n_tokens = _count_in(token_starts, start, end)
         spans.append(
             ChunkSpan(
                 index=i,
                 start=start,
                 end=end,
                 text=text[start:end],
-                n_tokens=n_tokens,
+                n_tokens=_count_in(token_starts, start, end),
                 start_pct=100.0 * start / length,
                 end_pct=100.0 * end / length,
             )
@@ -81,6 +96,24 @@ def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     if name is None:
         from longreward_core.embedded import smollm2_gguf_path
 
+        # Converting the GGUF vocabulary takes ~10 s: do it once and keep the result.
+        converted = cache_dir() / "smollm2-135m-instruct-tokenizer"
+        if (converted / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(str(converted))
         gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        staging = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tokenizer-"))
+        tokenizer.save_pretrained(str(staging))
+        try:
+            staging.rename(converted)  # atomic; another process may have won the race
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+        return tokenizer
     return AutoTokenizer.from_pretrained(name)
+
+
+def cache_dir() -> Path:
+    """Where derived model files are kept: $LONGREWARD_CACHE or ~/.cache/longreward."""
+    path = Path(os.environ.get("LONGREWARD_CACHE") or Path.home() / ".cache" / "longreward")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

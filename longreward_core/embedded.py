@@ -30,8 +30,8 @@ import litellm
 from litellm import CustomLLM
 
 PROVIDER = "embedded"
-ANALYSIS_TOKENS = 48  # free text before the verdict; small, since the model is slow on CPU
-LIST_TOKENS = 96  # budget for a list answer after its prefix
+ANALYSIS_TOKENS = 32  # free text before the verdict; small, since the model is slow on CPU
+LIST_TOKENS = 64  # budget for a list answer after its prefix
 MAX_PROMPT_TOKENS = 7_000  # SmolLM2 has an 8k window; longer prompts keep head and tail
 
 
@@ -67,8 +67,10 @@ def embedded_stats() -> dict[str, Any]:
 @functools.cache
 def _load() -> tuple[Any, Any]:
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -79,52 +81,123 @@ def _load() -> tuple[Any, Any]:
 _generate_lock = threading.Lock()  # one generation at a time: the CPU is the bottleneck anyway
 
 
-def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> Any:
-    import torch
+class _PrefixCache:
+    """Recent KV caches by token sequence: a prompt reuses the longest prefix already computed.
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=False)
-    if not isinstance(ids, torch.Tensor):
-        ids = torch.tensor([ids])
-    if ids.shape[1] > MAX_PROMPT_TOKENS:
+    Every request of one template shares its instructions and few-shot examples (most of its
+    tokens), so only the inputs at the end are run through the model again.
+    """
+
+    def __init__(self, size: int = 6):
+        self.size = size
+        self.entries: list[tuple[list[int], Any]] = []
+
+    def forward(self, model: Any, ids: list[int]) -> tuple[Any, Any]:
+        """Logits after `ids` and a cache holding exactly `ids` (the caller's to extend)."""
+        import torch
+        from transformers import DynamicCache
+
+        best, best_len = None, 0
+        for seq, cache in self.entries:
+            n = _common_prefix(seq, ids)
+            if n > best_len:
+                best, best_len = cache, n
+        best_len = min(best_len, len(ids) - 1)  # at least one token must run, for its logits
+        if best is not None and best_len > 0:
+            cache = copy.deepcopy(best)
+            surplus = cache.get_seq_length() - best_len
+            if surplus > 0:
+                cache.crop(-surplus)
+        else:
+            cache, best_len = DynamicCache(), 0
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids[best_len:]]), past_key_values=cache, use_cache=True)
+        return out.logits[0, -1], out.past_key_values
+
+    def remember(self, ids: list[int], cache: Any) -> None:
+        self.entries = [(list(ids), cache)] + self.entries[: self.size - 1]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+_prefixes = _PrefixCache()
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if len(ids) > MAX_PROMPT_TOKENS:
         half = MAX_PROMPT_TOKENS // 2
-        ids = torch.cat([ids[:, :half], ids[:, -half:]], dim=1)
+        ids = ids[:half] + ids[-half:]
     return ids
 
 
-def _continue(model: Any, tokenizer: Any, ids: Any, max_new: int, temperature: float) -> tuple[str, int]:
+def _next_token(logits: Any, temperature: float, allowed: list[int] | None = None) -> int:
     import torch
 
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new,
-            pad_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-    new = out[0, ids.shape[1] :]
-    return tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
+    if allowed is not None:
+        masked = torch.full_like(logits, float("-inf"))
+        masked[allowed] = logits[allowed]
+        logits = masked
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < 0.95  # top-p 0.95
+    sorted_probs[~keep] = 0
+    return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1)])
 
 
-def _best_choice(model: Any, tokenizer: Any, ids: Any, choices: list[str], suffix: str) -> str:
-    """The choice (followed by suffix) with the highest log-probability after `ids`."""
+def _decode(
+    model: Any,
+    tokenizer: Any,
+    ids: list[int],
+    max_new: int,
+    temperature: float,
+    stop: Any = None,
+) -> list[int]:
+    """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache."""
     import torch
 
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        first_logp = torch.log_softmax(out.logits[0, -1], dim=-1)
-        best, best_score = choices[0], float("-inf")
-        for choice in choices:
-            tokens = tokenizer(choice + suffix, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            score = float(first_logp[tokens[0, 0]])
-            if tokens.shape[1] > 1:
-                rest = model(tokens[:, :-1], past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
-                logp = torch.log_softmax(rest.logits[0], dim=-1)
-                score += float(logp.gather(1, tokens[0, 1:, None]).sum())
-            if score > best_score:
-                best, best_score = choice, score
-    return best
+    logits, cache = _prefixes.forward(model, ids)
+    new: list[int] = []
+    for _ in range(max_new):
+        token = _next_token(logits, temperature)
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        if stop is not None and stop(tokenizer.decode(new, skip_special_tokens=True)):
+            break
+    _prefixes.remember(ids + new, cache)
+    return new
+
+
+def _constrained_choice(model: Any, tokenizer: Any, ids: list[int], choices: list[str], suffix: str) -> str:
+    """Greedy decoding restricted, token by token, to the sequences `choice + suffix`."""
+    import torch
+
+    sequences = {c: tokenizer(c + suffix, add_special_tokens=False)["input_ids"] for c in choices}
+    logits, cache = _prefixes.forward(model, ids)
+    chosen: list[int] = []
+    while True:
+        live = [c for c, seq in sequences.items() if seq[: len(chosen)] == chosen]
+        finished = [c for c in live if len(sequences[c]) == len(chosen)]
+        if finished:
+            return finished[0]
+        allowed = sorted({sequences[c][len(chosen)] for c in live})
+        token = _next_token(logits, 0.0, allowed)
+        chosen.append(token)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
 
 
 def _has_verdict(text: str, constraint: dict[str, Any]) -> bool:
@@ -137,42 +210,46 @@ def _has_verdict(text: str, constraint: dict[str, Any]) -> bool:
     return len(after) == 2 and re.search(r"^\s*[-*]\s*\S", after[1], re.M) is not None
 
 
-def generate(messages: list[dict[str, str]], temperature: float, max_tokens: int, constraint: dict[str, Any] | None) -> tuple[str, int, int]:
+def generate(
+    messages: list[dict[str, str]], temperature: float, max_tokens: int, constraint: dict[str, Any] | None
+) -> tuple[str, int, int]:
     """Answer text, prompt tokens, completion tokens. Thread-safe; blocking."""
-    import torch
-
     tokenizer, model = _load()
     with _generate_lock:
         started = time.perf_counter()
         ids = _prompt_ids(tokenizer, messages)
         if constraint is None:
-            text, n_new = _continue(model, tokenizer, ids, max_tokens, temperature)
+            new = _decode(model, tokenizer, ids, max_tokens, temperature)
+            text, n_new = tokenizer.decode(new, skip_special_tokens=True), len(new)
         else:
-            analysis, n_new = _continue(model, tokenizer, ids, min(max_tokens, ANALYSIS_TOKENS), temperature)
-            if _has_verdict(analysis, constraint):
-                _stats.verdicts_unaided += 1
-                text = analysis
-            else:
-                _stats.verdicts_constrained += 1
-                # Cut before any half-written marker, then force the verdict prefix.
-                head = analysis.split("[[", 1)[0].rstrip() + "\n" + constraint["prefix"]
-                head_ids = torch.cat(
-                    [ids, tokenizer(head, add_special_tokens=False, return_tensors="pt")["input_ids"]], dim=1
-                )
-                if constraint.get("choices"):
-                    choice = _best_choice(model, tokenizer, head_ids, constraint["choices"], constraint["suffix"])
-                    text = head + choice + constraint["suffix"]
-                else:
-                    body, more = _continue(model, tokenizer, head_ids, LIST_TOKENS, temperature)
-                    n_new += more
-                    body = body.split("[[", 1)[0].strip()
-                    if body:
-                        text = head + body + "\n[[end]]"
-                    else:
-                        text = analysis.split("[[", 1)[0].rstrip() + "\n" + (constraint.get("none") or "")
+            text, n_new = _judge_answer(model, tokenizer, ids, temperature, max_tokens, constraint)
         _stats.requests += 1
         _stats.seconds += time.perf_counter() - started
-        return text, int(ids.shape[1]), n_new
+        return text, len(ids), n_new
+
+
+def _judge_answer(
+    model: Any, tokenizer: Any, ids: list[int], temperature: float, max_tokens: int, constraint: dict[str, Any]
+) -> tuple[str, int]:
+    analysis_ids = _decode(
+        model, tokenizer, ids, min(max_tokens, ANALYSIS_TOKENS), temperature, stop=lambda t: _has_verdict(t, constraint)
+    )
+    analysis = tokenizer.decode(analysis_ids, skip_special_tokens=True)
+    if _has_verdict(analysis, constraint):
+        _stats.verdicts_unaided += 1
+        return analysis, len(analysis_ids)
+    _stats.verdicts_constrained += 1
+    # Cut before any half-written marker, then force the verdict prefix.
+    head = analysis.split("[[", 1)[0].rstrip() + "\n" + constraint["prefix"]
+    head_ids = ids + tokenizer(head, add_special_tokens=False)["input_ids"]
+    if constraint.get("choices"):
+        choice = _constrained_choice(model, tokenizer, head_ids, constraint["choices"], constraint["suffix"])
+        return head + choice + constraint["suffix"], len(analysis_ids) + 1
+    body_ids = _decode(model, tokenizer, head_ids, LIST_TOKENS, temperature, stop=lambda t: "[[" in t)
+    body = tokenizer.decode(body_ids, skip_special_tokens=True).split("[[", 1)[0].strip()
+    if body:
+        return head + body + "\n[[end]]", len(analysis_ids) + len(body_ids)
+    return analysis.split("[[", 1)[0].rstrip() + "\n" + (constraint.get("none") or ""), len(analysis_ids)
 
 
 class EmbeddedProvider(CustomLLM):

@@ -49,7 +49,8 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str
                 if not raw.strip():
                     continue
                 try:
-                    text = raw.decode("utf-8")
+                    # A byte-order mark may open the file; it is not part of the first row.
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
                     yield number, None, raw.decode("utf-8", "replace"), f"not UTF-8 ({exc.reason} at byte {exc.start})"
                     continue

@@ -22,19 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-table fetch at import
 
-import litellm  # noqa: E402
-from aiolimiter import AsyncLimiter  # noqa: E402
-from pydantic import BaseModel, Field, SecretStr  # noqa: E402
-from tenacity import (  # noqa: E402
+import litellm
+from aiolimiter import AsyncLimiter
+from pydantic import BaseModel, Field, SecretStr
+from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
     wait_exponential_jitter,
 )
 
-from longreward_core.records import DimensionAccounting, RunAccounting  # noqa: E402
+from longreward_core.records import DimensionAccounting, RunAccounting
 
 litellm.suppress_debug_info = True
 litellm.telemetry = False
@@ -226,7 +225,8 @@ class JudgeClient:
         self.cache = cache
         self.accounting = accounting or RunAccounting()
         self._semaphore = asyncio.Semaphore(config.concurrency)
-        self._limiter = AsyncLimiter(config.rpm, 60) if config.rpm else None
+        # Capacity 1: requests are spaced evenly (60/rpm s apart), never sent in a burst.
+        self._limiter = AsyncLimiter(1, 60 / config.rpm) if config.rpm else None
         self._api_key = config.resolved_api_key()
         if config.is_embedded:
             from longreward_core.embedded import register_embedded_provider

@@ -44,7 +44,8 @@ def build_pairs(
     """Pairs for every prompt that qualifies; `skipped` counts the prompts that did not, by reason."""
     responses = {c.candidate_id: c.response for c in candidates}
     scored: dict[str, list[tuple[str, float]]] = defaultdict(list)
-    for row in scores.filter(pl.col("reward").is_not_null()).iter_rows(named=True):
+    rows = scores.filter(pl.col("reward").is_not_null()).unique("candidate_id", keep="first", maintain_order=True)
+    for row in rows.iter_rows(named=True):
         if row["candidate_id"] in responses:
             scored[row["prompt_id"]].append((row["candidate_id"], row["reward"]))
     result = PairsResult(pairs=[])

@@ -2,8 +2,9 @@
 
 Each document's retrieval chunks are embedded and stored once: point ids are derived from the
 document's content hash and the chunk's span, so indexing the same document again (another
-candidate, another prompt with the same context, a re-run) embeds nothing. Queries are filtered
-to one document and one chunking, and their hits are returned in document order.
+candidate, another prompt with the same context, a re-run) embeds nothing. A document's chunk
+vectors are read back from Qdrant once (filtered to that document and chunking) and each
+statement is ranked against them exactly; hits are returned in document order.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +33,7 @@ def content_hash(text: str) -> str:
 class Embedder(Protocol):
     name: str
     computed: int  # texts embedded so far, for accounting
+    busy_seconds: float  # time spent embedding
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -41,20 +44,25 @@ class SentenceTransformerEmbedder:
     def __init__(self, model_path: str | Path | None = None, name: str = EMBEDDED_EMBEDDING):
         self.name = name
         self.computed = 0
+        self.busy_seconds = 0.0  # time spent embedding; embeddings run one batch at a time
         self._model = _sentence_transformer(str(model_path or embedded_minilm_path()))
         self._lock = threading.Lock()
 
     def embed(self, texts: list[str]) -> np.ndarray:
         with self._lock:
+            started = time.perf_counter()
             self.computed += len(texts)
             vectors = self._model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+            self.busy_seconds += time.perf_counter() - started
         return np.asarray(vectors, dtype=np.float32)
 
 
 @functools.cache
 def _sentence_transformer(path: str):  # loaded once per process, shared by every embedder
+    import transformers
     from sentence_transformers import SentenceTransformer
 
+    transformers.utils.logging.disable_progress_bar()
     return SentenceTransformer(path, device="cpu")
 
 
@@ -64,12 +72,15 @@ class LiteLLMEmbedder:
     def __init__(self, model: str, api_base: str | None = None):
         self.name = model
         self.computed = 0
+        self.busy_seconds = 0.0
         self._api_base = api_base
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import litellm
 
+        started = time.perf_counter()
         response = litellm.embedding(model=self.name, input=texts, api_base=self._api_base)
+        self.busy_seconds += time.perf_counter() - started
         self.computed += len(texts)
         vectors = np.asarray([item["embedding"] for item in response.data], dtype=np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
@@ -112,6 +123,8 @@ class ChunkIndex:
         self._dimension: int | None = None
         self._indexed: set[tuple[str, str]] = set()
         self.chunks_embedded = 0  # document chunks embedded by this index (not queries)
+        self._vectors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.max_cached_documents = 256
 
     def _ensure_collection(self, dimension: int) -> None:
         if self._dimension is not None:
@@ -121,6 +134,8 @@ class ChunkIndex:
                 self.collection,
                 vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
             )
+            for field in ("doc_id", "chunking"):  # keyword indexes make the document filter fast on a server
+                self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
         self._dimension = dimension
 
     @staticmethod
@@ -129,16 +144,17 @@ class ChunkIndex:
 
     def index_document(self, doc_id: str, chunking: str, chunks: list[ChunkSpan]) -> int:
         """Store the chunks not stored yet; returns how many were embedded (0 when all were)."""
+        ids = [self.point_id(doc_id, chunking, c) for c in chunks]
         with self._lock:
             if (doc_id, chunking) in self._indexed:
                 return 0
-            ids = [self.point_id(doc_id, chunking, c) for c in chunks]
             missing = list(range(len(chunks)))
             if self.client.collection_exists(self.collection):
                 found = {str(p.id) for p in self.client.retrieve(self.collection, ids, with_payload=False)}
                 missing = [i for i, pid in enumerate(ids) if pid not in found]
-            if missing:
-                vectors = self.embedder.embed([chunks[i].text for i in missing])
+        if missing:
+            vectors = self.embedder.embed([chunks[i].text for i in missing])
+            with self._lock:
                 self._ensure_collection(vectors.shape[1])
                 self.client.upsert(
                     self.collection,
@@ -151,33 +167,52 @@ class ChunkIndex:
                         for j, i in enumerate(missing)
                     ],
                 )
+        with self._lock:
             self._indexed.add((doc_id, chunking))
             self.chunks_embedded += len(missing)
-            return len(missing)
+        return len(missing)
+
+    def _document_vectors(self, doc_id: str, chunking: str) -> tuple[np.ndarray, np.ndarray]:
+        """The document's chunk indices and vectors, read from Qdrant once with a document filter."""
+        key = (doc_id, chunking)
+        with self._lock:
+            if key not in self._vectors:
+                only_this_document = models.Filter(
+                    must=[
+                        models.FieldCondition(key="doc_id", match=models.MatchValue(value=doc_id)),
+                        models.FieldCondition(key="chunking", match=models.MatchValue(value=chunking)),
+                    ]
+                )
+                indices, vectors, offset = [], [], None
+                while True:
+                    points, offset = self.client.scroll(
+                        self.collection, scroll_filter=only_this_document, limit=1024, offset=offset,
+                        with_payload=True, with_vectors=True,
+                    )
+                    indices += [int(p.payload["index"]) for p in points]
+                    vectors += [p.vector for p in points]
+                    if offset is None:
+                        break
+                self._vectors[key] = (np.asarray(indices), np.asarray(vectors, dtype=np.float32))
+                while len(self._vectors) > self.max_cached_documents:
+                    self._vectors.pop(next(iter(self._vectors)))
+            return self._vectors[key]
 
     def query(self, doc_id: str, chunking: str, texts: list[str], top_k: int) -> list[list[int]]:
-        """For each text, the indices of its top_k chunks of the document, in document order."""
+        """For each text, the indices of its top_k chunks of the document, in document order.
+
+        Ranking is exact cosine similarity over the document's own chunks (a few hundred at
+        most), so it is identical in local and server mode and needs no approximate index.
+        """
         if not texts:
             return []
-        vectors = self.embedder.embed(texts)
-        only_this_document = models.Filter(
-            must=[
-                models.FieldCondition(key="doc_id", match=models.MatchValue(value=doc_id)),
-                models.FieldCondition(key="chunking", match=models.MatchValue(value=chunking)),
-            ]
-        )
-        hits = []
-        with self._lock:
-            for vector in vectors:
-                result = self.client.query_points(
-                    self.collection,
-                    query=vector.tolist(),
-                    query_filter=only_this_document,
-                    limit=top_k,
-                    with_payload=True,
-                )
-                hits.append(sorted(int(p.payload["index"]) for p in result.points))
-        return hits
+        indices, vectors = self._document_vectors(doc_id, chunking)
+        if len(indices) == 0:
+            raise RuntimeError(f"document {doc_id[:12]} has no indexed chunks")
+        similarity = self.embedder.embed(texts) @ vectors.T
+        k = min(top_k, len(indices))
+        top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+        return [sorted(int(indices[j]) for j in row) for row in top]
 
     def close(self) -> None:
         self.client.close()

@@ -58,18 +58,19 @@ def score_files(
     cache = CallCache(cache_path or out / "judge_cache.sqlite")
     accounting = RunAccounting()
 
-    async def run() -> tuple[list[CandidateScore], int, int]:
+    async def run() -> tuple[list[CandidateScore], int, int, float]:
         judge = JudgeClient(judge_config, cache, accounting)
         scorer = Scorer(judge, scoring_config, index_path=out / "qdrant")
         try:
             results = await scorer.score(prompts.records, candidates.records, on_scored)
             index = scorer.index
-            return results, index.chunks_embedded, index.embedder.computed - index.chunks_embedded
+            embedder = index.embedder
+            return results, index.chunks_embedded, embedder.computed - index.chunks_embedded, embedder.busy_seconds
         finally:
             scorer.close()
 
     try:
-        results, chunks_embedded, statements_embedded = asyncio.run(run())
+        results, chunks_embedded, statements_embedded, embedding_seconds = asyncio.run(run())
     finally:
         cache.close()
     frame = pl.DataFrame([r.to_row() for r in results], schema=SCORES_SCHEMA)
@@ -88,6 +89,7 @@ def score_files(
         else {},
         "chunk_embeddings": chunks_embedded,
         "statement_embeddings": statements_embedded,
+        "embedding_seconds": round(embedding_seconds, 3),
         "wall_seconds": round(time.perf_counter() - started, 3),
         "judge_model": judge_config.model,
         "judge": accounting.to_dict(),

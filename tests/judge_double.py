@@ -134,6 +134,9 @@ class JudgeDouble:
 def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in separate writes: without this, Nagle's algorithm and the
+        # client's delayed ACK add ~40 ms to every response.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:  # keep test output clean
             pass
@@ -145,7 +148,13 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/stats":
+                self._send(200, json.dumps({"requests": double.count(), "by_task": double.counts()}).encode())
+            else:
+                self._send(404, b'{"error": {"message": "not found"}}')
+
+        def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length", 0))
             payload = json.loads(self.rfile.read(length) or b"{}")
             if not self.path.endswith("/chat/completions"):
@@ -221,3 +230,22 @@ class JudgeServer:
     def __exit__(self, *exc: Any) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main() -> None:
+    """Serve the double in its own process: `python -m tests.judge_double --latency 0.1`.
+
+    Prints the API base on the first line of stdout, then serves until killed.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    server = JudgeServer(JudgeDouble(latency_s=args.latency))
+    print(server.api_base, flush=True)
+    server._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

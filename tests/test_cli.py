@@ -1,0 +1,84 @@
+"""The `longreward` command line on the bundled sample, with the loopback judge."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import polars as pl
+from typer.testing import CliRunner
+
+from longreward_core.cli import app
+from tests.conftest import TEST_API_KEY
+from tests.judge_double import slot
+
+runner = CliRunner()
+
+
+def test_score_then_pairs(judge_server, sample_paths, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
+    # Longer answers get more helpfulness here, so rewards differ within each prompt.
+    judge_server.double.answers = {"helpfulness": lambda r: f"Rating: [[{min(10, len(slot(r.content, 'response')) // 40)}]]"}
+    prompts, candidates = sample_paths
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
+         "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base,
+         "--concurrency", "4", "--rpm", "60000"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "LongReward scores" in result.output and TEST_API_KEY not in result.output
+    scores = pl.read_parquet(out / "scores.parquet")
+    assert scores.height == 12 and scores["status"].to_list() == ["scored"] * 12
+    assert set(scores["language"]) == {"en", "zh"}
+    accounting = json.loads((out / "accounting.json").read_text())
+    assert accounting["judge"]["total"]["calls"] == judge_server.double.count()
+    assert set(accounting["judge"]["per_dimension"]) == {"helpfulness", "logicality", "faithfulness", "completeness"}
+    # Every request carried the key from the environment.
+    assert all(a == f"Bearer {TEST_API_KEY}" for a in judge_server.double.authorization)
+
+    pairs_path = tmp_path / "pairs.parquet"
+    result = runner.invoke(
+        app, ["pairs", "--scores", str(out / "scores.parquet"), "--prompts", str(prompts),
+              "--candidates", str(candidates), "--out", str(pairs_path)],
+    )
+    assert result.exit_code == 0, result.output
+    pairs = pl.read_parquet(pairs_path).sort("prompt_id")
+    assert pairs["prompt_id"].to_list() == ["en-001", "zh-001"] and (pairs["margin"] > 0).all()
+    for pair in pairs.iter_rows(named=True):
+        rewards = scores.filter(pl.col("prompt_id") == pair["prompt_id"])
+        assert pair["chosen_reward"] == rewards["reward"].max()
+        assert pair["rejected_reward"] == rewards["reward"].min()
+
+
+def test_score_quarantines_bad_rows_and_goes_on(judge_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "a", "context": "The mill opened in 1901.", "query": "When did the mill open?"}) + "\n"
+        + json.dumps({"id": "b", "context": "   ", "query": "Empty?"}) + "\n"
+    )
+    candidates = tmp_path / "c.jsonl"
+    candidates.write_text(
+        json.dumps({"prompt_id": "a", "candidate_id": "a-0", "response": "The mill opened in 1901."}) + "\n"
+        + json.dumps({"prompt_id": "zzz", "candidate_id": "z-0", "response": "?"}) + "\n"
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
+              "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base],
+    )
+    assert result.exit_code == 0, result.output
+    quarantine = pl.read_parquet(out / "quarantine.parquet")
+    assert sorted(quarantine["reason"].to_list()) == ["candidate for unknown prompt 'zzz'", "empty context"]
+    assert pl.read_parquet(out / "scores.parquet")["candidate_id"].to_list() == ["a-0"]
+    assert json.loads((out / "accounting.json").read_text())["quarantined"] == 2
+
+
+def test_missing_input_file_is_a_clear_error(tmp_path):
+    result = runner.invoke(
+        app, ["score", "--prompts", str(tmp_path / "nope.jsonl"), "--candidates", str(tmp_path / "c.jsonl"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "nope.jsonl: file not found" in re.sub(r"\s+", " ", result.output)

@@ -1,0 +1,132 @@
+"""The judge client against the loopback double: retries, backoff, limits, cache, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from longreward_core.judge import (
+    RATING,
+    CallCache,
+    JudgeCallFailed,
+    JudgeClient,
+    VerdictParseError,
+    parse_marked_list,
+    parse_rating,
+)
+from longreward_core.faithfulness import parse_support
+from tests.conftest import TEST_API_KEY, judge_config_for
+from tests.judge_double import Fault
+
+MESSAGES = [{"role": "user", "content": "[Task: grade HELPFULNESS]\n<question>\nq\n</question>"}]
+
+
+def judge_once(server, cache=None, **overrides):
+    async def run():
+        client = JudgeClient(judge_config_for(server, **overrides), cache)
+        try:
+            return await client.judge("helpfulness", MESSAGES, RATING), client.accounting.dimension("helpfulness")
+        except JudgeCallFailed as exc:
+            return exc, client.accounting.dimension("helpfulness")
+
+    return asyncio.run(run())
+
+
+def test_parsers_take_the_last_verdict_and_reject_out_of_range():
+    assert parse_rating("I'd say [[3]] at first... Rating: [[7]]") == 7.0
+    assert parse_rating("Rating: [[ 8.5 ]]") == 8.5
+    for bad in ["Rating: 7", "Rating: [[11]]", "[[seven]]", ""]:
+        with pytest.raises(VerdictParseError):
+            parse_rating(bad)
+    assert parse_support("maybe [[No support]] ... final [[Partially supported]]") == 0.5
+    with pytest.raises(VerdictParseError):
+        parse_support("Fully supported")  # a label without the judge's brackets is not a verdict
+    items = parse_marked_list("thinking\n[[statements]]\n- a\n2. b\n* c\n[[end]]", open_marker="[[statements]]", none_marker="[[no statements]]")
+    assert items == ["a", "b", "c"]
+    assert parse_marked_list("[[no statements]]", open_marker="[[statements]]", none_marker="[[no statements]]") == []
+    # Cut at max_tokens: the complete items are kept.
+    assert parse_marked_list("[[statements]]\n- a\n- b", open_marker="[[statements]]", none_marker="[[no statements]]") == ["a", "b"]
+    with pytest.raises(VerdictParseError):
+        parse_marked_list("- a\n- b", open_marker="[[statements]]", none_marker="[[no statements]]")
+
+
+@pytest.mark.parametrize("fault", [Fault("status", 429), Fault("status", 500), Fault("status", 503), Fault("timeout"), Fault("broken_body")])
+def test_transport_faults_are_retried(judge_server, fault):
+    judge_server.double.faults = [fault, fault]
+    judge_server.double.timeout_sleep_s = 4.0
+    value, acc = judge_once(judge_server, timeout_s=2.0)
+    assert value == 7.0
+    assert acc.transport_errors == 2 and acc.calls == 1 and acc.failed_calls == 0
+    assert judge_server.double.count() == 3
+
+
+def test_backoff_grows_between_retries(judge_server):
+    judge_server.double.faults = [Fault("status", 429)] * 3
+    value, _ = judge_once(judge_server, backoff_initial_s=0.2, backoff_max_s=5.0)
+    assert value == 7.0
+    at = [r.at for r in judge_server.double.requests]
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    # Waits are 0.2*2^n plus up to 0.2 of jitter: at least 0.2, 0.4, 0.8 seconds.
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8
+
+
+def test_transport_retries_exhausted_fail_the_call(judge_server):
+    judge_server.double.faults = [Fault("status", 500)] * 10
+    result, acc = judge_once(judge_server, transport_retries=2)
+    assert isinstance(result, JudgeCallFailed)
+    assert judge_server.double.count() == 3
+    assert acc.transport_errors == 3 and acc.failed_calls == 1
+
+
+def test_client_errors_are_not_retried(judge_server):
+    judge_server.double.faults = [Fault("status", 401)] * 10
+    result, acc = judge_once(judge_server)
+    assert isinstance(result, JudgeCallFailed)
+    assert judge_server.double.count() == 1
+    assert TEST_API_KEY not in str(result)
+
+
+def test_unparseable_answers_are_retried_hotter(judge_server):
+    judge_server.double.faults = [Fault("no_verdict"), Fault("no_verdict")]
+    value, acc = judge_once(judge_server)
+    assert value == 7.0
+    assert acc.parse_failures == 2 and acc.calls == 3
+    assert [r.temperature for r in judge_server.double.requests] == [0.0, 0.95, 0.95]
+
+
+def test_cache_makes_the_second_call_free(judge_server, tmp_path):
+    cache = CallCache(tmp_path / "cache.sqlite")
+    judge_server.double.faults = [Fault("no_verdict")]  # attempt 0 fails to parse, attempt 1 succeeds
+    first, _ = judge_once(judge_server, cache)
+    assert judge_server.double.count() == 2
+    second, acc = judge_once(judge_server, cache)
+    assert second == first and judge_server.double.count() == 2
+    assert acc.cache_hits == 2 and acc.calls == 0 and acc.parse_failures == 1
+    cache.close()
+    assert TEST_API_KEY.encode() not in (tmp_path / "cache.sqlite").read_bytes()
+
+
+def test_concurrency_limit_holds(judge_server):
+    judge_server.double.latency_s = 0.1
+
+    async def run():
+        client = JudgeClient(judge_config_for(judge_server, concurrency=3), None)
+        messages = [[{"role": "user", "content": MESSAGES[0]["content"] + str(i)}] for i in range(12)]
+        return await asyncio.gather(*(client.judge("helpfulness", m, RATING) for m in messages))
+
+    assert asyncio.run(run()) == [7.0] * 12
+    assert judge_server.double.max_in_flight == 3
+
+
+def test_requests_per_minute_limit_spaces_requests(judge_server):
+    async def run():
+        client = JudgeClient(judge_config_for(judge_server, rpm=120), None)  # one every 0.5 s
+        messages = [[{"role": "user", "content": MESSAGES[0]["content"] + str(i)}] for i in range(4)]
+        await asyncio.gather(*(client.judge("helpfulness", m, RATING) for m in messages))
+
+    asyncio.run(run())
+    at = sorted(r.at for r in judge_server.double.requests)
+    assert len(at) == 4
+    assert at[-1] - at[0] >= 3 * 0.5 - 0.05
