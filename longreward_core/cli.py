@@ -1,9 +1,12 @@
-"""The `longreward` command line."""
+"""The `longreward` command line: scoring and pairs (the library's own commands).
+
+The orchestrated commands (`build`, `demo`) are added by flows/cli.py, which is the installed
+entry point; this module stays free of Prefect.
+"""
 
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -135,22 +138,6 @@ def pairs(
     console.print(f"{len(result.pairs)} pairs -> {out}")
     for reason, n in sorted(result.skipped.items()):
         console.print(f"  skipped {n} prompt(s): {reason}")
-
-
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("out/demo"),
-) -> None:
-    """Score the bundled sample (English and Chinese) with the embedded offline models, then pair."""
-    sample = resources.files("longreward_core") / "sample"
-    prompts, candidates = Path(str(sample / "prompts.jsonl")), Path(str(sample / "candidates.jsonl"))
-    console.print(
-        "[bold]LongReward demo[/bold]: embedded judge SmolLM2-135M-Instruct on the CPU. A model this small "
-        "grades poorly; real runs point --judge-model at a capable model."
-    )
-    run = _score(prompts, candidates, out, JudgeConfig(concurrency=1), ScoringConfig())
-    result = pairs_files(run.scores_path, prompts, candidates, out / "pairs.parquet", PairConfig())
-    console.print(f"pairs:      {out / 'pairs.parquet'} ({len(result.pairs)} pairs)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import litellm
 from litellm import CustomLLM
 
 PROVIDER = "embedded"
-ANALYSIS_TOKENS = 32  # free text before the verdict; small, since the model is slow on CPU
+ANALYSIS_TOKENS = 16  # free text before the verdict; small, since the model is slow on CPU
 LIST_TOKENS = 64  # budget for a list answer after its prefix
 MAX_PROMPT_TOKENS = 7_000  # SmolLM2 has an 8k window; longer prompts keep head and tail
 
@@ -64,8 +64,17 @@ def embedded_stats() -> dict[str, Any]:
     return asdict(_stats)
 
 
-@functools.cache
+_load_lock = threading.Lock()
+
+
 def _load() -> tuple[Any, Any]:
+    """The tokenizer and model, loaded once per process even when shards start together."""
+    with _load_lock:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> tuple[Any, Any]:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,8 +97,9 @@ class _PrefixCache:
     tokens), so only the inputs at the end are run through the model again.
     """
 
-    def __init__(self, size: int = 6):
-        self.size = size
+    def __init__(self, size: int = 12, same_template: int = 256):
+        self.size = size  # one entry per template and language: 6 templates x 2 languages
+        self.same_template = same_template  # a shared prefix this long means the same template
         self.entries: list[tuple[list[int], Any]] = []
 
     def forward(self, model: Any, ids: list[int]) -> tuple[Any, Any]:
@@ -115,7 +125,9 @@ class _PrefixCache:
         return out.logits[0, -1], out.past_key_values
 
     def remember(self, ids: list[int], cache: Any) -> None:
-        self.entries = [(list(ids), cache)] + self.entries[: self.size - 1]
+        """Keep `cache` for `ids`, replacing the entry of the same template (most recent first)."""
+        kept = [(seq, c) for seq, c in self.entries if _common_prefix(seq, ids) < self.same_template]
+        self.entries = [(list(ids), cache)] + kept[: self.size - 1]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -108,6 +108,8 @@ def load_prompts(path: str | Path) -> Loaded:
             if row_id in first_seen:
                 raise ValueError(f"duplicate id '{row_id}' (first on line {first_seen[row_id]})")
             metadata = {k: v for k, v in row.items() if k not in {"id", "idx", "context", "query"}}
+            if isinstance(metadata.get("metadata"), str):  # our own prompts Parquet (PROMPTS_SCHEMA)
+                metadata = json.loads(metadata["metadata"])
             out.records.append(Prompt(id=row_id, context=context, query=query, metadata=metadata))
             first_seen[row_id] = line
         except ValueError as exc:

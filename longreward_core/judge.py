@@ -49,7 +49,15 @@ class VerdictParseError(ValueError):
 
 
 class JudgeCallFailed(RuntimeError):
-    """A logical judge call gave up: no parseable verdict after every attempt, or a fatal fault."""
+    """A logical judge call gave up: no parseable verdict after every attempt, or a fatal fault.
+
+    `transport` is True when the model could not be reached (outage, rate limit, timeouts after
+    every retry): the work is unfinished rather than judged, and should be retried later.
+    """
+
+    def __init__(self, message: str, *, transport: bool = False):
+        super().__init__(message)
+        self.transport = transport
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,9 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class JudgeClient:
-    """Async judge calls with verdict retries, transport retries, limits, cache and accounting.
+    """Async LLM calls with verdict retries, transport retries, limits, cache and accounting.
+
+    Used for the judge, and (through `complete`) for sampling candidates from the policy.
 
     Create it inside the event loop that uses it (its limiters belong to that loop).
     """
@@ -246,11 +256,9 @@ class JudgeClient:
         last_answer = ""
         for attempt in range(cfg.max_attempts):
             temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
-            try:
-                last_answer = await self._request(acc, messages, temperature, attempt, verdict)
-            except Exception as exc:  # transport retries exhausted or a fatal 4xx
-                acc.failed_calls += 1
-                raise JudgeCallFailed(self.redact(f"judge request failed: {type(exc).__name__}: {exc}")) from None
+            last_answer = await self.complete(
+                dimension, messages, temperature, attempt, verdict.constraint() if self.config.is_embedded else None
+            )
             try:
                 return verdict.parse(last_answer)
             except VerdictParseError:
@@ -260,18 +268,41 @@ class JudgeClient:
             f"no parseable verdict after {cfg.max_attempts} attempts (last answer ends {last_answer[-160:]!r})"
         )
 
+    async def complete(
+        self,
+        dimension: str,
+        messages: list[dict[str, str]],
+        temperature: float,
+        attempt: int,
+        constraint: dict[str, Any] | None = None,
+        **sampling: Any,
+    ) -> str:
+        """One cached request's answer text; `attempt` keeps repeated requests apart in the cache.
+
+        Raises JudgeCallFailed(transport=True) when the model cannot be reached after every
+        transport retry, or on a client error (4xx).
+        """
+        try:
+            return await self._request(self.accounting.dimension(dimension), messages, temperature, attempt, constraint, sampling)
+        except Exception as exc:
+            self.accounting.dimension(dimension).failed_calls += 1
+            raise JudgeCallFailed(
+                self.redact(f"judge request failed: {type(exc).__name__}: {exc}"), transport=True
+            ) from None
+
     async def _request(
         self,
         acc: DimensionAccounting,
         messages: list[dict[str, str]],
         temperature: float,
         attempt: int,
-        verdict: VerdictFormat[Any],
+        constraint: dict[str, Any] | None,
+        sampling: dict[str, Any],
     ) -> str:
         cfg = self.config
-        params: dict[str, Any] = {"temperature": temperature, "max_tokens": cfg.max_tokens}
-        if cfg.is_embedded:
-            params["verdict_constraint"] = verdict.constraint()
+        params: dict[str, Any] = {"temperature": temperature, "max_tokens": cfg.max_tokens, **sampling}
+        if constraint is not None:
+            params["verdict_constraint"] = constraint
         key = CallCache.key(cfg.model, messages, params, attempt)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             acc.cache_hits += 1

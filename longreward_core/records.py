@@ -6,6 +6,7 @@ writers use these schemas, so a column is named and typed in exactly one place.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,6 +26,10 @@ class Prompt(BaseModel):
     query: str = Field(min_length=1)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    def to_row(self) -> dict[str, Any]:
+        return {"id": self.id, "context": self.context, "query": self.query,
+                "metadata": json.dumps(self.metadata, ensure_ascii=False, default=str)}
+
 
 class Candidate(BaseModel):
     """One sampled response to a prompt."""
@@ -43,6 +48,8 @@ class DimensionResult(BaseModel):
     error: str | None = None
     # Faithfulness only: number of distinct factual statements judged.
     statements: int | None = None
+    # The judge could not be reached: unfinished work, to be retried, not a judgement.
+    transport: bool = False
 
     @property
     def ok(self) -> bool:
@@ -72,6 +79,11 @@ class CandidateScore(BaseModel):
         return "scored" if self.reward is not None else "failed"
 
     @property
+    def unreachable(self) -> bool:
+        """Some dimension failed because the judge could not be reached."""
+        return any(getattr(self, d).transport for d in DIMENSIONS)
+
+    @property
     def error(self) -> str | None:
         errors = [f"{d}: {getattr(self, d).error}" for d in DIMENSIONS if getattr(self, d).error]
         return "; ".join(errors) or None
@@ -90,6 +102,12 @@ class CandidateScore(BaseModel):
         row["error"] = self.error
         return row
 
+
+PROMPTS_SCHEMA = pl.Schema(
+    {"id": pl.String, "context": pl.String, "query": pl.String, "metadata": pl.String}  # metadata: JSON
+)
+
+CANDIDATES_SCHEMA = pl.Schema({"prompt_id": pl.String, "candidate_id": pl.String, "response": pl.String})
 
 SCORES_SCHEMA = pl.Schema(
     {
@@ -193,6 +211,10 @@ class RunAccounting:
 
     def dimension(self, name: str) -> DimensionAccounting:
         return self.per_dimension.setdefault(name, DimensionAccounting())
+
+    def add(self, other: RunAccounting) -> None:
+        for name, acc in other.per_dimension.items():
+            self.dimension(name).add(acc)
 
     @property
     def total(self) -> DimensionAccounting:

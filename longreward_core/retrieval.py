@@ -57,8 +57,17 @@ class SentenceTransformerEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
 
+_load_lock = threading.Lock()
+
+
+def _sentence_transformer(path: str):
+    """Loaded once per process, shared by every embedder (also when shards start together)."""
+    with _load_lock:
+        return _load_sentence_transformer(path)
+
+
 @functools.cache
-def _sentence_transformer(path: str):  # loaded once per process, shared by every embedder
+def _load_sentence_transformer(path: str):
     import transformers
     from sentence_transformers import SentenceTransformer
 
@@ -116,6 +125,7 @@ class ChunkIndex:
         if (path is None) == (url is None):
             raise ValueError("ChunkIndex needs exactly one of path (local mode) or url (server)")
         self.embedder = embedder
+        self.server = url is not None
         self.client = QdrantClient(url=url) if url else QdrantClient(path=str(path))
         slug = "".join(c if c.isalnum() else "_" for c in embedder.name)
         self.collection = f"chunks_{slug}"
@@ -134,8 +144,9 @@ class ChunkIndex:
                 self.collection,
                 vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
             )
-            for field in ("doc_id", "chunking"):  # keyword indexes make the document filter fast on a server
-                self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
+            if self.server:  # keyword indexes make the document filter fast; local mode has none
+                for field in ("doc_id", "chunking"):
+                    self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
         self._dimension = dimension
 
     @staticmethod

@@ -59,13 +59,23 @@ class PreparedDocument:
         return "".join(parts)
 
 
+def prepare_document(context: str, config: ScoringConfig) -> PreparedDocument:
+    """A document's id (content hash) and its retrieval and completeness chunks."""
+    tokenizer = load_tokenizer(config.tokenizer)
+    return PreparedDocument(
+        doc_id=content_hash(context),
+        chunking=f"{config.tokenizer or 'embedded'}:{config.retrieval_chunk_tokens}",
+        retrieval_chunks=chunk_document(context, tokenizer, config.retrieval_chunk_tokens),
+        completeness_chunks=chunk_document(context, tokenizer, config.completeness_chunk_tokens),
+    )
+
+
 class Scorer:
     """Scores candidates with LongReward; owns the chunk index for the duration of a run."""
 
     def __init__(self, judge: JudgeClient, config: ScoringConfig, index_path: str | Path | None = None):
         self.judge = judge
         self.config = config
-        self.tokenizer = load_tokenizer(config.tokenizer)
         self.index = ChunkIndex(
             make_embedder(config.embedding_model, config.embedding_api_base),
             path=None if config.qdrant_url else index_path,
@@ -76,13 +86,7 @@ class Scorer:
     def prepare(self, context: str) -> PreparedDocument:
         doc_id = content_hash(context)
         if doc_id not in self._documents:
-            name = self.config.tokenizer or "embedded"
-            self._documents[doc_id] = PreparedDocument(
-                doc_id=doc_id,
-                chunking=f"{name}:{self.config.retrieval_chunk_tokens}",
-                retrieval_chunks=chunk_document(context, self.tokenizer, self.config.retrieval_chunk_tokens),
-                completeness_chunks=chunk_document(context, self.tokenizer, self.config.completeness_chunk_tokens),
-            )
+            self._documents[doc_id] = prepare_document(context, self.config)
         return self._documents[doc_id]
 
     async def score(
@@ -126,8 +130,8 @@ class Scorer:
         async def completeness_of(response: str) -> float:
             try:
                 points = await key_points
-            except Exception as exc:
-                raise JudgeCallFailed(f"key-point extraction failed: {exc}") from None
+            except JudgeCallFailed as exc:
+                raise JudgeCallFailed(f"key-point extraction failed: {exc}", transport=exc.transport) from None
             return await completeness.score_completeness(self.judge, language, prompt.query, points, response)
 
         async def one_candidate(c: Candidate) -> CandidateScore:
@@ -169,8 +173,9 @@ async def _as_result(work: Awaitable[float | DimensionResult]) -> DimensionResul
     try:
         value = await work
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, JudgeCallFailed) else f"{type(exc).__name__}: {exc}"
-        return DimensionResult(error=reason)
+        if isinstance(exc, JudgeCallFailed):
+            return DimensionResult(error=str(exc), transport=exc.transport)
+        return DimensionResult(error=f"{type(exc).__name__}: {exc}")
     if isinstance(value, DimensionResult):
         return value
     return DimensionResult(score=float(value))

@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from longreward_core.judge import JudgeConfig  # noqa: E402
 from tests.judge_double import JudgeDouble, JudgeServer  # noqa: E402
@@ -43,3 +44,12 @@ def judge_config_for(server: JudgeServer, **overrides) -> JudgeConfig:
 def sample_paths() -> tuple[Path, Path]:
     sample = resources.files("longreward_core") / "sample"
     return Path(str(sample / "prompts.jsonl")), Path(str(sample / "candidates.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (starting one costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,1 @@
+"""Prefect flows: ordering, fan-out, parameters, schedules and artifacts over the stage tasks."""

@@ -1,0 +1,245 @@
+"""The nightly preference build: prompts -> shards -> candidates -> LongReward scores -> DPO pairs.
+
+Shards fan out on a bounded task runner (threads in this process by default, or a Dask cluster);
+each shard runs index -> (sample) -> score as its own tasks. A failed shard does not stop the
+others: the run ends Failed and names them. Every stage task is cached by the content of its
+inputs and its config, and every judge and policy request by its content, so retrying the run,
+or starting a new one with the same parameters, re-executes only unfinished shards and repeats no
+judge call.
+
+    python flows/preference_build.py     # runs on the bundled sample with the embedded models
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import flow, get_run_logger
+from prefect.filesystems import LocalFileSystem
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field, field_validator
+
+from longreward_core.judge import JudgeConfig
+from longreward_core.pairs import PairConfig
+from longreward_core.records import DIMENSIONS, RunAccounting
+from longreward_core.runs import file_hash
+from longreward_core.sampling import PolicyConfig
+from longreward_core.scoring import ScoringConfig
+from tasks.index import index_documents
+from tasks.pairs import build_pairs
+from tasks.publish import publish
+from tasks.sample import sample_candidates
+from tasks.score import score_shard
+from tasks.shard import load_and_shard
+
+
+class BuildParams(BaseModel):
+    """Parameters of a preference build (the form the Prefect UI shows)."""
+
+    prompts: str = Field(description="Prompts file (JSONL or Parquet): id, context, query; or the LongReward release format.")
+    candidates: str | None = Field(None, description="Candidates file; when empty, candidates are sampled from the policy.")
+    output_dir: str = Field("out/builds", description="Root folder: builds go to <output_dir>/<run_date>; caches are shared.")
+    run_date: date | None = Field(None, description="Build date (folder name); default: today, UTC.")
+    shard_size: int = Field(200, ge=1, le=100_000, description="Prompts per shard (one scoring task each).")
+    shards_in_flight: int = Field(4, ge=1, le=256, description="Shards processed at the same time.")
+    judge_slots: str | None = Field(
+        "longreward-judge",
+        description="Prefect global concurrency limit that every shard takes judge.concurrency slots of "
+        "(create it with `prefect gcl create longreward-judge --limit N`); skipped when it does not exist.",
+    )
+    task_retries: int = Field(2, ge=0, le=10, description="Retries of each shard task (exponential backoff with jitter).")
+    dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge model and its limits (per shard).")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Chunking and retrieval.")
+    pairs: PairConfig = Field(default_factory=PairConfig, description="Preference pair rules.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_exist(cls, value: str) -> str:
+        if not Path(value).is_file():
+            raise ValueError(f"prompts file not found: {value}")
+        return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates_exist(cls, value: str | None) -> str | None:
+        if value and not Path(value).is_file():
+            raise ValueError(f"candidates file not found: {value}")
+        return value or None
+
+    def build_dir(self) -> Path:
+        day = self.run_date or datetime.now(timezone.utc).date()
+        return Path(self.output_dir) / day.isoformat()
+
+    def cache_path(self) -> Path:
+        return Path(self.output_dir) / "judge_cache.sqlite"
+
+    def results_path(self) -> Path:
+        return Path(self.output_dir) / ".prefect-results"
+
+
+@flow(name="preference-build", log_prints=True)
+def preference_build(params: BuildParams) -> dict[str, Any]:
+    """Build a DPO preference dataset; returns the manifest (see longreward_core.runs.publish_dataset)."""
+    logger = get_run_logger()
+    build = params.build_dir()
+    cache_path = str(params.cache_path())
+    # Task results (the cache records of finished stages) live beside the outputs they point to:
+    # deleting an output root forgets its cached stages too.
+    stored = {"result_storage": _results_block(params.results_path())}
+    load_and_shard_task, build_pairs_task = (t.with_options(**stored) for t in (load_and_shard, build_pairs))
+    plan = load_and_shard_task(params.prompts, params.candidates, params.shard_size, str(build / "shards"))
+    names = [Path(d).name for d in plan.shard_dirs]
+    progress = create_progress_artifact(progress=0.0, description=f"Shards scored of {len(names)}")
+
+    results: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    retried = {"retries": params.task_retries, **stored}
+    index_task, sample_task, score_task = (t.with_options(**retried) for t in (index_documents, sample_candidates, score_shard))
+    with _task_runner(params) as runner:
+        score_futures = {}
+        for shard_dir, name in zip(plan.shard_dirs, names):
+            shard = str(shard_dir)
+            indexed = runner.submit(index_task, parameters={"shard_dir": shard, "shard_name": name, "scoring": params.scoring})
+            upstream = [indexed]
+            if params.candidates is None:
+                upstream.append(
+                    runner.submit(
+                        sample_task,
+                        parameters={"shard_dir": shard, "shard_name": name, "policy": params.policy,
+                                    "cache_path": cache_path, "min_candidates": params.pairs.min_candidates},
+                    )
+                )
+            score_futures[name] = runner.submit(
+                score_task,
+                parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
+                            "cache_path": cache_path, "judge_slots": params.judge_slots},
+                wait_for=upstream,
+            )
+        by_future = {f.task_run_id: name for name, f in score_futures.items()}
+        for done, future in enumerate(as_completed(list(score_futures.values())), start=1):
+            name = by_future[future.task_run_id]
+            future.wait()
+            state = future.state
+            if state.is_completed():
+                results[name] = future.result()
+            else:
+                failed[name] = state.message or state.name
+            update_progress_artifact(progress, 100.0 * done / len(names))
+
+    _shard_table(results, failed)
+    if failed:
+        for name, reason in sorted(failed.items()):
+            logger.error("%s failed: %s", name, reason)
+        return Failed(message=f"{len(failed)} of {len(names)} shards failed: {', '.join(sorted(failed))}; "
+                              "retry the run: finished shards are cached and no judge call is repeated")
+
+    shard_dirs = [str(d) for d in plan.shard_dirs]
+    pairs = build_pairs_task(shard_dirs, params.pairs, str(build / "pairs.parquet"))
+    scores = pl.concat([pl.read_parquet(results[n]["scores"]) for n in names])
+    accounting = RunAccounting()
+    for r in results.values():
+        accounting.add(RunAccounting.from_dict(r["summary"]["judge"]))
+    _score_artifacts(scores, accounting)
+    manifest = {
+        "built_at": datetime.now(timezone.utc).isoformat(),
+        "inputs": {
+            "prompts": {"path": params.prompts, "sha256": file_hash(params.prompts)},
+            "candidates": {"path": params.candidates, "sha256": file_hash(params.candidates)} if params.candidates else None,
+        },
+        "parameters": params.model_dump(mode="json"),
+        "models": {"policy": None if params.candidates else params.policy.model, "judge": params.judge.model,
+                   "embedding": params.scoring.embedding_model},
+        "counts": {
+            "prompts": plan.prompts,
+            "quarantined_rows": plan.quarantined,
+            "shards": len(names),
+            "candidates": scores.height,
+            "scored": scores.filter(pl.col("status") == "scored").height,
+            "failed": scores.filter(pl.col("status") == "failed").height,
+            "pairs": pairs["count"],
+            "prompts_without_pair": pairs["skipped"],
+        },
+        "quarantine": str(plan.quarantine_path) if plan.quarantine_path else None,
+        "judge_accounting": accounting.to_dict(),
+        "judge_cost_usd": accounting.total.cost_usd,
+    }
+    manifest_path = publish(pairs["pairs"], str(build), manifest)
+    logger.info("dataset published in %s", build)
+    return {**manifest, "manifest_path": manifest_path, "dataset_dir": str(build / "dataset")}
+
+
+def _results_block(path: Path) -> str:
+    """Slug of a saved LocalFileSystem block at `path` (Prefect stores results only in saved blocks)."""
+    path = path.resolve()
+    name = "longreward-results-" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    LocalFileSystem(basepath=str(path)).save(name, overwrite=True)
+    return f"local-file-system/{name}"
+
+
+def _task_runner(params: BuildParams):
+    if params.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=params.dask_address)
+    return ThreadPoolTaskRunner(max_workers=params.shards_in_flight)
+
+
+def _shard_table(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> None:
+    rows = []
+    for name in sorted(set(results) | set(failed)):
+        if name in results:
+            s = results[name]["summary"]
+            t = s["judge"]["total"]
+            rows.append({"shard": name, "status": "completed", "candidates": s["candidates"], "scored": s["scored"],
+                         "failed": s["failed"], "judge requests": t["calls"], "cache hits": t["cache_hits"]})
+        else:
+            rows.append({"shard": name, "status": "failed", "candidates": None, "scored": None, "failed": None,
+                         "judge requests": None, "cache hits": None, "reason": failed[name][:200]})
+    create_table_artifact(key="shards", table=rows, description="Shards of this build")
+
+
+def _score_artifacts(scores: pl.DataFrame, accounting: RunAccounting) -> None:
+    scored = scores.filter(pl.col("status") == "scored")
+    rewards = scored["reward"].to_list()
+    bins = [0] * 10
+    for r in rewards:
+        bins[min(int(r), 9)] += 1
+    top = max(bins) or 1
+    histogram = "\n".join(f"| {i}-{i + 1} | {n} | {'█' * round(30 * n / top)} |" for i, n in enumerate(bins))
+    distribution = []
+    for d in DIMENSIONS:
+        values = sorted(scored[d].to_list())
+        if values:
+            q = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
+            distribution.append(f"| {d} | {statistics.fmean(values):.2f} | {q[0]:.2f} | {statistics.median(values):.2f} | {q[-1]:.2f} |")
+    create_markdown_artifact(
+        key="rewards",
+        markdown="## Reward histogram\n\n| reward | candidates | |\n|---|---|---|\n" + histogram
+        + "\n\n## Scores by dimension\n\n| dimension | mean | p10 | median | p90 |\n|---|---|---|---|---|\n"
+        + "\n".join(distribution),
+        description=f"{len(rewards)} scored candidates",
+    )
+    create_table_artifact(
+        key="judge-accounting",
+        table=[{"dimension": k, **vars(v)} for k, v in accounting.per_dimension.items()] + [{"dimension": "total", **vars(accounting.total)}],
+        description="Judge requests, cache hits, tokens, cost, failures",
+    )
+
+
+if __name__ == "__main__":
+    from importlib import resources
+
+    sample = resources.files("longreward_core") / "sample"
+    print(preference_build(BuildParams(
+        prompts=str(sample / "prompts.jsonl"), candidates=str(sample / "candidates.jsonl"), output_dir="out/flow-example",
+    )))

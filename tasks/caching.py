@@ -1,0 +1,67 @@
+"""Cache keys for the stage tasks: (stage, stage version, content hash of the inputs, config).
+
+Not the flow run id (a new run or a retry reuses finished shards) and not the source text of the
+task (an edit that does not change the stage version keeps the cache). Bump a stage's VERSION
+when its output for the same inputs changes. Secrets never enter a key: configs are dumped with
+their secret fields excluded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+
+from longreward_core.runs import file_hash
+
+# Retries of a stage task: 10 s, 20 s, 40 s ... each with up to 50% jitter.
+RETRY_DELAYS = exponential_backoff(backoff_factor=10)
+RETRY_JITTER = 0.5
+CACHE_EXPIRATION = timedelta(days=30)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_cache_key(
+    stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...] = ()
+) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """A cache_key_fn hashing the named input files' contents and the named config parameters."""
+
+    def key(_: TaskRunContext, params: dict[str, Any]) -> str:
+        digest = hashlib.sha256(f"{stage}:{version}".encode())
+        for path in inputs(params):
+            digest.update(file_hash(path).encode() if Path(path).exists() else f"missing:{path}".encode())
+        for name in config:
+            digest.update(json.dumps(_jsonable(params.get(name)), sort_keys=True, default=str).encode())
+        return f"{stage}-v{version}-{digest.hexdigest()[:40]}"
+
+    return key
+
+
+def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...]):
+    """The decorator of a per-shard stage task: run name '<stage>-shard-NNNN', retries with
+    exponential backoff and jitter, and a persisted result cached by stage_cache_key."""
+    return task(
+        name=f"{stage}-shard",
+        task_run_name=f"{stage}-{{shard_name}}",
+        retries=2,
+        retry_delay_seconds=RETRY_DELAYS,
+        retry_jitter_factor=RETRY_JITTER,
+        cache_key_fn=stage_cache_key(stage, version, inputs, config),
+        cache_expiration=CACHE_EXPIRATION,
+        persist_result=True,
+    )

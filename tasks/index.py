@@ -1,0 +1,21 @@
+"""Stage: chunk a shard's documents and index their retrieval chunks in Qdrant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from longreward_core.runs import index_shard
+from longreward_core.scoring import ScoringConfig
+from tasks.caching import shard_stage
+
+VERSION = 1
+
+
+@shard_stage("index", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "scoring"))
+def index_documents(shard_dir: str, shard_name: str, scoring: ScoringConfig) -> int:
+    """Chunks embedded for this shard (0 when its documents were already indexed)."""
+    embedded = index_shard(shard_dir, scoring)
+    get_run_logger().info("%s: %d document chunks embedded", shard_name, embedded)
+    return embedded

@@ -1,0 +1,17 @@
+"""Stage: publish the pairs as Parquet, a `datasets` folder and a manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from longreward_core.runs import publish_dataset
+
+
+@task(name="publish", retries=1)
+def publish(pairs_path: str, out_dir: str, manifest: dict[str, Any]) -> str:
+    """Path of the manifest; the dataset folder is beside it."""
+    path = publish_dataset(pairs_path, out_dir, manifest)
+    get_run_logger().info("published %s", path.parent)
+    return str(path)

@@ -1,0 +1,34 @@
+"""Stage: sample candidate responses for a shard's prompts from the policy model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from prefect import get_run_logger
+
+from longreward_core.runs import sample_shard
+from longreward_core.sampling import PolicyConfig
+from tasks.caching import shard_stage
+
+VERSION = 1
+
+
+@shard_stage("sample", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "policy"))
+def sample_candidates(shard_dir: str, shard_name: str, policy: PolicyConfig, cache_path: str, min_candidates: int) -> str:
+    """Path of the shard's candidates.parquet. Prompts left with fewer than `min_candidates`
+    candidates are reported (they cannot yield a pair), not dropped."""
+    candidates = sample_shard(shard_dir, policy, cache_path)
+    report = pl.read_parquet(Path(shard_dir) / "sampling.parquet")
+    logger = get_run_logger()
+    short = report.filter(pl.col("sampled") < min_candidates)
+    cut = report.filter(pl.col("kept_tokens") < pl.col("context_tokens"))
+    logger.info("%s: %d candidates for %d prompts", shard_name, int(report["sampled"].sum()), report.height)
+    if cut.height:
+        logger.info("%s: %d documents cut in the middle to fit the policy context", shard_name, cut.height)
+    if short.height:
+        logger.warning(
+            "%s: %d prompts have fewer than %d candidates: %s", shard_name, short.height, min_candidates,
+            ", ".join(f"{r['prompt_id']} ({r['sampled']}: {r['error']})" for r in short.head(10).iter_rows(named=True)),
+        )
+    return str(candidates)

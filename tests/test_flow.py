@@ -1,0 +1,169 @@
+"""The preference-build flow on Prefect's test server with the loopback judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import polars as pl
+import pytest
+from pydantic import ValidationError
+
+from flows.preference_build import BuildParams, preference_build
+from longreward_core.scoring import ScoringConfig
+from tests.conftest import judge_config_for
+from tests.judge_double import Fault, sentences, slot
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+SCORING = ScoringConfig(retrieval_chunk_tokens=32, completeness_chunk_tokens=256)
+TOPICS = ["ALDER", "BIRCH", "CEDAR", "DAMSON", "ELM"]
+
+
+def write_inputs(tmp_path: Path, n_prompts: int = 5, n_candidates: int = 5) -> tuple[Path, Path]:
+    prompts, candidates = [], []
+    for p, topic in enumerate(TOPICS[:n_prompts]):
+        sentences = [f"The {topic} mill closed in {1960 + p} after a fire.", f"The {topic} mill opened in {1900 + p}.",
+                     f"It ground wheat for {p + 2} villages.", f"The {topic} mill had a water wheel.",
+                     f"Its last miller was called Orrin {topic.title()}."]
+        context = " ".join(sentences * 4)
+        prompts.append({"id": f"p{p}", "context": context, "query": f"When did the {topic} mill close?"})
+        for k in range(n_candidates):
+            # Every sentence is in the document; with the helpfulness script below, candidate k
+            # (5 - k sentences) is rated 2 x (5 - k): -0 is the best, -4 the worst.
+            candidates.append({"prompt_id": f"p{p}", "candidate_id": f"p{p}-{k}", "response": " ".join(sentences[: 5 - k])})
+    prompts_path, candidates_path = tmp_path / "prompts.jsonl", tmp_path / "candidates.jsonl"
+    prompts_path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    candidates_path.write_text("".join(json.dumps(r) + "\n" for r in candidates))
+    return prompts_path, candidates_path
+
+
+def helpfulness_by_length(request) -> str:
+    return f"Rating: [[{min(10, 2 * len(sentences(slot(request.content, 'response'))))}]]"
+
+
+def params_for(server, tmp_path: Path, prompts: Path, candidates: Path | None, **overrides) -> BuildParams:
+    settings = dict(
+        prompts=str(prompts), candidates=str(candidates) if candidates else None, output_dir=str(tmp_path / "builds"),
+        run_date="2026-11-21", shard_size=2, shards_in_flight=2, task_retries=0, judge_slots=None,
+        judge=judge_config_for(server, transport_retries=1), scoring=SCORING,
+    )
+    settings.update(overrides)
+    return BuildParams(**settings)
+
+
+def test_build_produces_the_expected_pairs(judge_server, tmp_path):
+    judge_server.double.answers = {"helpfulness": helpfulness_by_length}
+    prompts, candidates = write_inputs(tmp_path)
+    manifest = preference_build(params_for(judge_server, tmp_path, prompts, candidates))
+    build = tmp_path / "builds" / "2026-11-21"
+    assert sorted(p.name for p in build.glob("shard-*")) == []  # shards live under build/shards
+    assert sorted(p.name for p in (build / "shards").iterdir()) == ["shard-0000", "shard-0001", "shard-0002"]
+    pairs = pl.read_parquet(build / "pairs.parquet").sort("prompt_id")
+    assert pairs["chosen_id"].to_list() == [f"p{p}-0" for p in range(5)]
+    assert pairs["rejected_id"].to_list() == [f"p{p}-4" for p in range(5)]
+    dataset = datasets.load_from_disk(manifest["dataset_dir"])
+    assert dataset.num_rows == 5 and dataset[0]["chosen"][0]["role"] == "assistant"
+    assert manifest["counts"]["candidates"] == 25 and manifest["counts"]["pairs"] == 5
+    assert manifest["inputs"]["prompts"]["sha256"]
+    assert manifest["judge_accounting"]["total"]["calls"] == judge_server.double.count()
+    on_disk = json.loads(Path(manifest["manifest_path"]).read_text())
+    assert on_disk["pairs_sha256"] and "api_key" not in json.dumps(on_disk["parameters"])
+
+
+def test_failed_shard_is_named_and_a_retry_reruns_only_it(judge_server, tmp_path):
+    """An outage hits one shard's logicality calls: the others finish, the run fails naming the
+    shard, and the retry makes exactly the missing calls, with no lost or duplicated rows."""
+    double = judge_server.double
+    double.answers = {"helpfulness": helpfulness_by_length}
+    outage = {"on": True}
+    double.fault_rule = lambda r, i: Fault("status", 503) if outage["on"] and r.task == "logicality" and "CEDAR" in r.content else None
+    prompts, candidates = write_inputs(tmp_path)
+    params = params_for(judge_server, tmp_path, prompts, candidates)
+
+    state = preference_build(params, return_state=True)
+    assert state.is_failed()
+    assert "shard-0001" in state.message and "shard-0000" not in state.message and "shard-0002" not in state.message
+    shards = tmp_path / "builds" / "2026-11-21" / "shards"
+    assert (shards / "shard-0000" / "scores.parquet").exists() and (shards / "shard-0002" / "scores.parquet").exists()
+    assert not (tmp_path / "builds" / "2026-11-21" / "manifest.json").exists()
+
+    outage["on"] = False
+    double.reset()
+    manifest = preference_build(params)
+    # Only the calls that failed are made again: one logicality verdict per CEDAR candidate.
+    assert double.counts() == {"logicality": 5}
+    assert all("CEDAR" in r.content for r in double.requests)
+    scores = pl.concat([pl.read_parquet(p) for p in sorted(shards.glob("*/scores.parquet"))])
+    assert scores.height == 25 and scores["candidate_id"].n_unique() == 25
+    assert (scores["status"] == "scored").all()
+    assert manifest["counts"]["pairs"] == 5
+
+
+def test_second_run_with_same_parameters_makes_no_judge_call(judge_server, tmp_path):
+    judge_server.double.answers = {"helpfulness": helpfulness_by_length}
+    prompts, candidates = write_inputs(tmp_path, n_prompts=2)
+    params = params_for(judge_server, tmp_path, prompts, candidates)
+    first = preference_build(params)
+    calls = judge_server.double.count()
+    assert calls > 0
+    second = preference_build(params)
+    assert judge_server.double.count() == calls
+    assert second["counts"] == first["counts"]
+    build = tmp_path / "builds" / "2026-11-21"
+    assert json.loads((build / "manifest.json").read_text())["pairs_sha256"] == json.loads(
+        Path(first["manifest_path"]).read_text()
+    )["pairs_sha256"]
+
+
+def test_sampling_from_a_policy_server(judge_server, tmp_path):
+    """Without candidates, the flow samples them from the policy (here the loopback server)."""
+    double = judge_server.double
+    double.answers = {
+        "helpfulness": helpfulness_by_length,
+        "unknown": lambda r: "The mill closed in 1960 after a fire. " * (1 + len(double.requests) % 4),
+    }
+    prompts, _ = write_inputs(tmp_path, n_prompts=2)
+    policy = dict(model="openai/policy-double", api_base=judge_server.api_base, api_key="k",
+                  candidates_per_prompt=5, max_context_tokens=256, max_new_tokens=32)
+    manifest = preference_build(params_for(judge_server, tmp_path, prompts, None, policy=policy))
+    assert manifest["counts"]["candidates"] == 10 and manifest["models"]["policy"] == "openai/policy-double"
+    report = pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "shards" / "shard-0000" / "sampling.parquet")
+    assert report["sampled"].to_list() == [5, 5]
+    # The documents (~170 tokens) fit in 256 - 32 - 256 < 128 -> the budget floor of 128: cut in the middle.
+    assert (report["kept_tokens"] < report["context_tokens"]).all()
+
+
+def test_parameters_are_validated_with_clear_messages(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "context": "x", "query": "y"}\n')
+    with pytest.raises(ValidationError, match="prompts file not found"):
+        BuildParams(prompts=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValidationError, match="shard_size"):
+        BuildParams(prompts=str(prompts), shard_size=0)
+    with pytest.raises(ValidationError, match="candidates_per_prompt"):
+        BuildParams(prompts=str(prompts), policy={"candidates_per_prompt": 0})
+    with pytest.raises(ValidationError, match="concurrency"):
+        BuildParams(prompts=str(prompts), judge={"concurrency": 0})
+
+
+def test_shards_split_across_a_local_dask_cluster(judge_server, tmp_path, monkeypatch):
+    """Two Dask worker processes share one run: results and the call cache are on shared storage."""
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL
+
+    # Worker processes report to the same Prefect server as this test.
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    judge_server.double.answers = {"helpfulness": helpfulness_by_length}
+    prompts, candidates = write_inputs(tmp_path, n_prompts=4)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        params = params_for(judge_server, tmp_path, prompts, candidates, shard_size=1, dask_address=cluster.scheduler_address)
+        manifest = preference_build(params)
+        workers_used = {
+            json.loads(p.read_text()).get("worker_pid")
+            for p in (tmp_path / "builds" / "2026-11-21" / "shards").glob("*/accounting.json")
+        }
+    assert manifest["counts"]["pairs"] == 4
+    assert pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "pairs.parquet")["chosen_id"].to_list() == [f"p{p}-0" for p in range(4)]
+    assert len(workers_used) == 2, workers_used
