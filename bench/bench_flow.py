@@ -72,7 +72,7 @@ def run_worker(mode: str, prompts: int, candidates: int, shard_size: int, api_ba
     out = subprocess.run(
         [sys.executable, __file__, "--worker", mode, "--prompts", str(prompts), "--candidates", str(candidates),
          "--shard-size", str(shard_size), "--api-base", api_base],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -55,6 +55,8 @@ class BuildParams(BaseModel):
         description="Prefect global concurrency limit that every shard takes judge.concurrency slots of "
         "(create it with `prefect gcl create longreward-judge --limit N`); skipped when it does not exist.",
     )
+    judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
+    policy_key_secret: str | None = Field(None, description="Prefect Secret block holding the policy's API key (else the environment).")
     task_retries: int = Field(2, ge=0, le=10, description="Retries of each shard task (exponential backoff with jitter).")
     dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")
@@ -116,13 +118,15 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                     runner.submit(
                         sample_task,
                         parameters={"shard_dir": shard, "shard_name": name, "policy": params.policy,
-                                    "cache_path": cache_path, "min_candidates": params.pairs.min_candidates},
+                                    "cache_path": cache_path, "min_candidates": params.pairs.min_candidates,
+                                    "policy_key_secret": params.policy_key_secret},
                     )
                 )
             score_futures[name] = runner.submit(
                 score_task,
                 parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
-                            "cache_path": cache_path, "judge_slots": params.judge_slots},
+                            "cache_path": cache_path, "judge_slots": params.judge_slots,
+                            "judge_key_secret": params.judge_key_secret},
                 wait_for=upstream,
             )
         by_future = {f.task_run_id: name for name, f in score_futures.items()}

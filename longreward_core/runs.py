@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from longreward_core.io import atomic_write_bytes, load_candidates, load_prompts, write_parquet_atomic, write_quarantine
 from longreward_core.judge import CallCache, JudgeClient, JudgeConfig
@@ -267,7 +268,12 @@ def publish_dataset(pairs_path: str | Path, out_dir: str | Path, manifest: dict[
     if Path(pairs_path).resolve() != target.resolve():
         atomic_write_bytes(target, Path(pairs_path).read_bytes())
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".dataset-"))
-    datasets.Dataset.from_parquet(str(target), cache_dir=str(staging / ".cache")).save_to_disk(str(staging / "dataset"))
+    # From the Arrow table, not from_parquet: that refuses a file with no rows, and a build
+    # where no prompt qualifies for a pair must still publish (an empty dataset).
+    table = pl.read_parquet(target).to_arrow()
+    if table.num_rows == 0:  # datasets needs at least one (empty) record batch
+        table = pa.Table.from_batches([pa.RecordBatch.from_pylist([], schema=table.schema)], schema=table.schema)
+    datasets.Dataset(table).save_to_disk(str(staging / "dataset"), num_shards=1 if table.num_rows == 0 else None)
     if (out / "dataset").exists():
         shutil.rmtree(out / "dataset")
     (staging / "dataset").rename(out / "dataset")

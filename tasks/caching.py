@@ -65,3 +65,17 @@ def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], lis
         cache_expiration=CACHE_EXPIRATION,
         persist_result=True,
     )
+
+
+def with_secret_key(config: Any, secret_block: str | None) -> Any:
+    """`config` with its api_key read from a Prefect Secret block (when one is named).
+
+    The key is resolved inside the task, so it never travels as a parameter, never enters a
+    cache key (api_key is excluded from config dumps) and is never logged.
+    """
+    if not secret_block:
+        return config
+    from prefect.blocks.system import Secret
+    from pydantic import SecretStr
+
+    return config.model_copy(update={"api_key": SecretStr(Secret.load(secret_block).get())})

@@ -9,16 +9,19 @@ from prefect import get_run_logger
 
 from longreward_core.runs import sample_shard
 from longreward_core.sampling import PolicyConfig
-from tasks.caching import shard_stage
+from tasks.caching import shard_stage, with_secret_key
 
 VERSION = 1
 
 
-@shard_stage("sample", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "policy"))
-def sample_candidates(shard_dir: str, shard_name: str, policy: PolicyConfig, cache_path: str, min_candidates: int) -> str:
+@shard_stage("sample", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "policy", "policy_key_secret"))
+def sample_candidates(
+    shard_dir: str, shard_name: str, policy: PolicyConfig, cache_path: str, min_candidates: int,
+    policy_key_secret: str | None = None,
+) -> str:
     """Path of the shard's candidates.parquet. Prompts left with fewer than `min_candidates`
     candidates are reported (they cannot yield a pair), not dropped."""
-    candidates = sample_shard(shard_dir, policy, cache_path)
+    candidates = sample_shard(shard_dir, with_secret_key(policy, policy_key_secret), cache_path)
     report = pl.read_parquet(Path(shard_dir) / "sampling.parquet")
     logger = get_run_logger()
     short = report.filter(pl.col("sampled") < min_candidates)

@@ -12,7 +12,7 @@ from prefect.concurrency.sync import concurrency
 from longreward_core.judge import JudgeConfig
 from longreward_core.runs import score_files
 from longreward_core.scoring import ScoringConfig
-from tasks.caching import shard_stage
+from tasks.caching import shard_stage, with_secret_key
 
 VERSION = 1
 
@@ -24,7 +24,7 @@ class ShardIncomplete(RuntimeError):
 @shard_stage(
     "score", VERSION,
     lambda p: [Path(p["shard_dir"]) / "prompts.parquet", Path(p["shard_dir"]) / "candidates.parquet"],
-    config=("shard_dir", "judge", "scoring"),
+    config=("shard_dir", "judge", "scoring", "judge_key_secret"),
 )
 def score_shard(
     shard_dir: str,
@@ -33,12 +33,14 @@ def score_shard(
     scoring: ScoringConfig,
     cache_path: str,
     judge_slots: str | None = None,
+    judge_key_secret: str | None = None,
 ) -> dict[str, Any]:
     """Scores and accounting of the shard. Holds `judge.concurrency` slots of the Prefect global
     concurrency limit named `judge_slots` (when it exists), so that all shards of all runs stay
     under one judge limit. Raises ShardIncomplete when the judge was unreachable, so the shard is
     retried and never cached half-done; its finished judge calls are in the call cache."""
     shard = Path(shard_dir)
+    judge = with_secret_key(judge, judge_key_secret)
     slots = concurrency(judge_slots, occupy=judge.concurrency, strict=False) if judge_slots else contextlib.nullcontext()
     with slots:
         run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring, cache_path=cache_path)

@@ -135,6 +135,21 @@ def test_sampling_from_a_policy_server(judge_server, tmp_path):
     assert (report["kept_tokens"] < report["context_tokens"]).all()
 
 
+def test_judge_key_from_a_prefect_secret_block(judge_server, tmp_path):
+    from prefect.blocks.system import Secret
+
+    secret = "sk-from-secret-block-3b9d"
+    Secret(value=secret).save("judge-key-test", overwrite=True)
+    prompts, candidates = write_inputs(tmp_path, n_prompts=1)
+    judge = judge_config_for(judge_server, transport_retries=1).model_copy(update={"api_key": None})
+    manifest = preference_build(params_for(judge_server, tmp_path, prompts, candidates, judge=judge, judge_key_secret="judge-key-test"))
+    assert manifest["counts"]["scored"] == 5
+    assert set(judge_server.double.authorization) == {f"Bearer {secret}"}
+    for path in (tmp_path / "builds").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
 def test_parameters_are_validated_with_clear_messages(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "a", "context": "x", "query": "y"}\n')

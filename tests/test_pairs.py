@@ -252,3 +252,19 @@ def test_pairs_files_end_to_end(tmp_path: Path) -> None:
     assert row["chosen"] == [{"role": "assistant", "content": "answer 1 to p1"}]
     assert row["rejected"] == [{"role": "assistant", "content": "answer 2 to p1"}]
     assert sorted(p.name for p in out_path.parent.iterdir()) == ["pairs.parquet"]  # no temp files left
+
+
+def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path):
+    """A build where no prompt qualifies still publishes: an empty dataset with the pair columns."""
+    import datasets
+
+    from longreward_core.records import PAIRS_SCHEMA
+    from longreward_core.runs import publish_dataset
+
+    empty = tmp_path / "pairs.parquet"
+    pl.DataFrame([], schema=PAIRS_SCHEMA).write_parquet(empty)
+    manifest_path = publish_dataset(empty, tmp_path / "build", {"counts": {"pairs": 0}})
+    dataset = datasets.load_from_disk(str(tmp_path / "build" / "dataset"))
+    assert dataset.num_rows == 0
+    assert set(dataset.column_names) == set(PAIRS_SCHEMA.names())
+    assert json.loads(manifest_path.read_text())["counts"] == {"pairs": 0}
