@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-
 import litellm
 from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, Field, SecretStr

@@ -132,6 +132,7 @@ class ChunkIndex:
         self._lock = threading.Lock()
         self._dimension: int | None = None
         self._indexed: set[tuple[str, str]] = set()
+        self._document_locks: dict[tuple[str, str], threading.Lock] = {}
         self.chunks_embedded = 0  # document chunks embedded by this index (not queries)
         self._vectors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.max_cached_documents = 256
@@ -154,7 +155,17 @@ class ChunkIndex:
         return str(uuid.uuid5(_POINT_NAMESPACE, f"{doc_id}:{chunking}:{chunk.start}:{chunk.end}"))
 
     def index_document(self, doc_id: str, chunking: str, chunks: list[ChunkSpan]) -> int:
-        """Store the chunks not stored yet; returns how many were embedded (0 when all were)."""
+        """Store the chunks not stored yet; returns how many were embedded (0 when all were).
+
+        Concurrent calls for the same document wait for each other, so it is embedded once;
+        other documents' calls and queries go on while it embeds.
+        """
+        with self._lock:
+            document_lock = self._document_locks.setdefault((doc_id, chunking), threading.Lock())
+        with document_lock:
+            return self._index_document(doc_id, chunking, chunks)
+
+    def _index_document(self, doc_id: str, chunking: str, chunks: list[ChunkSpan]) -> int:
         ids = [self.point_id(doc_id, chunking, c) for c in chunks]
         with self._lock:
             if (doc_id, chunking) in self._indexed:

@@ -203,8 +203,9 @@ def write_shards(
 
 def index_shard(shard_dir: str | Path, scoring_config: ScoringConfig) -> int:
     """Chunk and index the shard's documents into `shard_dir/qdrant`; returns chunks embedded."""
-    from longreward_core.retrieval import ChunkIndex, make_embedder
-    from longreward_core.scoring import prepare_document
+    from longreward_core.chunking import chunk_document, load_tokenizer
+    from longreward_core.retrieval import ChunkIndex, content_hash, make_embedder
+    from longreward_core.scoring import retrieval_chunking
 
     shard = Path(shard_dir)
     prompts = load_prompts(shard / "prompts.parquet").records
@@ -213,10 +214,12 @@ def index_shard(shard_dir: str | Path, scoring_config: ScoringConfig) -> int:
         path=None if scoring_config.qdrant_url else shard / "qdrant",
         url=scoring_config.qdrant_url,
     )
+    tokenizer = load_tokenizer(scoring_config.tokenizer)
+    chunking = retrieval_chunking(scoring_config)
     try:
-        for prompt in prompts:
-            doc = prepare_document(prompt.context, scoring_config)
-            index.index_document(doc.doc_id, doc.chunking, doc.retrieval_chunks)
+        for prompt in prompts:  # retrieval chunks only: completeness chunks are the scorer's
+            chunks = chunk_document(prompt.context, tokenizer, scoring_config.retrieval_chunk_tokens)
+            index.index_document(content_hash(prompt.context), chunking, chunks)
         return index.chunks_embedded
     finally:
         index.close()

@@ -83,7 +83,6 @@ async def sample_candidates(
         messages = [{"role": "user", "content": user_message(prompt.model_copy(update={"context": context}))}]
 
         async def one_sample(k: int) -> Candidate | str:
-            last = "empty response"
             for attempt in range(k * SAMPLE_TRIES, (k + 1) * SAMPLE_TRIES):
                 try:
                     text = await client.complete(
@@ -93,7 +92,7 @@ async def sample_candidates(
                     return str(exc)
                 if text.strip():
                     return Candidate(prompt_id=prompt.id, candidate_id=f"{prompt.id}-{k}", response=text.strip())
-            return last
+            return "empty response"
 
         results = await asyncio.gather(*(one_sample(k) for k in range(config.candidates_per_prompt)))
         candidates = [r for r in results if isinstance(r, Candidate)]

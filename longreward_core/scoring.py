@@ -59,12 +59,17 @@ class PreparedDocument:
         return "".join(parts)
 
 
+def retrieval_chunking(config: ScoringConfig) -> str:
+    """Names the tokenizer and chunk size, so indexes of other settings never mix."""
+    return f"{config.tokenizer or 'embedded'}:{config.retrieval_chunk_tokens}"
+
+
 def prepare_document(context: str, config: ScoringConfig) -> PreparedDocument:
     """A document's id (content hash) and its retrieval and completeness chunks."""
     tokenizer = load_tokenizer(config.tokenizer)
     return PreparedDocument(
         doc_id=content_hash(context),
-        chunking=f"{config.tokenizer or 'embedded'}:{config.retrieval_chunk_tokens}",
+        chunking=retrieval_chunking(config),
         retrieval_chunks=chunk_document(context, tokenizer, config.retrieval_chunk_tokens),
         completeness_chunks=chunk_document(context, tokenizer, config.completeness_chunk_tokens),
     )
