@@ -38,8 +38,9 @@ class Loaded:
     quarantined: list[QuarantinedRow] = field(default_factory=list)
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
-    """Yield (line number, row or None, raw text, reason when the row is unreadable)."""
+def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+    """Yield (line number, row or None, raw text, reason when the row is unreadable) of a JSONL or
+    Parquet file; raises InputError when the file is missing or of an unknown format."""
     if not path.exists():
         raise InputError(f"{path}: file not found")
     suffix = path.suffix.lower()
@@ -95,7 +96,7 @@ def load_prompts(path: str | Path) -> Loaded:
     path = Path(path)
     out = Loaded()
     first_seen: dict[str, int] = {}
-    for line, row, raw, reason in _raw_rows(path):
+    for line, row, raw, reason in read_rows(path):
         row_id = _row_id(row, "id", "idx")
         try:
             if reason:
@@ -128,7 +129,7 @@ def load_candidates(path: str | Path, prompt_ids: set[str]) -> Loaded:
     path = Path(path)
     out = Loaded()
     first_seen: dict[str, int] = {}
-    for line, row, raw, reason in _raw_rows(path):
+    for line, row, raw, reason in read_rows(path):
         row_id = _row_id(row, "candidate_id", "idx")
         try:
             if reason:

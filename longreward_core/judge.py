@@ -274,15 +274,22 @@ class JudgeClient:
         temperature: float,
         attempt: int,
         constraint: dict[str, Any] | None = None,
+        *,
+        raw_prompt: bool = False,
         **sampling: Any,
     ) -> str:
         """One cached request's answer text; `attempt` keeps repeated requests apart in the cache.
+
+        `raw_prompt`: send the single message's content as a plain text completion (the
+        server's `/completions`), with no chat template around it.
 
         Raises JudgeCallFailed(transport=True) when the model cannot be reached after every
         transport retry, or on a client error (4xx).
         """
         try:
-            return await self._request(self.accounting.dimension(dimension), messages, temperature, attempt, constraint, sampling)
+            return await self._request(
+                self.accounting.dimension(dimension), messages, temperature, attempt, constraint, sampling, raw_prompt
+            )
         except Exception as exc:
             self.accounting.dimension(dimension).failed_calls += 1
             raise JudgeCallFailed(
@@ -297,12 +304,14 @@ class JudgeClient:
         attempt: int,
         constraint: dict[str, Any] | None,
         sampling: dict[str, Any],
+        raw_prompt: bool = False,
     ) -> str:
         cfg = self.config
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": cfg.max_tokens, **sampling}
         if constraint is not None:
             params["verdict_constraint"] = constraint
-        key = CallCache.key(cfg.model, messages, params, attempt)
+        # A raw prompt and the same text as a chat message are different requests.
+        key = CallCache.key(cfg.model, messages, {**params, "endpoint": "completions"} if raw_prompt else params, attempt)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             acc.cache_hits += 1
             return hit[0]
@@ -311,20 +320,17 @@ class JudgeClient:
             async with self._semaphore:
                 if self._limiter is not None:
                     await self._limiter.acquire()
+                common = dict(
+                    model=cfg.model, api_base=cfg.api_base, api_key=self._api_key, timeout=cfg.timeout_s,
+                    num_retries=0, max_retries=0, **params,
+                )
+                call = (
+                    litellm.atext_completion(prompt=messages[0]["content"], **common)
+                    if raw_prompt
+                    else litellm.acompletion(messages=messages, **common)
+                )
                 try:
-                    return await asyncio.wait_for(
-                        litellm.acompletion(
-                            model=cfg.model,
-                            messages=messages,
-                            api_base=cfg.api_base,
-                            api_key=self._api_key,
-                            timeout=cfg.timeout_s,
-                            num_retries=0,
-                            max_retries=0,
-                            **params,
-                        ),
-                        timeout=cfg.timeout_s,
-                    )
+                    return await asyncio.wait_for(call, timeout=cfg.timeout_s)
                 except Exception:
                     acc.transport_errors += 1
                     raise
@@ -339,7 +345,8 @@ class JudgeClient:
         )
         response = await retrying(send)
         acc.calls += 1
-        text = response.choices[0].message.content or ""
+        choice = response.choices[0]
+        text = (choice.text if raw_prompt else choice.message.content) or ""
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)

@@ -18,7 +18,8 @@ _SLOT = re.compile(r"\{\{(\w+)\}\}")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
 _INPUT_TAG = re.compile(
-    r"<(/?)(question|response|document_excerpts|statement|document_chunk|key_points)>", re.I
+    r"<(/?)(question|response|document_excerpts|statement|document_chunk|key_points|reference_answer|graded_examples)>",
+    re.I,
 )
 
 

@@ -10,6 +10,9 @@ Default answers follow the task, so scores depend on the content:
 - statements: one per sentence of the response (none for an empty one);
 - support: "Fully supported" when the statement's text occurs in the evidence, else "No support";
 - key points: the first words of the chunk.
+Prompts that open with no task line (a model under test answering a benchmark) are task
+"unknown", or "completion" when sent to the plain `/completions` endpoint; script their answers
+with `answers`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ TASKS = {
     "[Task: check SUPPORT of a statement]": "support",
     "[Task: extract KEY POINTS from a document chunk]": "key_points",
     "[Task: grade COMPLETENESS]": "completeness",
+    "[Task: grade ANSWER against a REFERENCE, 1-10]": "longbench_chat",
+    "[Task: grade QA ANSWER against REFERENCES, 1-3]": "longbench_qa",
+    "[Task: grade SUMMARY against a REFERENCE, 1-5]": "longbench_summary",
 }
 
 
@@ -157,11 +163,12 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length", 0))
             payload = json.loads(self.rfile.read(length) or b"{}")
-            if not self.path.endswith("/chat/completions"):
+            chat = self.path.endswith("/chat/completions")
+            if not self.path.endswith("/completions"):
                 self._send(404, b'{"error": {"message": "not found"}}')
                 return
-            content = payload["messages"][-1]["content"]
-            request = Request(task_of(content), payload.get("temperature"), content, time.monotonic())
+            content = payload["messages"][-1]["content"] if chat else payload["prompt"]
+            request = Request(task_of(content) if chat else "completion", payload.get("temperature"), content, time.monotonic())
             with double._lock:
                 double.requests.append(request)
                 index = len(double.requests) - 1
@@ -182,12 +189,17 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     self._send(200, b'{"choices": [ this is not json')
                     return
                 text = "I think it is fine." if fault is not None and fault.kind == "no_verdict" else double.answer(request)
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    if chat
+                    else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+                )
                 body = {
                     "id": f"chatcmpl-{index}",
-                    "object": "chat.completion",
+                    "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()),
                     "model": payload.get("model", "judge-double"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "choices": [choice],
                     "usage": {
                         "prompt_tokens": len(content) // 4,
                         "completion_tokens": len(text) // 4,

@@ -1,0 +1,110 @@
+"""Compare models (e.g. the SFT and the DPO checkpoint) on the LongBench family of benchmarks.
+
+For each model and each chosen benchmark, one task generates the model's answers (resumably:
+answers already on disk are not generated again) and scores them with the official metrics or
+the judge. The models run one after the other, so a GPU worker holds one local checkpoint at a
+time. At the end the flow writes, under `output_dir`:
+- `<benchmark>/<model>/`: predictions in LongBench's format and each benchmark's result file;
+- `comparison.json` (every score, plus one row per task and average with a column per model and
+  the delta last - first), `comparison.md` and `comparison.png` (bar chart of headline numbers);
+- `results.json`: the parameters, each task's summary and the failures;
+and publishes the comparison as Prefect artifacts (a Markdown table with the chart, and a table).
+A benchmark that fails for one model does not stop the others; the run then ends Failed and
+names them. Deployed as `longbench-eval` on the `gpu` pool.
+
+    python flows/longbench_eval.py params.json     # EvalParams as JSON, run in this process
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
+from pydantic import BaseModel, Field, model_validator
+
+from longreward_core.io import atomic_write_bytes
+from longreward_core.judge import JudgeConfig
+from longreward_core.longbench.compare import write_comparison
+from longreward_core.longbench.evaluate import Benchmark, DataSources
+from longreward_core.longbench.predict import ModelSpec
+from longreward_core.longbench.tasks import resolve_datasets
+from tasks.evaluate import evaluate_model
+
+
+class EvalParams(BaseModel):
+    """Parameters of an evaluation run (the form the Prefect UI shows)."""
+
+    models: list[ModelSpec] = Field(
+        min_length=1, description="Models to evaluate, baseline first (e.g. SFT, then DPO): deltas are last - first."
+    )
+    benchmarks: list[Benchmark] = Field(
+        default_factory=lambda: ["longbench", "longbench-v2"], min_length=1,
+        description="longbench, longbench-e, longbench-judged (the paper's judge on 12 tasks), longbench-v2, longbench-chat.",
+    )
+    datasets: list[str] | None = Field(None, description="LongBench datasets to run (default: all of each LongBench benchmark).")
+    limit: int | None = Field(None, ge=1, description="At most this many examples per dataset (smoke runs; not comparable with published scores).")
+    data: DataSources = Field(default_factory=DataSources, description="Where the benchmark data is read from.")
+    output_dir: str = Field("out/eval", description="Root folder: predictions, results, the comparison and the request cache.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge for longbench-chat and longbench-judged.")
+    judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalParams:
+        labels = [m.label for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model labels must differ (they name folders and columns): {labels}; set `name`")
+        if self.datasets:
+            resolve_datasets(self.datasets)
+        if "longbench-chat" in self.benchmarks and not self.data.longbench_chat:
+            raise ValueError("longbench-chat needs data.longbench_chat (its test_cases.json and few_shots.json are not on the Hub)")
+        return self
+
+
+@flow(name="longbench-eval", log_prints=True)
+def longbench_eval(params: EvalParams) -> dict[str, Any]:
+    """Evaluate every model on every benchmark and compare them; returns the comparison's paths
+    and the scores (`{model: {benchmark: scores}}`)."""
+    logger = get_run_logger()
+    results: dict[str, dict[str, Any]] = {m.label: {} for m in params.models}
+    summaries: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    for model in params.models:
+        for benchmark in params.benchmarks:
+            state = evaluate_model(
+                model, benchmark, params.output_dir, params.data, params.judge,
+                datasets=params.datasets, limit=params.limit, judge_key_secret=params.judge_key_secret, return_state=True,
+            )
+            if state.is_completed():
+                summary = state.result()
+                summaries.append(summary)
+                results[model.label][benchmark] = summary["scores"]
+            else:
+                failed[f"{benchmark}-{model.label}"] = state.message or state.name
+
+    comparison = write_comparison(results, params.output_dir)
+    create_markdown_artifact(key="longbench-comparison", markdown=comparison["markdown_text"],
+                             description=f"{', '.join(results)} on {', '.join(params.benchmarks)}")
+    create_table_artifact(key="longbench-scores", table=comparison["rows"], description="Scores per task and averages, per model")
+    results_path = atomic_write_bytes(
+        Path(params.output_dir) / "results.json",
+        json.dumps({"finished_at": datetime.now(timezone.utc).isoformat(), "parameters": params.model_dump(mode="json"),
+                    "summaries": summaries, "failed": failed}, indent=2, ensure_ascii=False, default=str).encode("utf-8"),
+    )
+    logger.info("comparison: %s (chart %s)", comparison["markdown"], comparison["chart"])
+    if failed:
+        for name, reason in sorted(failed.items()):
+            logger.error("%s failed: %s", name, reason)
+        return Failed(message=f"{len(failed)} evaluations failed: {', '.join(sorted(failed))}; run again: "
+                              "finished answers are kept and requests are cached")
+    return {"results": results, "results_path": str(results_path),
+            **{k: comparison[k] for k in ("json", "markdown", "chart")}}
+
+
+if __name__ == "__main__":
+    print(longbench_eval(EvalParams.model_validate_json(Path(sys.argv[1]).read_text())))
