@@ -13,13 +13,17 @@ from typing import Annotated, Optional
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from longreward_core.cli import Concurrency, JudgeApiBase, JudgeModel, Rpm, _judge_config, app, console
 from longreward_core.judge import EMBEDDED_JUDGE
+from longreward_core.longbench.cli import eval_app
 from longreward_core.pairs import PairConfig
 from longreward_core.sampling import PolicyConfig
 
 __all__ = ["app"]
+
+app.add_typer(eval_app, name="eval")
 
 
 def _run_build(params) -> dict:
@@ -87,7 +91,10 @@ def build(
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option("--out", help="Output root.")] = Path("out/demo")) -> None:
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Output root.")] = Path("out/demo"),
+    train: Annotated[bool, typer.Option("--train", help="Then one DPO step of SmolLM2-135M on the pairs (CPU, a few minutes).")] = False,
+) -> None:
     """The whole build on the bundled English + Chinese sample, offline, with the embedded models:
     5 candidates per prompt sampled from SmolLM2-135M, scored by the same model as judge."""
     from flows.preference_build import BuildParams
@@ -97,7 +104,7 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output root.")] = Path
         "A model this small grades poorly; real runs point --judge-model at a capable model."
     )
     sample = resources.files("longreward_core") / "sample"
-    _run_build(BuildParams(
+    manifest = _run_build(BuildParams(
         prompts=str(sample / "prompts.jsonl"),
         output_dir=str(out),
         shard_size=1,
@@ -105,3 +112,21 @@ def demo(out: Annotated[Path, typer.Option("--out", help="Output root.")] = Path
         policy=PolicyConfig(candidates_per_prompt=5, max_new_tokens=64, concurrency=1),
         judge=_judge_config(EMBEDDED_JUDGE, None, 1, None),
     ))
+    if train:
+        _run_demo_training(Path(manifest["manifest_path"]).parent)
+
+
+def _run_demo_training(build: Path) -> None:
+    from flows.dpo_train import TrainParams, dpo_train
+
+    # Sample documents make ~5k-token pairs: one step of the 135M model with its reference
+    # takes minutes on two cores.
+    params = TrainParams(pairs=build, output_dir=build / "dpo", max_steps=1, effective_batch_size=1, save_steps=1,
+                         accelerate_config="cpu", retries=0)
+    state = dpo_train(params, return_state=True)
+    if state.is_failed():
+        console.print(f"[red]training failed:[/red] {escape(state.message or '')}")
+        raise typer.Exit(1)
+    manifest = state.result()
+    last = manifest["last_log"] or {}
+    console.print(f"DPO: {manifest['steps']} step(s), loss {last.get('loss', float('nan')):.4f}; model: {manifest['model_dir']}")

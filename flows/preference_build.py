@@ -20,8 +20,9 @@ from typing import Any
 
 import polars as pl
 from prefect import flow, get_run_logger
-from prefect.filesystems import LocalFileSystem
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.deployments import run_deployment
+from prefect.filesystems import LocalFileSystem
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -63,6 +64,12 @@ class BuildParams(BaseModel):
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge model and its limits (per shard).")
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Chunking and retrieval.")
     pairs: PairConfig = Field(default_factory=PairConfig, description="Preference pair rules.")
+    train_deployment: str | None = Field(
+        None,
+        description="Deployment started after publishing, to train on this build (e.g. 'dpo-train/dpo-train'); "
+        "its model goes to <build>/dpo. Empty: no training. Use this or an automation trigger, never both.",
+    )
+    train_base_model: str | None = Field(None, description="Base model the triggered training starts from.")
 
     @field_validator("prompts")
     @classmethod
@@ -179,7 +186,17 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     }
     manifest_path = publish(pairs["pairs"], str(build), manifest)
     logger.info("dataset published in %s", build)
-    return {**manifest, "manifest_path": manifest_path, "dataset_dir": str(build / "dataset")}
+    published = {**manifest, "manifest_path": manifest_path, "dataset_dir": str(build / "dataset")}
+    if params.train_deployment and pairs["count"]:
+        training = run_deployment(
+            params.train_deployment,
+            parameters={"params": {"pairs": str(build), "output_dir": str(build / "dpo"),
+                                   "base_model": params.train_base_model}},
+            timeout=0,  # start it and finish this build; training runs on its own pool
+        )
+        logger.info("started %s: flow run %s", params.train_deployment, training.id)
+        published["training_flow_run"] = str(training.id)
+    return published
 
 
 def _results_block(path: Path) -> str:

@@ -112,6 +112,16 @@ def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(name)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def cache_dir() -> Path:
     """Where derived model files are kept: $LONGREWARD_CACHE or ~/.cache/longreward."""
     path = Path(os.environ.get("LONGREWARD_CACHE") or Path.home() / ".cache" / "longreward")

@@ -1,4 +1,4 @@
-"""The `longreward` command line: scoring and pairs (the library's own commands).
+"""The `longreward` command line: scoring, pairs and training (the library's own commands).
 
 The orchestrated commands (`build`, `demo`) are added by flows/cli.py, which is the installed
 entry point; this module stays free of Prefect.
@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -138,6 +139,48 @@ def pairs(
     console.print(f"{len(result.pairs)} pairs -> {out}")
     for reason, n in sorted(result.skipped.items()):
         console.print(f"  skipped {n} prompt(s): {reason}")
+
+
+@app.command()
+def train(
+    pairs: Annotated[Path, typer.Option("--pairs", help="A build folder, its pairs.parquet, or its dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints, model/, metrics.jsonl, manifest.json.")],
+    base_model: Annotated[Optional[str], typer.Option(help="Policy checkpoint folder (default: embedded SmolLM2-135M).")] = None,
+    ref_model: Annotated[Optional[str], typer.Option(help="Reference model folder (default: the base model).")] = None,
+    max_steps: Annotated[int, typer.Option(help="Optimiser steps; -1: one pass over the data.")] = -1,
+    beta: Annotated[float, typer.Option(min=0)] = 0.15,
+    sft_weight: Annotated[float, typer.Option(min=0, help="Weight of the chosen response's cross-entropy.")] = 0.1,
+    learning_rate: Annotated[float, typer.Option(min=0)] = 1e-6,
+    effective_batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    per_device_batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    max_length: Annotated[Optional[int], typer.Option(min=16, help="Default: the longest pair.")] = None,
+    allow_truncation: Annotated[bool, typer.Option(help="Train even if max_length drops or cuts pairs.")] = False,
+    save_steps: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 50,
+    accelerate_config: Annotated[str, typer.Option(help="auto, cpu, zero3-single-node, zero3-multi-node, or a file.")] = "auto",
+    num_processes: Annotated[Optional[int], typer.Option(min=1, help="Processes (GPUs) in all.")] = None,
+) -> None:
+    """DPO with the LongReward loss under `accelerate launch`; re-running the same command resumes."""
+    from longreward_core.launch import TrainingFailed, launch_training
+    from longreward_core.training import TrainConfig, TrainingRefused
+
+    config = TrainConfig(
+        pairs=pairs, output_dir=out, base_model=base_model, ref_model=ref_model, max_steps=max_steps, beta=beta,
+        sft_weight=sft_weight, learning_rate=learning_rate, effective_batch_size=effective_batch_size,
+        per_device_batch_size=per_device_batch_size, max_length=max_length, allow_truncation=allow_truncation,
+        save_steps=save_steps,
+    )
+    try:
+        manifest = launch_training(config, accelerate_config, num_processes, on_line=lambda line: console.print(line, markup=False, highlight=False))
+    except (InputError, TrainingRefused, TrainingFailed, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    last = manifest["last_log"] or {}
+    console.print(
+        f"{manifest['steps']} steps; loss {_fmt(last.get('loss'))}, reward margin {_fmt(last.get('rewards/margins'))}, "
+        f"accuracy {_fmt(last.get('rewards/accuracies'))}"
+    )
+    console.print(f"model:    {manifest['model_dir']}")
+    console.print(f"manifest: {out / 'manifest.json'}")
 
 
 if __name__ == "__main__":

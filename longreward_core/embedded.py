@@ -20,6 +20,8 @@ import copy
 import functools
 import importlib.util
 import re
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +30,8 @@ from typing import Any
 
 import litellm
 from litellm import CustomLLM
+
+from longreward_core.chunking import common_prefix
 
 PROVIDER = "embedded"
 ANALYSIS_TOKENS = 16  # free text before the verdict; small, since the model is slow on CPU
@@ -109,7 +113,7 @@ class _PrefixCache:
 
         best, best_len = None, 0
         for seq, cache in self.entries:
-            n = _common_prefix(seq, ids)
+            n = common_prefix(seq, ids)
             if n > best_len:
                 best, best_len = cache, n
         best_len = min(best_len, len(ids) - 1)  # at least one token must run, for its logits
@@ -126,17 +130,8 @@ class _PrefixCache:
 
     def remember(self, ids: list[int], cache: Any) -> None:
         """Keep `cache` for `ids`, replacing the entry of the same template (most recent first)."""
-        kept = [(seq, c) for seq, c in self.entries if _common_prefix(seq, ids) < self.same_template]
+        kept = [(seq, c) for seq, c in self.entries if common_prefix(seq, ids) < self.same_template]
         self.entries = [(list(ids), cache)] + kept[: self.size - 1]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 _prefixes = _PrefixCache()
@@ -304,3 +299,37 @@ def register_embedded_provider() -> None:
     ] + [{"provider": PROVIDER, "custom_handler": EmbeddedProvider()}]
     litellm.utils.custom_llm_setup()
     _registered = True
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain, trainable transformers checkpoint.
+
+    A model loaded from GGUF is marked quantized and cannot be trained, so the weights are
+    moved into a model built from the same config and saved once under the cache directory.
+    """
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from longreward_core.chunking import cache_dir, load_tokenizer
+
+    target = cache_dir() / "smollm2-135m-instruct-hf"
+    if (target / "config.json").exists():
+        return target
+    transformers.utils.logging.disable_progress_bar()
+    gguf = smollm2_gguf_path()
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".checkpoint-"))
+    plain.save_pretrained(str(staging))
+    load_tokenizer(None).save_pretrained(str(staging))
+    try:
+        staging.rename(target)  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -28,9 +28,6 @@ DOCKERFILE = ROOT / "infra" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PREFECT_YAML = ROOT / "prefect.yaml"
 
-# The flow behind the nightly deployment is being written alongside this file; until it exists the
-# entrypoint checks skip rather than fail. Any other missing entrypoint is a failure.
-PENDING_ENTRYPOINTS = {"flows/preference_build.py"}
 
 EXPECTED_SERVICES = {
     "postgres",
@@ -338,7 +335,7 @@ def test_prefect_yaml_parses_as_a_prefect_project(prefect_project):
     assert model.name == "longreward"
     assert model.prefect_version == prefect.__version__ == "3.8.8"
     names = [d.name for d in model.deployments]
-    assert names == ["nightly-preference-build"]
+    assert names == ["nightly-preference-build", "longbench-eval", "dpo-train"]
     for deployment in model.deployments:
         assert deployment.entrypoint and ":" in deployment.entrypoint
 
@@ -348,11 +345,12 @@ def test_prefect_yaml_parses_as_a_prefect_project(prefect_project):
     assert ("WORKDIR", directory) in _dockerfile_instructions()
 
 
-def test_gpu_deployments_are_present_but_commented_out():
-    text = PREFECT_YAML.read_text()
-    for name in ("dpo-train", "longbench-eval"):
-        assert re.search(rf"^#\s*-\s*name:\s*{name}\s*$", text, re.M), f"commented-out {name} missing"
-    assert re.search(r"^#\s*name:\s*gpu\b", text, re.M)
+def test_gpu_job_variables_request_gpus():
+    variables = yaml.safe_load((ROOT / "infra" / "job-variables.yaml").read_text())
+    (request,) = variables["docker"]["container_create_kwargs"]["device_requests"]
+    assert request["capabilities"] == [["gpu"]] and request["count"] == -1
+    (container,) = variables["kubernetes"]["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
 
 
 def test_schedules_are_valid_crons(prefect_project):
@@ -374,7 +372,7 @@ def test_schedules_are_valid_crons(prefect_project):
 
 def test_work_pools(prefect_project, compose_raw):
     pools = {d["name"]: d["work_pool"]["name"] for d in _active_deployments(prefect_project)}
-    assert pools == {"nightly-preference-build": "cpu"}
+    assert pools == {"nightly-preference-build": "cpu", "longbench-eval": "gpu", "dpo-train": "gpu"}
     # Every pool a deployment names is served by a worker in the compose file.
     served = set()
     for service in compose_raw["services"].values():
@@ -388,8 +386,6 @@ def _load_entrypoint(entrypoint: str, monkeypatch: pytest.MonkeyPatch):
     path_part, _, attribute = entrypoint.rpartition(":")
     path = ROOT / path_part
     if not path.is_file():
-        if path_part in PENDING_ENTRYPOINTS:
-            pytest.skip(f"{path_part} does not exist yet (the flow is being written); entrypoint not checked")
         pytest.fail(f"entrypoint file {path_part} does not exist")
     # As the worker does after the pull step: the project root is the working directory.
     monkeypatch.chdir(ROOT)

@@ -1,0 +1,27 @@
+"""Stages of a DPO run: check the pairs (before any GPU process starts), then train."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from longreward_core.launch import launch_training, prepare_run
+from longreward_core.training import TrainConfig
+from tasks.caching import RETRY_JITTER
+
+
+@task(name="check-pairs", task_run_name="check-pairs")
+def check_pairs(config: TrainConfig) -> dict[str, Any]:
+    """The length report: how many pairs max_length would drop or cut (refuses when any, unless allowed)."""
+    report = prepare_run(config)
+    get_run_logger().info("%s", report.summary())
+    return asdict(report)
+
+
+@task(name="train-dpo", task_run_name="train-dpo", retry_delay_seconds=30, retry_jitter_factor=RETRY_JITTER)
+def train_dpo(config: TrainConfig, accelerate_config: str, num_processes: int | None) -> dict[str, Any]:
+    """Launch training; its output lines become this task's log. A retry resumes from the newest checkpoint."""
+    logger = get_run_logger()
+    return launch_training(config, accelerate_config, num_processes, on_line=logger.info)
