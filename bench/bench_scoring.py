@@ -21,9 +21,9 @@ import random
 import shutil
 import subprocess
 import sys
-import urllib.request
 import tempfile
 import time
+import urllib.request
 from datetime import date
 from pathlib import Path
 

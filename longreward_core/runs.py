@@ -39,7 +39,6 @@ from longreward_core.records import (
 from longreward_core.sampling import PolicyConfig, SampleReport, sample_candidates
 from longreward_core.scoring import Scorer, ScoringConfig
 
-
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
 

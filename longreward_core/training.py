@@ -135,7 +135,7 @@ def _check_message_column(source: Path, name: str, column_type: pa.DataType) -> 
     if not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type)):
         raise PairsSchemaError(f"{source}: column {name!r} is {column_type}, expected {expected}")
     item = column_type.value_type
-    if not pa.types.is_struct(item) or {item.field(i).name for i in range(item.num_fields)} < {"role", "content"}:
+    if not pa.types.is_struct(item) or not {"role", "content"} <= {item.field(i).name for i in range(item.num_fields)}:
         raise PairsSchemaError(f"{source}: column {name!r} holds {item}, expected {expected}")
     for key in ("role", "content"):
         kind = item.field(key).type
@@ -255,7 +255,7 @@ class LengthReport:
     truncated: int  # prompt fits, a response is cut at max_length
     dropped_rows: list[int]
     truncated_rows: list[int]
-    total_tokens: int  # prompt + chosen + rejected over all pairs, before any cut
+    total_tokens: int  # through the policy per epoch: each prompt twice (with chosen, with rejected), before any cut
 
     @property
     def lossless(self) -> bool:

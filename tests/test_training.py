@@ -198,6 +198,9 @@ def test_bad_schema_and_bad_rows(tiny_models, tmp_path):
     plain = write_pairs(tmp_path / "plain.parquet", [{**good, "chosen": "The sky is blue."}])
     with pytest.raises(PairsSchemaError, match=r"column 'chosen' is (large_)?string, expected a list of \{role, content\}"):
         load_pairs(plain)
+    renamed = write_pairs(tmp_path / "renamed.parquet", [{**good, "rejected": [{"speaker": "assistant", "text": "Green."}]}])
+    with pytest.raises(PairsSchemaError, match=r"column 'rejected' holds struct<speaker"):
+        load_pairs(renamed)
     with pytest.raises(InputError, match="no such file"):
         load_pairs(tmp_path / "nowhere.parquet")
     (tmp_path / "notes.txt").write_text("hello")

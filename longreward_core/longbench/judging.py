@@ -24,7 +24,15 @@ from typing import Any
 import polars as pl
 
 from longreward_core.io import InputError, atomic_write_bytes, write_parquet_atomic, write_quarantine
-from longreward_core.judge import CallCache, JudgeCallFailed, JudgeClient, JudgeConfig, VerdictFormat, VerdictParseError, parse_rating
+from longreward_core.judge import (
+    CallCache,
+    JudgeCallFailed,
+    JudgeClient,
+    JudgeConfig,
+    VerdictFormat,
+    VerdictParseError,
+    parse_rating,
+)
 from longreward_core.longbench.data import load_longbench
 from longreward_core.longbench.scoring import read_prediction_file
 from longreward_core.longbench.tasks import JUDGED_QA_DATASETS, JUDGED_SUMMARY_DATASETS, get_task
