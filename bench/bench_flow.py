@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 def worker(mode: str, prompts: int, candidates: int, shard_size: int, api_base: str) -> dict:
     """Runs in a fresh process: one scoring of the synthetic input, by `mode`."""
     from bench.bench_scoring import write_inputs
-    from longreward_core.judge import JudgeConfig
-    from longreward_core.scoring import ScoringConfig
+    from longreward_core.reward.judge import JudgeConfig
+    from longreward_core.reward.scorer import ScoringConfig
 
     work = Path(tempfile.mkdtemp(prefix="longreward-flow-bench-"))
     prompts_path, candidates_path = write_inputs(work, prompts, candidates, sentences=12)
@@ -41,7 +41,7 @@ def worker(mode: str, prompts: int, candidates: int, shard_size: int, api_base: 
     scoring = ScoringConfig()
     result: dict = {"mode": mode, "candidates": prompts * candidates}
     if mode == "score":
-        from longreward_core.runs import score_files
+        from longreward_core.pipeline.score import score_files
 
         started = time.perf_counter()
         run = score_files(prompts_path, candidates_path, work / "out", judge, scoring)

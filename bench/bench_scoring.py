@@ -30,11 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from longreward_core.chunking import chunk_document, load_tokenizer  # noqa: E402
-from longreward_core.judge import JudgeConfig  # noqa: E402
-from longreward_core.retrieval import SentenceTransformerEmbedder  # noqa: E402
-from longreward_core.runs import score_files  # noqa: E402
-from longreward_core.scoring import ScoringConfig  # noqa: E402
+from longreward_core.models.embeddings import SentenceTransformerEmbedder  # noqa: E402
+from longreward_core.models.tokenizers import load_tokenizer  # noqa: E402
+from longreward_core.pipeline.score import score_files  # noqa: E402
+from longreward_core.reward.chunking import chunk_document
+from longreward_core.reward.judge import JudgeConfig  # noqa: E402
+from longreward_core.reward.scorer import ScoringConfig  # noqa: E402
 
 WORDS = (
     "river station pump council budget flood culvert reservoir engineer valve pipe survey report "
@@ -139,7 +140,7 @@ def main() -> None:
             "judge_calls": calls,
             "judge_requests_seen_by_server": cold_requests,
             "judge_calls_per_prompt": calls / args.prompts,
-            "judge_calls_per_dimension": {d: v["calls"] for d, v in cold["judge"]["per_dimension"].items()},
+            "judge_calls_per_purpose": {d: v["calls"] for d, v in cold["judge"]["per_purpose"].items()},
             "prompt_tokens_per_prompt": total["prompt_tokens"] / args.prompts,
             "completion_tokens_per_prompt": total["completion_tokens"] / args.prompts,
             "wall_seconds": round(cold_wall, 2),

@@ -33,7 +33,7 @@ def build_model(path: Path, smoke: bool, context: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from longreward_core.chunking import load_tokenizer
+    from longreward_core.models.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2) \
@@ -64,8 +64,8 @@ def write_pairs(path: Path, length: int, count: int) -> Path:
 
 
 def run_length(model: Path, length: int, steps: int, work: Path, smoke: bool) -> dict:
-    from longreward_core.launch import TrainingFailed, launch_training
-    from longreward_core.training import TrainConfig
+    from longreward_core.training.config import TrainConfig
+    from longreward_core.training.launch import TrainingFailed, launch_training
 
     out = work / f"run-{length}"
     pairs = write_pairs(work / f"pairs-{length}.parquet", length, steps)

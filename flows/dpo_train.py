@@ -19,23 +19,10 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import Field
 
-from longreward_core.training import TrainConfig, plot_metrics, read_metrics
+from flows.params import TrainParams
+from longreward_core.training.trainer import plot_metrics, read_metrics
 from tasks.train import check_pairs, train_dpo
-
-
-class TrainParams(TrainConfig):
-    """A DPO run as the Prefect UI shows it: the training config plus how to launch it."""
-
-    accelerate_config: str = Field(
-        "auto", description="auto (ZeRO-3 on this machine's GPUs, else CPU), cpu, zero3-single-node, zero3-multi-node, or a file."
-    )
-    num_processes: int | None = Field(None, ge=1, description="Processes in all (default: every visible GPU).")
-    retries: int = Field(2, ge=0, le=10, description="Relaunches after a failure; each resumes from the last checkpoint.")
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
 
 
 @flow(name="dpo-train")

@@ -28,12 +28,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from pydantic import BaseModel, Field, model_validator
 
-from longreward_core.io import atomic_write_bytes
-from longreward_core.judge import JudgeConfig
-from longreward_core.longbench.compare import write_comparison
-from longreward_core.longbench.evaluate import Benchmark, DataSources
-from longreward_core.longbench.predict import ModelSpec
-from longreward_core.longbench.tasks import resolve_datasets
+from longreward_core.data.io import atomic_write_bytes
+from longreward_core.evaluation.compare import write_comparison
+from longreward_core.evaluation.evaluate import Benchmark, DataSources
+from longreward_core.evaluation.predict import ModelSpec
+from longreward_core.evaluation.tasks import resolve_datasets
+from longreward_core.reward.judge import JudgeConfig
 from tasks.evaluate import evaluate_model
 
 

@@ -14,26 +14,28 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.deployments import run_deployment
 from prefect.filesystems import LocalFileSystem
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field, field_validator
 
-from longreward_core.judge import JudgeConfig
-from longreward_core.pairs import PairConfig
-from longreward_core.records import DIMENSIONS, RunAccounting
-from longreward_core.runs import file_hash
-from longreward_core.sampling import PolicyConfig
-from longreward_core.scoring import ScoringConfig
+from flows.params import BuildParams
+from longreward_core.data.io import file_hash
+from longreward_core.data.records import DIMENSIONS
+from longreward_core.models.accounting import RunAccounting
 from tasks.index import index_documents
 from tasks.pairs import build_pairs
 from tasks.publish import publish
@@ -42,63 +44,9 @@ from tasks.score import score_shard
 from tasks.shard import load_and_shard
 
 
-class BuildParams(BaseModel):
-    """Parameters of a preference build (the form the Prefect UI shows)."""
-
-    prompts: str = Field(description="Prompts file (JSONL or Parquet): id, context, query; or the LongReward release format.")
-    candidates: str | None = Field(None, description="Candidates file; when empty, candidates are sampled from the policy.")
-    output_dir: str = Field("out/builds", description="Root folder: builds go to <output_dir>/<run_date>; caches are shared.")
-    run_date: date | None = Field(None, description="Build date (folder name); default: today, UTC.")
-    shard_size: int = Field(200, ge=1, le=100_000, description="Prompts per shard (one scoring task each).")
-    shards_in_flight: int = Field(4, ge=1, le=256, description="Shards processed at the same time.")
-    judge_slots: str | None = Field(
-        "longreward-judge",
-        description="Prefect global concurrency limit that every shard takes judge.concurrency slots of "
-        "(create it with `prefect gcl create longreward-judge --limit N`); skipped when it does not exist.",
-    )
-    judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
-    policy_key_secret: str | None = Field(None, description="Prefect Secret block holding the policy's API key (else the environment).")
-    task_retries: int = Field(2, ge=0, le=10, description="Retries of each shard task (exponential backoff with jitter).")
-    dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
-    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")
-    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge model and its limits (per shard).")
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Chunking and retrieval.")
-    pairs: PairConfig = Field(default_factory=PairConfig, description="Preference pair rules.")
-    train_deployment: str | None = Field(
-        None,
-        description="Deployment started after publishing, to train on this build (e.g. 'dpo-train/dpo-train'); "
-        "its model goes to <build>/dpo. Empty: no training. Use this or an automation trigger, never both.",
-    )
-    train_base_model: str | None = Field(None, description="Base model the triggered training starts from.")
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompts_exist(cls, value: str) -> str:
-        if not Path(value).is_file():
-            raise ValueError(f"prompts file not found: {value}")
-        return value
-
-    @field_validator("candidates")
-    @classmethod
-    def _candidates_exist(cls, value: str | None) -> str | None:
-        if value and not Path(value).is_file():
-            raise ValueError(f"candidates file not found: {value}")
-        return value or None
-
-    def build_dir(self) -> Path:
-        day = self.run_date or datetime.now(timezone.utc).date()
-        return Path(self.output_dir) / day.isoformat()
-
-    def cache_path(self) -> Path:
-        return Path(self.output_dir) / "judge_cache.sqlite"
-
-    def results_path(self) -> Path:
-        return Path(self.output_dir) / ".prefect-results"
-
-
 @flow(name="preference-build", log_prints=True)
 def preference_build(params: BuildParams) -> dict[str, Any]:
-    """Build a DPO preference dataset; returns the manifest (see longreward_core.runs.publish_dataset)."""
+    """Build a DPO preference dataset; returns the manifest (see longreward_core.pipeline.build.publish_dataset)."""
     logger = get_run_logger()
     build = params.build_dir()
     cache_path = str(params.cache_path())
@@ -252,7 +200,7 @@ def _score_artifacts(scores: pl.DataFrame, accounting: RunAccounting) -> None:
     )
     create_table_artifact(
         key="judge-accounting",
-        table=[{"dimension": k, **vars(v)} for k, v in accounting.per_dimension.items()] + [{"dimension": "total", **vars(accounting.total)}],
+        table=[{"dimension": k, **vars(v)} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **vars(accounting.total)}],
         description="Judge requests, cache hits, tokens, cost, failures",
     )
 

@@ -20,7 +20,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
-from longreward_core.runs import file_hash
+from longreward_core.data.io import file_hash
 
 # Retries of a stage task: 10 s, 20 s, 40 s ... each with up to 50% jitter.
 RETRY_DELAYS = exponential_backoff(backoff_factor=10)

@@ -8,9 +8,14 @@ from typing import Any
 from prefect import Task, get_run_logger, task
 from prefect.client.schemas.objects import State, TaskRun
 
-from longreward_core.judge import JudgeConfig
-from longreward_core.longbench.evaluate import DataSources, EvaluationIncomplete, benchmark_dir, evaluate_benchmark
-from longreward_core.longbench.predict import ModelSpec
+from longreward_core.evaluation.evaluate import (
+    DataSources,
+    EvaluationIncomplete,
+    benchmark_dir,
+    evaluate_benchmark,
+)
+from longreward_core.evaluation.predict import ModelSpec
+from longreward_core.reward.judge import JudgeConfig
 from tasks.caching import RETRY_DELAYS, RETRY_JITTER, with_secret_key
 
 

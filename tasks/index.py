@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from longreward_core.runs import index_shard
-from longreward_core.scoring import ScoringConfig
+from longreward_core.pipeline.build import index_shard
+from longreward_core.reward.scorer import ScoringConfig
 from tasks.caching import shard_stage
 
 VERSION = 1

@@ -7,8 +7,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from longreward_core.pairs import PairConfig
-from longreward_core.runs import merge_pairs
+from longreward_core.data.pairs import PairConfig
+from longreward_core.pipeline.build import merge_pairs
 from tasks.caching import CACHE_EXPIRATION, stage_cache_key
 
 VERSION = 1

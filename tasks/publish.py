@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from longreward_core.runs import publish_dataset
+from longreward_core.pipeline.build import publish_dataset
 
 
 @task(name="publish", retries=1)

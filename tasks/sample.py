@@ -7,8 +7,8 @@ from pathlib import Path
 import polars as pl
 from prefect import get_run_logger
 
-from longreward_core.runs import sample_shard
-from longreward_core.sampling import PolicyConfig
+from longreward_core.pipeline.build import sample_shard
+from longreward_core.pipeline.sampling import PolicyConfig
 from tasks.caching import shard_stage, with_secret_key
 
 VERSION = 1

@@ -9,9 +9,9 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.concurrency.sync import concurrency
 
-from longreward_core.judge import JudgeConfig
-from longreward_core.runs import score_files
-from longreward_core.scoring import ScoringConfig
+from longreward_core.pipeline.score import score_files
+from longreward_core.reward.judge import JudgeConfig
+from longreward_core.reward.scorer import ScoringConfig
 from tasks.caching import shard_stage, with_secret_key
 
 VERSION = 1

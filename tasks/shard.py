@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from longreward_core.runs import ShardPlan, write_shards
+from longreward_core.pipeline.build import ShardPlan, write_shards
 from tasks.caching import CACHE_EXPIRATION, stage_cache_key
 
 VERSION = 1

@@ -7,8 +7,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from longreward_core.launch import launch_training, prepare_run
-from longreward_core.training import TrainConfig
+from longreward_core.training.config import TrainConfig
+from longreward_core.training.launch import launch_training, prepare_run
 from tasks.caching import RETRY_JITTER
 
 

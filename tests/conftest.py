@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from longreward_core.judge import JudgeConfig  # noqa: E402
+from longreward_core.reward.judge import JudgeConfig  # noqa: E402
 from tests.judge_double import JudgeDouble, JudgeServer  # noqa: E402
 
 TEST_API_KEY = "sk-test-not-a-real-key-7f3a9c"

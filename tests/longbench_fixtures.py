@@ -78,7 +78,7 @@ def tiny_model(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from longreward_core.chunking import load_tokenizer
+    from longreward_core.models.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     torch.manual_seed(seed)

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longreward_core.chunking import ChunkSpan, chunk_document, load_tokenizer
+from longreward_core.models.tokenizers import load_tokenizer
+from longreward_core.reward.chunking import ChunkSpan, chunk_document
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import re
 import polars as pl
 from typer.testing import CliRunner
 
-from longreward_core.cli import app
+from flows.cli import app
 from tests.conftest import TEST_API_KEY
 from tests.judge_double import slot
 
@@ -34,7 +34,7 @@ def test_score_then_pairs(judge_server, sample_paths, tmp_path, monkeypatch):
     assert set(scores["language"]) == {"en", "zh"}
     accounting = json.loads((out / "accounting.json").read_text())
     assert accounting["judge"]["total"]["calls"] == judge_server.double.count()
-    assert set(accounting["judge"]["per_dimension"]) == {"helpfulness", "logicality", "faithfulness", "completeness"}
+    assert set(accounting["judge"]["per_purpose"]) == {"helpfulness", "logicality", "faithfulness", "completeness"}
     # Every request carried the key from the environment.
     assert all(a == f"Bearer {TEST_API_KEY}" for a in judge_server.double.authorization)
 

@@ -6,10 +6,10 @@ import json
 
 import polars as pl
 
-from longreward_core.embedded import embedded_stats
-from longreward_core.judge import JudgeConfig
-from longreward_core.runs import score_files
-from longreward_core.scoring import ScoringConfig
+from longreward_core.models.embedded import embedded_stats
+from longreward_core.pipeline.score import score_files
+from longreward_core.reward.judge import JudgeConfig
+from longreward_core.reward.scorer import ScoringConfig
 
 
 def test_embedded_judge_scores_a_small_prompt(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from flows.preference_build import BuildParams, preference_build
-from longreward_core.scoring import ScoringConfig
+from longreward_core.reward.scorer import ScoringConfig
 from tests.conftest import judge_config_for
 from tests.judge_double import Fault, sentences, slot
 

@@ -329,7 +329,9 @@ def _active_deployments(project: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_prefect_yaml_parses_as_a_prefect_project(prefect_project):
     import prefect
-    from prefect.cli.deploy._models import PrefectYamlModel  # what `prefect deploy` validates with
+    from prefect.cli.deploy._models import (
+        PrefectYamlModel,  # what `prefect deploy` validates with
+    )
 
     model = PrefectYamlModel.model_validate(prefect_project)
     assert model.name == "longreward"

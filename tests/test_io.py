@@ -10,8 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from longreward_core import io
-from longreward_core.records import QUARANTINE_SCHEMA, QuarantinedRow
+from longreward_core.data import io
+from longreward_core.data.records import QUARANTINE_SCHEMA, QuarantinedRow
 
 GOOD_PROMPT = {"id": "p1", "context": "A long document about pumps.", "query": "What about pumps?"}
 GOOD_PROMPT_2 = {"id": "p2", "context": "Another document.", "query": "What else?"}

@@ -6,16 +6,15 @@ import asyncio
 
 import pytest
 
-from longreward_core.judge import (
+from longreward_core.models.client import CallCache, LLMCallFailed
+from longreward_core.reward.dimensions.faithfulness import parse_support
+from longreward_core.reward.judge import Judge
+from longreward_core.reward.verdicts import (
     RATING,
-    CallCache,
-    JudgeCallFailed,
-    JudgeClient,
     VerdictParseError,
     parse_marked_list,
     parse_rating,
 )
-from longreward_core.faithfulness import parse_support
 from tests.conftest import TEST_API_KEY, judge_config_for
 from tests.judge_double import Fault
 
@@ -24,11 +23,11 @@ MESSAGES = [{"role": "user", "content": "[Task: grade HELPFULNESS]\n<question>\n
 
 def judge_once(server, cache=None, **overrides):
     async def run():
-        client = JudgeClient(judge_config_for(server, **overrides), cache)
+        client = Judge(judge_config_for(server, **overrides), cache)
         try:
-            return await client.judge("helpfulness", MESSAGES, RATING), client.accounting.dimension("helpfulness")
-        except JudgeCallFailed as exc:
-            return exc, client.accounting.dimension("helpfulness")
+            return await client.verdict("helpfulness", MESSAGES, RATING), client.accounting.purpose("helpfulness")
+        except LLMCallFailed as exc:
+            return exc, client.accounting.purpose("helpfulness")
 
     return asyncio.run(run())
 
@@ -74,7 +73,7 @@ def test_backoff_grows_between_retries(judge_server):
 def test_transport_retries_exhausted_fail_the_call(judge_server):
     judge_server.double.faults = [Fault("status", 500)] * 10
     result, acc = judge_once(judge_server, transport_retries=2)
-    assert isinstance(result, JudgeCallFailed)
+    assert isinstance(result, LLMCallFailed)
     assert judge_server.double.count() == 3
     assert acc.transport_errors == 3 and acc.failed_calls == 1
 
@@ -82,7 +81,7 @@ def test_transport_retries_exhausted_fail_the_call(judge_server):
 def test_client_errors_are_not_retried(judge_server):
     judge_server.double.faults = [Fault("status", 401)] * 10
     result, acc = judge_once(judge_server)
-    assert isinstance(result, JudgeCallFailed)
+    assert isinstance(result, LLMCallFailed)
     assert judge_server.double.count() == 1
     assert TEST_API_KEY not in str(result)
 
@@ -111,9 +110,9 @@ def test_concurrency_limit_holds(judge_server):
     judge_server.double.latency_s = 0.1
 
     async def run():
-        client = JudgeClient(judge_config_for(judge_server, concurrency=3), None)
+        client = Judge(judge_config_for(judge_server, concurrency=3), None)
         messages = [[{"role": "user", "content": MESSAGES[0]["content"] + str(i)}] for i in range(12)]
-        return await asyncio.gather(*(client.judge("helpfulness", m, RATING) for m in messages))
+        return await asyncio.gather(*(client.verdict("helpfulness", m, RATING) for m in messages))
 
     assert asyncio.run(run()) == [7.0] * 12
     assert judge_server.double.max_in_flight == 3
@@ -121,9 +120,9 @@ def test_concurrency_limit_holds(judge_server):
 
 def test_requests_per_minute_limit_spaces_requests(judge_server):
     async def run():
-        client = JudgeClient(judge_config_for(judge_server, rpm=120), None)  # one every 0.5 s
+        client = Judge(judge_config_for(judge_server, rpm=120), None)  # one every 0.5 s
         messages = [[{"role": "user", "content": MESSAGES[0]["content"] + str(i)}] for i in range(4)]
-        await asyncio.gather(*(client.judge("helpfulness", m, RATING) for m in messages))
+        await asyncio.gather(*(client.verdict("helpfulness", m, RATING) for m in messages))
 
     asyncio.run(run())
     at = sorted(r.at for r in judge_server.double.requests)

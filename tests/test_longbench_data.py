@@ -6,10 +6,21 @@ import json
 
 import pytest
 
-from longreward_core.io import InputError
-from longreward_core.longbench import data
-from longreward_core.longbench.data import load_longbench, load_longbench_chat, load_longbench_v2
-from tests.longbench_fixtures import longbench_rows, v2_items, write_chat, write_longbench, write_v2, zip_folder
+from longreward_core.data.io import InputError
+from longreward_core.evaluation import data
+from longreward_core.evaluation.data import (
+    load_longbench,
+    load_longbench_chat,
+    load_longbench_v2,
+)
+from tests.longbench_fixtures import (
+    longbench_rows,
+    v2_items,
+    write_chat,
+    write_longbench,
+    write_v2,
+    zip_folder,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from prefect.artifacts import Artifact
 from pydantic import ValidationError
 
 from flows.longbench_eval import EvalParams, longbench_eval
-from longreward_core.longbench.predict import ModelSpec
+from longreward_core.evaluation.predict import ModelSpec
 from tests.conftest import judge_config_for
 from tests.longbench_fixtures import tiny_model, write_longbench, write_v2
 

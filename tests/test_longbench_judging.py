@@ -9,10 +9,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from longreward_core.judge import VerdictParseError
-from longreward_core.longbench.evaluate import DataSources, evaluate_benchmark
-from longreward_core.longbench.judging import QA_RATING, SUMMARY_RATING, judge_longbench_dir, qa_score, summary_score
-from longreward_core.longbench.predict import ModelSpec
+from longreward_core.evaluation.evaluate import DataSources, evaluate_benchmark
+from longreward_core.evaluation.judging import (
+    QA_RATING,
+    SUMMARY_RATING,
+    judge_longbench_dir,
+    qa_score,
+    summary_score,
+)
+from longreward_core.evaluation.predict import ModelSpec
+from longreward_core.reward.verdicts import VerdictParseError
 from tests.conftest import TEST_API_KEY, judge_config_for
 from tests.judge_double import slot
 from tests.longbench_fixtures import longbench_rows, write_chat
@@ -68,7 +74,7 @@ def test_judged_longbench_maps_qa_and_summary_ratings(judge_server, tmp_path):
     assert "[[3]]" not in slot(injected, "response")
     summary_prompt = next(r.content for r in double.requests if r.task == "longbench_summary")
     assert slot(summary_prompt, "question").startswith("(no query")
-    assert run.accounting.per_dimension["longbench_qa"].calls == 3
+    assert run.accounting.per_purpose["longbench_qa"].calls == 3
 
     # Every verdict is cached: judging again costs nothing.
     double.reset()
@@ -85,7 +91,7 @@ def test_an_out_of_range_verdict_is_retried(judge_server, tmp_path):
     write_predictions(tmp_path / "p", "hotpotqa", {"hotpotqa-0": "Paris"}, {"hotpotqa-0": ["Paris"]})
     run = judge_longbench_dir(tmp_path / "p", judge_config_for(judge_server), tmp_path / "c.sqlite", source=source)
     assert run.scores == {"hotpotqa": 100.0} and judge_server.double.count() == 2
-    assert run.accounting.per_dimension["longbench_qa"].parse_failures == 1
+    assert run.accounting.per_purpose["longbench_qa"].parse_failures == 1
 
 
 def test_longbench_chat_rates_answers_1_to_10_with_the_graded_examples(judge_server, tmp_path):

@@ -5,9 +5,15 @@ from __future__ import annotations
 import jieba
 import pytest
 
-from longreward_core.longbench import metrics as m
-from longreward_core.longbench.scoring import example_score
-from longreward_core.longbench.tasks import CATEGORIES, LONGBENCH_E_DATASETS, all_tasks, get_task, resolve_datasets
+from longreward_core.evaluation import metrics as m
+from longreward_core.evaluation.scoring import example_score
+from longreward_core.evaluation.tasks import (
+    CATEGORIES,
+    LONGBENCH_E_DATASETS,
+    all_tasks,
+    get_task,
+    resolve_datasets,
+)
 
 
 def test_normalisation_lowercases_strips_punctuation_articles_and_spaces():

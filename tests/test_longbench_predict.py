@@ -9,9 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from longreward_core.chunking import load_tokenizer
-from longreward_core.longbench.evaluate import DataSources, EvaluationIncomplete, evaluate_benchmark
-from longreward_core.longbench.predict import GenerationRequest, ModelSpec, load_generator, truncate_middle
+from longreward_core.evaluation.evaluate import (
+    DataSources,
+    EvaluationIncomplete,
+    evaluate_benchmark,
+)
+from longreward_core.evaluation.predict import (
+    GenerationRequest,
+    ModelSpec,
+    load_generator,
+    truncate_middle,
+)
+from longreward_core.models.tokenizers import load_tokenizer
 from tests.conftest import TEST_API_KEY
 from tests.judge_double import Fault
 from tests.longbench_fixtures import tiny_model, write_longbench
@@ -127,8 +136,8 @@ def test_a_tiny_local_model_answers_greedily_with_the_chat_template_where_longbe
 
 
 def test_resuming_keeps_finished_rows_and_refuses_files_it_cannot_tell_apart(tmp_path):
-    from longreward_core.io import InputError
-    from longreward_core.longbench.predict import finished_ids
+    from longreward_core.data.io import InputError
+    from longreward_core.evaluation.predict import finished_ids
 
     path = tmp_path / "hotpotqa.jsonl"
     path.write_text('{"pred": "a", "_id": "x"}\n{"pred": "b", "_id": "y"}\n{"pred": "c", "_i')

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from longreward_core.longbench import v2
-from longreward_core.longbench.evaluate import DataSources, evaluate_benchmark
-from longreward_core.longbench.predict import ModelSpec
+from longreward_core.evaluation import v2
+from longreward_core.evaluation.evaluate import DataSources, evaluate_benchmark
+from longreward_core.evaluation.predict import ModelSpec
 from tests.conftest import TEST_API_KEY
 from tests.longbench_fixtures import v2_items, write_v2
 

@@ -8,9 +8,20 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from longreward_core.pairs import PairConfig, PairsResult, build_pairs, user_message
-from longreward_core.records import DIMENSIONS, PAIRS_SCHEMA, SCORES_SCHEMA, Candidate, Prompt
-from longreward_core.runs import pairs_files
+from longreward_core.data.pairs import (
+    PairConfig,
+    PairsResult,
+    build_pairs,
+    user_message,
+)
+from longreward_core.data.records import (
+    DIMENSIONS,
+    PAIRS_SCHEMA,
+    SCORES_SCHEMA,
+    Candidate,
+    Prompt,
+)
+from longreward_core.pipeline.score import pairs_files
 
 P1 = Prompt(id="p1", context="Document one: the station was built in 1962.", query="When was it built?")
 P2 = Prompt(id="p2", context="Document two: 云溪镇图书馆 has 52,000 books.", query="How many books?")
@@ -258,8 +269,8 @@ def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path):
     """A build where no prompt qualifies still publishes: an empty dataset with the pair columns."""
     import datasets
 
-    from longreward_core.records import PAIRS_SCHEMA
-    from longreward_core.runs import publish_dataset
+    from longreward_core.data.records import PAIRS_SCHEMA
+    from longreward_core.pipeline.build import publish_dataset
 
     empty = tmp_path / "pairs.parquet"
     pl.DataFrame([], schema=PAIRS_SCHEMA).write_parquet(empty)

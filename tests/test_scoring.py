@@ -8,10 +8,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from longreward_core.chunking import chunk_document, load_tokenizer
-from longreward_core.faithfulness import distinct
-from longreward_core.runs import score_files
-from longreward_core.scoring import ScoringConfig
+from longreward_core.models.tokenizers import load_tokenizer
+from longreward_core.pipeline.score import score_files
+from longreward_core.reward.chunking import chunk_document
+from longreward_core.reward.dimensions.faithfulness import distinct
+from longreward_core.reward.scorer import ScoringConfig
 from tests.conftest import TEST_API_KEY, judge_config_for
 from tests.judge_double import Fault, sentences
 
@@ -142,7 +143,7 @@ def test_failed_dimension_is_recorded_and_run_goes_on(judge_server, small_input,
     # Its other dimensions were still scored, and every other candidate is complete.
     assert failed["helpfulness"][0] == 7.0
     assert scores.filter(pl.col("status") == "scored").height == 3
-    acc = run.summary["judge"]["per_dimension"]["logicality"]
+    acc = run.summary["judge"]["per_purpose"]["logicality"]
     assert acc["parse_failures"] == 3 and acc["failed_calls"] == 1
     # Later attempts run hotter than the first.
     temps = [r.temperature for r in double.requests if r.task == "logicality" and "steel" in r.content]

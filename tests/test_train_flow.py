@@ -9,9 +9,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from flows.cli import app
 from flows.dpo_train import TrainParams, dpo_train
-from longreward_core.cli import app
-from longreward_core.launch import ACCELERATE_CONFIGS, accelerate_config_path, resolved_accelerate_config
+from longreward_core.training.launch import (
+    ACCELERATE_CONFIGS,
+    accelerate_config_path,
+    resolved_accelerate_config,
+)
 from tests.test_training import pair_row, save_tiny_llama, write_pairs
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -10,22 +10,27 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+)
 
-from longreward_core.chunking import load_tokenizer
-from longreward_core.io import InputError
-from longreward_core.launch import TrainingFailed, launch_training, prepare_run
-from longreward_core.records import PreferencePair
-from longreward_core.training import (
+from longreward_core.data.io import InputError
+from longreward_core.data.records import PreferencePair
+from longreward_core.models.tokenizers import load_tokenizer
+from longreward_core.training.config import TrainConfig
+from longreward_core.training.data import (
     PairsSchemaError,
-    TrainConfig,
     TrainingRefused,
-    build_trainer,
     check_lengths,
     load_pairs,
     measure_lengths,
-    train,
 )
+from longreward_core.training.launch import TrainingFailed, launch_training, prepare_run
+from longreward_core.training.trainer import build_trainer, train
 
 
 def save_tiny_llama(path: Path, seed: int, max_positions: int = 512) -> Path:
@@ -102,7 +107,7 @@ def test_two_steps_change_the_parameters_and_log_metrics(tiny_models, pairs_file
 
 
 def test_paper_defaults_and_effective_batch():
-    from longreward_core.training import dpo_config
+    from longreward_core.training.trainer import dpo_config
 
     config = TrainConfig(pairs="x", output_dir="y", per_device_batch_size=2)
     args = dpo_config(config, max_length=4096, world_size=4)
@@ -221,7 +226,8 @@ def test_bad_schema_and_bad_rows(tiny_models, tmp_path):
 
 
 def test_reads_a_published_build(tiny_models, tmp_path):
-    from longreward_core.runs import file_hash, publish_dataset
+    from longreward_core.data.io import file_hash
+    from longreward_core.pipeline.build import publish_dataset
 
     build = tmp_path / "build"
     publish_dataset(write_pairs(tmp_path / "pairs.parquet", [pair_row(i) for i in range(3)]), build, {"counts": {}})

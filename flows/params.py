@@ -1,0 +1,83 @@
+"""The flows' parameters: what the Prefect UI's run form and the `longreward` command line fill.
+
+Plain pydantic models over the core's configs (no Prefect import), so the command line takes its
+options' defaults and help texts from here without loading the orchestration.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+from longreward_core.data.pairs import PairConfig
+from longreward_core.models.client import CALL_CACHE_FILE
+from longreward_core.pipeline.sampling import PolicyConfig
+from longreward_core.reward.judge import JudgeConfig
+from longreward_core.reward.scorer import ScoringConfig
+from longreward_core.training.config import TrainConfig
+from longreward_core.training.launch import LaunchConfig
+
+
+class BuildParams(BaseModel):
+    """Parameters of a preference build (the form the Prefect UI shows)."""
+
+    prompts: str = Field(description="Prompts file (JSONL or Parquet): id, context, query; or the LongReward release format.")
+    candidates: str | None = Field(None, description="Candidates file; when empty, candidates are sampled from the policy.")
+    output_dir: str = Field("out/builds", description="Root folder: builds go to <output_dir>/<run_date>; caches are shared.")
+    run_date: date | None = Field(None, description="Build date (folder name); default: today, UTC.")
+    shard_size: int = Field(200, ge=1, le=100_000, description="Prompts per shard (one scoring task each).")
+    shards_in_flight: int = Field(4, ge=1, le=256, description="Shards processed at the same time.")
+    judge_slots: str | None = Field(
+        "longreward-judge",
+        description="Prefect global concurrency limit that every shard takes judge.concurrency slots of "
+        "(create it with `prefect gcl create longreward-judge --limit N`); skipped when it does not exist.",
+    )
+    judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
+    policy_key_secret: str | None = Field(None, description="Prefect Secret block holding the policy's API key (else the environment).")
+    task_retries: int = Field(2, ge=0, le=10, description="Retries of each shard task (exponential backoff with jitter).")
+    dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge model and its limits (per shard).")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Chunking and retrieval.")
+    pairs: PairConfig = Field(default_factory=PairConfig, description="Preference pair rules.")
+    train_deployment: str | None = Field(
+        None,
+        description="Deployment started after publishing, to train on this build (e.g. 'dpo-train/dpo-train'); "
+        "its model goes to <build>/dpo. Empty: no training. Use this or an automation trigger, never both.",
+    )
+    train_base_model: str | None = Field(None, description="Base model the triggered training starts from.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_exist(cls, value: str) -> str:
+        if not Path(value).is_file():
+            raise ValueError(f"prompts file not found: {value}")
+        return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates_exist(cls, value: str | None) -> str | None:
+        if value and not Path(value).is_file():
+            raise ValueError(f"candidates file not found: {value}")
+        return value or None
+
+    def build_dir(self) -> Path:
+        day = self.run_date or datetime.now(timezone.utc).date()
+        return Path(self.output_dir) / day.isoformat()
+
+    def cache_path(self) -> Path:
+        return Path(self.output_dir) / CALL_CACHE_FILE
+
+    def results_path(self) -> Path:
+        return Path(self.output_dir) / ".prefect-results"
+
+
+class TrainParams(TrainConfig, LaunchConfig):
+    """A DPO run as the Prefect UI shows it: the training config plus how to launch it."""
+
+    retries: int = Field(2, ge=0, le=10, description="Relaunches after a failure; each resumes from the last checkpoint.")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))

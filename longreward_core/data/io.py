@@ -1,0 +1,224 @@
+"""Reading prompts and candidates, validating them row by row, and writing results atomically.
+
+Accepted inputs (JSONL or Parquet):
+- prompts: `id`, `context`, `query` (other fields become `metadata`), or the LongReward release
+  format `idx`, `context`, `query`, `answer`;
+- candidates: `prompt_id`, `candidate_id`, `response`, or the release format
+  `idx` = "<prompt idx>-<k>", `query`, `answer`.
+
+A bad row never stops a run: it is returned as a `QuarantinedRow` with its reason, and the caller
+writes the quarantine file. JSONL is decoded line by line (not with polars' NDJSON reader) so
+that one undecodable or malformed line is quarantined instead of failing the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from longreward_core.data.records import (
+    QUARANTINE_SCHEMA,
+    Candidate,
+    Prompt,
+    QuarantinedRow,
+)
+
+
+class InputError(ValueError):
+    """An input file that cannot be read at all (missing, unknown format)."""
+
+
+@dataclass
+class Loaded:
+    """Valid records plus the quarantined rows of one input file."""
+
+    records: list[Any] = field(default_factory=list)
+    quarantined: list[QuarantinedRow] = field(default_factory=list)
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+    """Yield (line number, row or None, raw text, reason when the row is unreadable) of a JSONL or
+    Parquet file; raises InputError when the file is missing or of an unknown format."""
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".ndjson", ".json"}:
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    # A byte-order mark may open the file; it is not part of the first row.
+                    text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    yield number, None, raw.decode("utf-8", "replace"), f"not UTF-8 ({exc.reason} at byte {exc.start})"
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield number, None, text, f"invalid JSON ({exc.msg})"
+                    continue
+                if not isinstance(row, dict):
+                    yield number, None, text, "row is not a JSON object"
+                    continue
+                yield number, row, text, None
+    elif suffix == ".parquet":
+        for number, row in enumerate(pl.read_parquet(path).iter_rows(named=True), start=1):
+            yield number, row, json.dumps(row, ensure_ascii=False, default=str), None
+    else:
+        raise InputError(f"{path}: unknown input format '{suffix}' (expected .jsonl or .parquet)")
+
+
+def _text_field(row: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
+    if name not in row or row[name] is None:
+        raise ValueError(f"missing field '{name}'")
+    value = row[name]
+    if not isinstance(value, str):
+        raise ValueError(f"field '{name}' is {type(value).__name__}, expected text")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"empty {name}")
+    return value
+
+
+def _row_id(row: dict[str, Any] | None, *names: str) -> str | None:
+    if not row:
+        return None
+    for name in names:
+        if row.get(name) is not None:
+            return str(row[name])
+    return None
+
+
+def load_prompts(path: str | Path) -> Loaded:
+    """Read and validate prompts; duplicates after the first occurrence are quarantined."""
+    path = Path(path)
+    out = Loaded()
+    first_seen: dict[str, int] = {}
+    for line, row, raw, reason in read_rows(path):
+        row_id = _row_id(row, "id", "idx")
+        try:
+            if reason:
+                raise ValueError(reason)
+            assert row is not None
+            if row_id is None:
+                raise ValueError("missing field 'id' (or 'idx')")
+            context = _text_field(row, "context")
+            query = _text_field(row, "query")
+            if row_id in first_seen:
+                raise ValueError(f"duplicate id '{row_id}' (first on line {first_seen[row_id]})")
+            metadata = {k: v for k, v in row.items() if k not in {"id", "idx", "context", "query"}}
+            if isinstance(metadata.get("metadata"), str):  # our own prompts Parquet (PROMPTS_SCHEMA)
+                metadata = json.loads(metadata["metadata"])
+            out.records.append(Prompt(id=row_id, context=context, query=query, metadata=metadata))
+            first_seen[row_id] = line
+        except ValueError as exc:
+            out.quarantined.append(
+                QuarantinedRow(source=str(path), line=line, row_id=row_id, reason=str(exc), raw=raw)
+            )
+    return out
+
+
+def load_candidates(path: str | Path, prompt_ids: set[str]) -> Loaded:
+    """Read and validate candidates against the known prompt ids.
+
+    Release-format rows (`idx` = "<prompt idx>-<k>", `answer`) are mapped to
+    `prompt_id` = "<prompt idx>", `candidate_id` = `idx`, `response` = `answer`.
+    """
+    path = Path(path)
+    out = Loaded()
+    first_seen: dict[str, int] = {}
+    for line, row, raw, reason in read_rows(path):
+        row_id = _row_id(row, "candidate_id", "idx")
+        try:
+            if reason:
+                raise ValueError(reason)
+            assert row is not None
+            if "candidate_id" in row or "prompt_id" in row:
+                prompt_id = _text_field(row, "prompt_id")
+                candidate_id = _text_field(row, "candidate_id")
+                response = _text_field(row, "response")
+            else:
+                if row_id is None:
+                    raise ValueError("missing field 'candidate_id' (or release-format 'idx')")
+                candidate_id = row_id
+                if "-" not in candidate_id:
+                    raise ValueError(f"release-format idx '{candidate_id}' is not '<prompt idx>-<k>'")
+                prompt_id = candidate_id.rsplit("-", 1)[0]
+                response = _text_field(row, "answer")
+            if prompt_id not in prompt_ids:
+                raise ValueError(f"candidate for unknown prompt '{prompt_id}'")
+            if candidate_id in first_seen:
+                raise ValueError(
+                    f"duplicate candidate_id '{candidate_id}' (first on line {first_seen[candidate_id]})"
+                )
+            out.records.append(
+                Candidate(prompt_id=prompt_id, candidate_id=candidate_id, response=response)
+            )
+            first_seen[candidate_id] = line
+        except ValueError as exc:
+            out.quarantined.append(
+                QuarantinedRow(source=str(path), line=line, row_id=row_id, reason=str(exc), raw=raw)
+            )
+    return out
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a file so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
+    """Write a polars frame to Parquet atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_quarantine(rows: list[QuarantinedRow], path: str | Path) -> Path:
+    """Write quarantined rows as Parquet (schema in records.QUARANTINE_SCHEMA)."""
+    frame = pl.DataFrame([r.model_dump() for r in rows], schema=QUARANTINE_SCHEMA)
+    return write_parquet_atomic(frame, path)
+
+
+def cache_dir() -> Path:
+    """Where derived model files are kept: $LONGREWARD_CACHE or ~/.cache/longreward."""
+    path = Path(os.environ.get("LONGREWARD_CACHE") or Path.home() / ".cache" / "longreward")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

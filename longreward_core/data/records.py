@@ -1,0 +1,182 @@
+"""Records that cross a boundary (files, tasks, processes), and their on-disk schemas.
+
+Every Parquet file the project writes is described once here, as a polars schema; readers and
+writers use these schemas, so a column is named and typed in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+DIMENSIONS: tuple[str, ...] = ("helpfulness", "logicality", "faithfulness", "completeness")
+
+
+class Prompt(BaseModel):
+    """A (long document, question) prompt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(min_length=1)
+    context: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        return {"id": self.id, "context": self.context, "query": self.query,
+                "metadata": json.dumps(self.metadata, ensure_ascii=False, default=str)}
+
+
+class Candidate(BaseModel):
+    """One sampled response to a prompt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_id: str = Field(min_length=1)
+    candidate_id: str = Field(min_length=1)
+    response: str
+
+
+class DimensionResult(BaseModel):
+    """The outcome of one dimension for one candidate: a score, or the reason there is none."""
+
+    score: float | None = None
+    error: str | None = None
+    # Faithfulness only: number of distinct factual statements judged.
+    statements: int | None = None
+    # The judge could not be reached: unfinished work, to be retried, not a judgement.
+    transport: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.score is not None
+
+
+class CandidateScore(BaseModel):
+    """A candidate's four dimension scores and its reward (mean), or why it has none."""
+
+    prompt_id: str
+    candidate_id: str
+    language: str
+    helpfulness: DimensionResult
+    logicality: DimensionResult
+    faithfulness: DimensionResult
+    completeness: DimensionResult
+
+    @property
+    def reward(self) -> float | None:
+        scores = [getattr(self, d).score for d in DIMENSIONS]
+        if any(s is None for s in scores):
+            return None
+        return sum(scores) / len(scores)
+
+    @property
+    def status(self) -> str:
+        return "scored" if self.reward is not None else "failed"
+
+    @property
+    def unreachable(self) -> bool:
+        """Some dimension failed because the judge could not be reached."""
+        return any(getattr(self, d).transport for d in DIMENSIONS)
+
+    @property
+    def error(self) -> str | None:
+        errors = [f"{d}: {getattr(self, d).error}" for d in DIMENSIONS if getattr(self, d).error]
+        return "; ".join(errors) or None
+
+    def to_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "prompt_id": self.prompt_id,
+            "candidate_id": self.candidate_id,
+            "language": self.language,
+        }
+        for d in DIMENSIONS:
+            row[d] = getattr(self, d).score
+        row["faithfulness_statements"] = self.faithfulness.statements
+        row["reward"] = self.reward
+        row["status"] = self.status
+        row["error"] = self.error
+        return row
+
+
+PROMPTS_SCHEMA = pl.Schema(
+    {"id": pl.String, "context": pl.String, "query": pl.String, "metadata": pl.String}  # metadata: JSON
+)
+
+CANDIDATES_SCHEMA = pl.Schema({"prompt_id": pl.String, "candidate_id": pl.String, "response": pl.String})
+
+SCORES_SCHEMA = pl.Schema(
+    {
+        "prompt_id": pl.String,
+        "candidate_id": pl.String,
+        "language": pl.String,
+        "helpfulness": pl.Float64,
+        "logicality": pl.Float64,
+        "faithfulness": pl.Float64,
+        "completeness": pl.Float64,
+        "faithfulness_statements": pl.Int64,
+        "reward": pl.Float64,
+        "status": pl.String,  # "scored" | "failed"
+        "error": pl.String,  # "<dimension>: <reason>; ..." when failed
+    }
+)
+
+_MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
+
+# TRL's conversational preference format plus the provenance of each side.
+PAIRS_SCHEMA = pl.Schema(
+    {
+        "prompt_id": pl.String,
+        "prompt": pl.List(_MESSAGE),
+        "chosen": pl.List(_MESSAGE),
+        "rejected": pl.List(_MESSAGE),
+        "chosen_id": pl.String,
+        "rejected_id": pl.String,
+        "chosen_reward": pl.Float64,
+        "rejected_reward": pl.Float64,
+        "margin": pl.Float64,
+    }
+)
+
+QUARANTINE_SCHEMA = pl.Schema(
+    {
+        "source": pl.String,  # the input file
+        "line": pl.Int64,  # 1-based row number in that file
+        "row_id": pl.String,  # the row's id when it has one
+        "reason": pl.String,
+        "raw": pl.String,  # the row as text, for the ops team to fix and resubmit
+    }
+)
+
+
+class PreferencePair(BaseModel):
+    """One DPO preference pair in TRL's conversational format."""
+
+    prompt_id: str
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    chosen_id: str
+    rejected_id: str
+    chosen_reward: float
+    rejected_reward: float
+
+    @property
+    def margin(self) -> float:
+        return self.chosen_reward - self.rejected_reward
+
+    def to_row(self) -> dict[str, Any]:
+        return {**self.model_dump(), "margin": self.margin}
+
+
+class QuarantinedRow(BaseModel):
+    """An input row that was not used, with the reason."""
+
+    source: str
+    line: int
+    row_id: str | None
+    reason: str
+    raw: str

@@ -1,0 +1,63 @@
+"""Accounting of model requests: counts, tokens and cost per purpose, the run's `accounting.json`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from longreward_core.data.records import DIMENSIONS
+
+
+@dataclass
+class CallAccounting:
+    """Model usage for one purpose (or overall)."""
+
+    calls: int = 0  # requests that reached the model (cache hits excluded)
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0  # 0 where litellm does not know the model's price
+    parse_failures: int = 0  # judge answers without a parseable verdict (judging purposes only)
+    transport_errors: int = 0  # 429 / 5xx / timeouts / connection errors, each retried or fatal
+    failed_calls: int = 0  # logical calls that gave up (no verdict after every attempt)
+
+    def add(self, other: CallAccounting) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class RunAccounting:
+    """Model usage of a run, per purpose (a judged dimension, `sampling`, `generation`, ...) and in total."""
+
+    per_purpose: dict[str, CallAccounting] = field(
+        default_factory=lambda: {d: CallAccounting() for d in DIMENSIONS}
+    )
+
+    def purpose(self, name: str) -> CallAccounting:
+        return self.per_purpose.setdefault(name, CallAccounting())
+
+    def add(self, other: RunAccounting) -> None:
+        for name, acc in other.per_purpose.items():
+            self.purpose(name).add(acc)
+
+    @property
+    def total(self) -> CallAccounting:
+        total = CallAccounting()
+        for acc in self.per_purpose.values():
+            total.add(acc)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": asdict(self.total),
+            "per_purpose": {k: asdict(v) for k, v in self.per_purpose.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunAccounting:
+        return cls(
+            per_purpose={
+                k: CallAccounting(**v) for k, v in data.get("per_purpose", {}).items()
+            }
+        )

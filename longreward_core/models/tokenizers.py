@@ -1,0 +1,29 @@
+"""Tokenizers: loading by name (or the embedded model's, converted once), and token helpers."""
+
+from __future__ import annotations
+
+import functools
+
+from transformers import PreTrainedTokenizerBase
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
+    """A fast tokenizer by name or path; None means the embedded model's (from its GGUF file)."""
+    from transformers import AutoTokenizer
+
+    if name is None:
+        from longreward_core.models.smollm2 import embedded_tokenizer_dir
+
+        name = str(embedded_tokenizer_dir())
+    return AutoTokenizer.from_pretrained(name)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,169 @@
+"""The stages of a sharded preference build, each a file-to-file function.
+
+load and shard -> (per shard) index, sample, score -> pairs -> publish. The Prefect tasks in
+`tasks/` wrap these one to one; nothing here knows about Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from longreward_core.data.io import (
+    atomic_write_bytes,
+    file_hash,
+    load_candidates,
+    load_prompts,
+    write_parquet_atomic,
+    write_quarantine,
+)
+from longreward_core.data.pairs import PairConfig, PairsResult
+from longreward_core.data.records import CANDIDATES_SCHEMA, PROMPTS_SCHEMA, Candidate
+from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.client import CallCache, LLMClient
+from longreward_core.models.event_loop import run_async
+from longreward_core.pipeline.sampling import (
+    PolicyConfig,
+    SampleReport,
+    sample_candidates,
+)
+from longreward_core.pipeline.score import pairs_files
+from longreward_core.reward.scorer import ScoringConfig
+
+
+@dataclass
+class ShardPlan:
+    shard_dirs: list[Path]
+    quarantine_path: Path | None
+    prompts: int
+    candidates: int | None  # None when candidates are to be sampled
+    quarantined: int
+
+
+def write_shards(
+    prompts_path: str | Path, candidates_path: str | Path | None, shard_size: int, out_dir: str | Path
+) -> ShardPlan:
+    """Validate the inputs, quarantine bad rows, and split prompts (with their candidates) into
+    `out_dir/shard-NNNN/{prompts,candidates}.parquet` in input order."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    prompts = load_prompts(prompts_path)
+    ids = {p.id for p in prompts.records}
+    candidates = load_candidates(candidates_path, ids) if candidates_path else None
+    quarantined = prompts.quarantined + (candidates.quarantined if candidates else [])
+    quarantine_path = write_quarantine(quarantined, out / "quarantine.parquet") if quarantined else None
+    by_prompt: dict[str, list[Candidate]] = {}
+    for c in candidates.records if candidates else []:
+        by_prompt.setdefault(c.prompt_id, []).append(c)
+    shard_dirs = []
+    for number, start in enumerate(range(0, len(prompts.records), shard_size)):
+        shard = out / f"shard-{number:04d}"
+        chunk = prompts.records[start : start + shard_size]
+        write_parquet_atomic(pl.DataFrame([p.to_row() for p in chunk], schema=PROMPTS_SCHEMA), shard / "prompts.parquet")
+        if candidates is not None:
+            rows = [c.model_dump() for p in chunk for c in by_prompt.get(p.id, [])]
+            write_parquet_atomic(pl.DataFrame(rows, schema=CANDIDATES_SCHEMA), shard / "candidates.parquet")
+        shard_dirs.append(shard)
+    return ShardPlan(
+        shard_dirs=shard_dirs,
+        quarantine_path=quarantine_path,
+        prompts=len(prompts.records),
+        candidates=len(candidates.records) if candidates else None,
+        quarantined=len(quarantined),
+    )
+
+
+def index_shard(shard_dir: str | Path, scoring_config: ScoringConfig) -> int:
+    """Chunk and index the shard's documents into `shard_dir/qdrant`; returns chunks embedded."""
+    from longreward_core.models.embeddings import make_embedder
+    from longreward_core.models.tokenizers import load_tokenizer
+    from longreward_core.reward.chunking import chunk_document
+    from longreward_core.reward.retrieval import ChunkIndex, content_hash
+    from longreward_core.reward.scorer import retrieval_chunking
+
+    shard = Path(shard_dir)
+    prompts = load_prompts(shard / "prompts.parquet").records
+    index = ChunkIndex(
+        make_embedder(scoring_config.embedding_model, scoring_config.embedding_api_base),
+        path=None if scoring_config.qdrant_url else shard / "qdrant",
+        url=scoring_config.qdrant_url,
+    )
+    tokenizer = load_tokenizer(scoring_config.tokenizer)
+    chunking = retrieval_chunking(scoring_config)
+    try:
+        for prompt in prompts:  # retrieval chunks only: completeness chunks are the scorer's
+            chunks = chunk_document(prompt.context, tokenizer, scoring_config.retrieval_chunk_tokens)
+            index.index_document(content_hash(prompt.context), chunking, chunks)
+        return index.chunks_embedded
+    finally:
+        index.close()
+
+
+def sample_shard(shard_dir: str | Path, policy_config: PolicyConfig, cache_path: str | Path) -> Path:
+    """Sample candidates for the shard's prompts into `shard_dir/candidates.parquet`, with a
+    per-prompt report in `shard_dir/sampling.parquet`."""
+    shard = Path(shard_dir)
+    prompts = load_prompts(shard / "prompts.parquet").records
+    cache = CallCache(cache_path)
+    accounting = RunAccounting(per_purpose={})
+
+    async def run() -> tuple[list[Candidate], list[SampleReport]]:
+        client = LLMClient(policy_config.client_config(), cache, accounting)
+        return await sample_candidates(client, prompts, policy_config)
+
+    try:
+        candidates, reports = run_async(run())
+    finally:
+        cache.close()
+    write_parquet_atomic(pl.DataFrame([c.model_dump() for c in candidates], schema=CANDIDATES_SCHEMA), shard / "candidates.parquet")
+    write_parquet_atomic(pl.DataFrame([r.model_dump() for r in reports]), shard / "sampling.parquet")
+    atomic_write_bytes(shard / "sampling_accounting.json", json.dumps(accounting.to_dict(), indent=2).encode())
+    return shard / "candidates.parquet"
+
+
+def merge_pairs(shard_dirs: list[Path], config: PairConfig, out_path: str | Path) -> PairsResult:
+    """Pairs from every shard's scores, written to one Parquet file."""
+    pairs: list = []
+    skipped: Counter = Counter()
+    for shard in shard_dirs:
+        result = pairs_files(shard / "scores.parquet", shard / "prompts.parquet", shard / "candidates.parquet", shard / "pairs.parquet", config)
+        pairs += result.pairs
+        skipped.update(result.skipped)
+    merged = PairsResult(pairs=pairs, skipped=skipped)
+    write_parquet_atomic(merged.frame(), out_path)
+    return merged
+
+
+def publish_dataset(pairs_path: str | Path, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """The pairs as `out_dir/pairs.parquet`, a `datasets.load_from_disk` folder
+    `out_dir/dataset`, and `out_dir/manifest.json` (with the pairs file's content hash)."""
+    import datasets
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "pairs.parquet"
+    if Path(pairs_path).resolve() != target.resolve():
+        atomic_write_bytes(target, Path(pairs_path).read_bytes())
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".dataset-"))
+    # From the Arrow table, not from_parquet: that refuses a file with no rows, and a build
+    # where no prompt qualifies for a pair must still publish (an empty dataset).
+    table = pl.read_parquet(target).to_arrow()
+    if table.num_rows == 0:  # datasets needs at least one (empty) record batch
+        table = pa.Table.from_batches([pa.RecordBatch.from_pylist([], schema=table.schema)], schema=table.schema)
+    datasets.Dataset(table).save_to_disk(str(staging / "dataset"), num_shards=1 if table.num_rows == 0 else None)
+    if (out / "dataset").exists():
+        shutil.rmtree(out / "dataset")
+    (staging / "dataset").rename(out / "dataset")
+    shutil.rmtree(staging, ignore_errors=True)
+    manifest = {**manifest, "pairs_sha256": file_hash(target)}
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode())
+    return out / "manifest.json"

@@ -1,0 +1,89 @@
+"""Faithfulness: the share of the response's factual statements that the document supports.
+
+1. One call extracts the response's factual statements (the judge does not see the document);
+   prompt files faithfulness_statements.{en,zh}.txt.
+2. Each distinct statement retrieves its top-k retrieval chunks, put back in document order.
+3. One call per distinct statement grades support (faithfulness_support.{en,zh}.txt):
+   Fully supported = 1, Partially supported = 0.5, No support = 0.
+Score = 10 x mean support.
+
+A response with no factual statement (a refusal, a purely functional reply) scores 10: it asserts
+nothing the document contradicts. Its statement count (0) is recorded, so such candidates can be
+told apart; helpfulness and completeness are where an empty answer loses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+
+from longreward_core.data.records import DimensionResult
+from longreward_core.reward.judge import Judge
+from longreward_core.reward.prompts import render
+from longreward_core.reward.verdicts import (
+    VerdictFormat,
+    VerdictParseError,
+    parse_marked_list,
+)
+
+DIMENSION = "faithfulness"
+
+SUPPORT_VALUES = {"fully supported": 1.0, "partially supported": 0.5, "no support": 0.0}
+_SUPPORT = re.compile(r"\[\[\s*(fully supported|partially supported|no support)\s*\]\]", re.I)
+
+# Evidence retriever: statements -> one evidence text per statement.
+Retriever = Callable[[list[str]], Awaitable[list[str]]]
+
+
+def parse_statements(text: str) -> list[str]:
+    return parse_marked_list(text, open_marker="[[statements]]", none_marker="[[no statements]]")
+
+
+def parse_support(text: str) -> float:
+    """The last support label in the answer, as 1 / 0.5 / 0."""
+    matches = _SUPPORT.findall(text)
+    if not matches:
+        raise VerdictParseError("no '[[Fully supported]]' / '[[Partially supported]]' / '[[No support]]' verdict")
+    return SUPPORT_VALUES[matches[-1].lower()]
+
+
+STATEMENTS = VerdictFormat(parse=parse_statements, prefix="[[statements]]\n- ", none="[[no statements]]")
+SUPPORT = VerdictFormat(
+    parse=parse_support, prefix="[[", choices=("Fully supported", "Partially supported", "No support"), suffix="]]"
+)
+
+
+def distinct(statements: list[str]) -> list[str]:
+    """Statements with duplicates removed (case, spacing and final punctuation ignored), in order."""
+    seen: set[str] = set()
+    out = []
+    for s in statements:
+        key = re.sub(r"\s+", " ", s).strip().rstrip(".。!！").casefold()
+        if key and key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+async def extract_statements(judge: Judge, language: str, question: str, response: str) -> list[str]:
+    """The response's distinct factual statements (one judge call)."""
+    messages = render("faithfulness_statements", language, question=question, response=response)
+    return distinct(await judge.verdict(DIMENSION, messages, STATEMENTS))
+
+
+async def score_faithfulness(
+    judge: Judge, retrieve: Retriever, language: str, question: str, response: str
+) -> DimensionResult:
+    """Faithfulness 0-10 with the number of statements judged; raises LLMCallFailed on failure."""
+    statements = await extract_statements(judge, language, question, response)
+    if not statements:
+        return DimensionResult(score=10.0, statements=0)
+    evidence = await retrieve(statements)
+    supports = await asyncio.gather(
+        *(
+            judge.verdict(DIMENSION, render("faithfulness_support", language, evidence=e, statement=s), SUPPORT)
+            for s, e in zip(statements, evidence, strict=True)
+        )
+    )
+    return DimensionResult(score=10.0 * sum(supports) / len(supports), statements=len(statements))

@@ -1,0 +1,71 @@
+"""Judging: one logical judge call asks until the answer holds a parseable verdict.
+
+A judge call is up to `max_attempts` requests through the LLM client (first at temperature ~0,
+later ones hotter), each answer read by the verdict format the prompt asks for. The embedded judge
+decodes its verdict under the format's constraint, so its answers always parse.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, TypeVar
+
+from pydantic import Field
+
+from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.client import (
+    JUDGE_API_KEY_ENV,
+    CallCache,
+    LLMCallFailed,
+    LLMClient,
+    LLMConfig,
+)
+from longreward_core.reward.verdicts import VerdictFormat, VerdictParseError
+
+T = TypeVar("T")
+
+
+class JudgeCallFailed(LLMCallFailed):
+    """A judge call gave up: no parseable verdict after every attempt."""
+
+
+class JudgeConfig(LLMConfig):
+    """The judge model, its limits, and how hard to try for a verdict. Every field is a CLI option /
+    flow parameter."""
+
+    api_key_env: ClassVar[str | None] = JUDGE_API_KEY_ENV
+
+    max_attempts: int = Field(5, ge=1, description="Requests per judge call until a verdict parses.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Temperature of the first attempt.")
+    retry_temperature: float = Field(0.95, ge=0, le=2, description="Temperature of later attempts.")
+
+
+class Judge:
+    """Asks the judge model for verdicts; requests go through an `LLMClient` (cache, retries,
+    limits, accounting per dimension). Create it inside the event loop that uses it."""
+
+    def __init__(self, config: JudgeConfig, cache: CallCache | None, accounting: RunAccounting | None = None):
+        self.config = config
+        self.client = LLMClient(config, cache, accounting)
+
+    @property
+    def accounting(self) -> RunAccounting:
+        return self.client.accounting
+
+    async def verdict(self, dimension: str, messages: list[dict[str, str]], verdict: VerdictFormat[T]) -> T:
+        """One logical judge call; raises LLMCallFailed (JudgeCallFailed when every answer failed to
+        parse) when no verdict can be had."""
+        acc = self.accounting.purpose(dimension)
+        cfg = self.config
+        constraint = verdict.constraint() if cfg.is_embedded else None
+        last_answer = ""
+        for attempt in range(cfg.max_attempts):
+            temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
+            last_answer = await self.client.complete(dimension, messages, temperature, attempt, constraint)
+            try:
+                return verdict.parse(last_answer)
+            except VerdictParseError:
+                acc.parse_failures += 1
+        acc.failed_calls += 1
+        raise JudgeCallFailed(
+            f"no parseable verdict after {cfg.max_attempts} attempts (last answer ends {last_answer[-160:]!r})"
+        )

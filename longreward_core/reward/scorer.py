@@ -1,0 +1,199 @@
+"""LongReward scoring of candidates: the four dimensions, run concurrently, and the reward.
+
+Per prompt: the document is chunked (retrieval and completeness sizes), its retrieval chunks are
+indexed once, and the completeness key points are extracted once and shared by every candidate.
+Per candidate the four dimensions run concurrently; across candidates and prompts everything
+runs concurrently under the judge client's limits. A dimension that fails is recorded with its
+reason and the candidate gets no reward; the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from longreward_core.data.records import (
+    Candidate,
+    CandidateScore,
+    DimensionResult,
+    Prompt,
+)
+from longreward_core.models.client import LLMCallFailed
+from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
+from longreward_core.models.tokenizers import load_tokenizer
+from longreward_core.reward.chunking import ChunkSpan, chunk_document
+from longreward_core.reward.dimensions import (
+    completeness,
+    faithfulness,
+    helpfulness,
+    logicality,
+)
+from longreward_core.reward.judge import Judge
+from longreward_core.reward.prompts import detect_language
+from longreward_core.reward.retrieval import ChunkIndex, content_hash
+
+
+class ScoringConfig(BaseModel):
+    """How documents are chunked and searched. Every field is a CLI option / flow parameter."""
+
+    retrieval_chunk_tokens: int = Field(128, ge=8, description="Tokens per retrieval chunk (faithfulness).")
+    completeness_chunk_tokens: int = Field(4096, ge=64, description="Tokens per key-point extraction chunk.")
+    top_k: int = Field(5, ge=1, description="Chunks retrieved per factual statement.")
+    tokenizer: str | None = Field(None, description="Tokenizer name or path for chunking; None: the embedded model's.")
+    embedding_model: str = Field(
+        EMBEDDED_EMBEDDING, description="Embedding model: the embedded MiniLM, or a litellm embedding model string."
+    )
+    embedding_api_base: str | None = Field(None, description="Base URL for a litellm embedding model.")
+    qdrant_url: str | None = Field(None, description="Qdrant server URL; None: local mode in the output folder.")
+    prompts_in_flight: int = Field(16, ge=1, description="Prompts scored at the same time.")
+
+
+@dataclass(frozen=True)
+class PreparedDocument:
+    doc_id: str
+    chunking: str  # identifies tokenizer + chunk size, so indexes of other settings never mix
+    retrieval_chunks: list[ChunkSpan]
+    completeness_chunks: list[ChunkSpan]
+
+    def evidence(self, chunk_indices: list[int]) -> str:
+        """Chunks in document order; adjacent ones joined as they are, gaps marked."""
+        parts: list[str] = []
+        previous = None
+        for i in chunk_indices:
+            if previous is not None and i != previous + 1:
+                parts.append("\n[...]\n")
+            parts.append(self.retrieval_chunks[i].text)
+            previous = i
+        return "".join(parts)
+
+
+def retrieval_chunking(config: ScoringConfig) -> str:
+    """Names the tokenizer and chunk size, so indexes of other settings never mix."""
+    return f"{config.tokenizer or 'embedded'}:{config.retrieval_chunk_tokens}"
+
+
+def prepare_document(context: str, config: ScoringConfig) -> PreparedDocument:
+    """A document's id (content hash) and its retrieval and completeness chunks."""
+    tokenizer = load_tokenizer(config.tokenizer)
+    return PreparedDocument(
+        doc_id=content_hash(context),
+        chunking=retrieval_chunking(config),
+        retrieval_chunks=chunk_document(context, tokenizer, config.retrieval_chunk_tokens),
+        completeness_chunks=chunk_document(context, tokenizer, config.completeness_chunk_tokens),
+    )
+
+
+class Scorer:
+    """Scores candidates with LongReward; owns the chunk index for the duration of a run."""
+
+    def __init__(self, judge: Judge, config: ScoringConfig, index_path: str | Path | None = None):
+        self.judge = judge
+        self.config = config
+        self.index = ChunkIndex(
+            make_embedder(config.embedding_model, config.embedding_api_base),
+            path=None if config.qdrant_url else index_path,
+            url=config.qdrant_url,
+        )
+        self._documents: dict[str, PreparedDocument] = {}
+
+    def prepare(self, context: str) -> PreparedDocument:
+        doc_id = content_hash(context)
+        if doc_id not in self._documents:
+            self._documents[doc_id] = prepare_document(context, self.config)
+        return self._documents[doc_id]
+
+    async def score(
+        self,
+        prompts: list[Prompt],
+        candidates: list[Candidate],
+        on_scored: Callable[[CandidateScore], None] | None = None,
+    ) -> list[CandidateScore]:
+        """Score every candidate; results come back in the candidates' order."""
+        by_prompt: dict[str, list[Candidate]] = defaultdict(list)
+        for c in candidates:
+            by_prompt[c.prompt_id].append(c)
+        window = asyncio.Semaphore(self.config.prompts_in_flight)
+
+        async def one_prompt(prompt: Prompt) -> list[CandidateScore]:
+            async with window:
+                return await self._score_prompt(prompt, by_prompt[prompt.id], on_scored)
+
+        per_prompt = await asyncio.gather(*(one_prompt(p) for p in prompts if by_prompt.get(p.id)))
+        scored = {s.candidate_id: s for group in per_prompt for s in group}
+        return [scored[c.candidate_id] for c in candidates if c.candidate_id in scored]
+
+    async def _score_prompt(
+        self, prompt: Prompt, candidates: list[Candidate], on_scored: Callable[[CandidateScore], None] | None
+    ) -> list[CandidateScore]:
+        language = detect_language(prompt.query + "\n" + prompt.context)
+        doc = await asyncio.to_thread(self.prepare, prompt.context)
+        # Indexing (CPU) overlaps the first round of judge calls, which do not need it.
+        indexed = asyncio.ensure_future(
+            asyncio.to_thread(self.index.index_document, doc.doc_id, doc.chunking, doc.retrieval_chunks)
+        )
+        key_points = asyncio.ensure_future(
+            completeness.extract_key_points(self.judge, language, prompt.query, doc.completeness_chunks)
+        )
+
+        async def retrieve(statements: list[str]) -> list[str]:
+            await indexed
+            hits = await asyncio.to_thread(self.index.query, doc.doc_id, doc.chunking, statements, self.config.top_k)
+            return [doc.evidence(h) for h in hits]
+
+        async def completeness_of(response: str) -> float:
+            try:
+                points = await key_points
+            except LLMCallFailed as exc:
+                raise LLMCallFailed(f"key-point extraction failed: {exc}", transport=exc.transport) from None
+            return await completeness.score_completeness(self.judge, language, prompt.query, points, response)
+
+        async def one_candidate(c: Candidate) -> CandidateScore:
+            q, r = prompt.query, c.response
+            results = await asyncio.gather(
+                _as_result(helpfulness.score_helpfulness(self.judge, language, q, r)),
+                _as_result(logicality.score_logicality(self.judge, language, q, r)),
+                _as_result(faithfulness.score_faithfulness(self.judge, retrieve, language, q, r)),
+                _as_result(completeness_of(r)),
+            )
+            score = CandidateScore(
+                prompt_id=prompt.id,
+                candidate_id=c.candidate_id,
+                language=language,
+                helpfulness=results[0],
+                logicality=results[1],
+                faithfulness=results[2],
+                completeness=results[3],
+            )
+            if on_scored is not None:
+                on_scored(score)
+            return score
+
+        try:
+            return await asyncio.gather(*(one_candidate(c) for c in candidates))
+        finally:
+            for task in (indexed, key_points):
+                if not task.done():
+                    task.cancel()
+            # Retrieve exceptions of shared tasks nobody awaited (e.g. every candidate failed early).
+            await asyncio.gather(indexed, key_points, return_exceptions=True)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+async def _as_result(work: Awaitable[float | DimensionResult]) -> DimensionResult:
+    """A dimension's outcome: its score, or its failure with the reason (never an exception)."""
+    try:
+        value = await work
+    except Exception as exc:
+        if isinstance(exc, LLMCallFailed):
+            return DimensionResult(error=str(exc), transport=exc.transport)
+        return DimensionResult(error=f"{type(exc).__name__}: {exc}")
+    if isinstance(value, DimensionResult):
+        return value
+    return DimensionResult(score=float(value))

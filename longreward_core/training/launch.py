@@ -1,0 +1,144 @@
+"""Start DPO training under `accelerate launch` and stream its output line by line.
+
+The data are checked here first (schema, quarantine, lengths), so that a run that would drop or
+truncate pairs is refused before any GPU process starts. The launched processes run
+`python -m longreward_core.training.trainer OUTPUT/train_config.json` and resume from the newest
+checkpoint in the output folder, so launching the same config again continues a stopped run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+
+from longreward_core.data.io import atomic_write_bytes
+from longreward_core.training.config import MANIFEST, RUN_CONFIG, TrainConfig
+from longreward_core.training.data import (
+    LengthReport,
+    check_lengths,
+    load_pairs,
+    resolve_base_model,
+)
+from longreward_core.training.trainer import write_run_files
+
+ACCELERATE_CONFIGS = ("cpu", "zero3-single-node", "zero3-multi-node")
+
+
+class LaunchConfig(BaseModel):
+    """How training processes are started: the accelerate config and how many processes."""
+
+    accelerate_config: str = Field(
+        "auto", description="auto (ZeRO-3 on this machine's GPUs, else CPU), cpu, zero3-single-node, zero3-multi-node, or a file."
+    )
+    num_processes: int | None = Field(None, ge=1, description="Processes in all (default: every visible GPU).")
+
+
+class TrainingFailed(RuntimeError):
+    """The launched training exited with an error; the message ends with its last output lines."""
+
+
+def infra_dir() -> Path:
+    """The project's infra/ folder: beside the package in a checkout or editable install, else in the
+    working directory (a worker image installs the package and runs flows from the project root)."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "infra" / "accelerate").is_dir():
+            return root / "infra"
+    raise FileNotFoundError("infra/accelerate not found beside the package or in the working directory; run from the project root")
+
+
+def accelerate_config_path(name: str) -> Path:
+    """A named config from infra/accelerate ("auto": ZeRO-3 on this machine's GPUs, else CPU), or a path."""
+    if name == "auto":
+        import torch
+
+        name = "zero3-single-node" if torch.cuda.is_available() else "cpu"
+    if name in ACCELERATE_CONFIGS:
+        return infra_dir() / "accelerate" / f"{name}.yaml"
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"accelerate config {name!r}: neither one of {', '.join(('auto', *ACCELERATE_CONFIGS))} nor a file"
+        )
+    return path
+
+
+def resolved_accelerate_config(name: str, num_processes: int | None, out: Path) -> Path:
+    """The chosen accelerate config written into the run folder, with absolute DeepSpeed paths
+    and the process count (given, or every visible GPU for a single-node ZeRO-3 run)."""
+    source = accelerate_config_path(name)
+    config = yaml.safe_load(source.read_text())
+    deepspeed = config.get("deepspeed_config") or {}
+    ds_file = deepspeed.get("deepspeed_config_file")
+    if ds_file and not Path(ds_file).is_absolute():
+        deepspeed["deepspeed_config_file"] = str(infra_dir().parent / ds_file)
+    if num_processes is None and config.get("distributed_type") == "DEEPSPEED" and config.get("num_machines", 1) == 1:
+        import torch
+
+        num_processes = torch.cuda.device_count() or None
+    if num_processes is not None:
+        config["num_processes"] = num_processes
+    target = out / "accelerate.yaml"
+    atomic_write_bytes(target, yaml.safe_dump(config, sort_keys=False).encode())
+    return target
+
+
+def prepare_run(config: TrainConfig) -> LengthReport:
+    """Check the data and write the run's length report, quarantine and config; refuse lossy runs."""
+    pairs = load_pairs(config.pairs)
+    report = check_lengths(config, pairs, resolve_base_model(config))
+    write_run_files(config, pairs, report)
+    atomic_write_bytes(config.output_dir / RUN_CONFIG, config.model_dump_json(indent=2).encode())
+    return report
+
+
+def launch_training(
+    config: TrainConfig,
+    accelerate_config: str = "auto",
+    num_processes: int | None = None,
+    on_line: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Run training in `accelerate launch` subprocesses, passing each output line to `on_line`.
+
+    Returns the output manifest. Raises TrainingRefused before launching when pairs would be
+    lost, and TrainingFailed when the processes exit with an error. Multi-node runs take the
+    machine's rank and the rank-0 address from MACHINE_RANK and MAIN_PROCESS_IP.
+    """
+    prepare_run(config)
+    launch_config = resolved_accelerate_config(accelerate_config, num_processes, config.output_dir)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config)]
+    for variable, flag in (("MACHINE_RANK", "--machine_rank"), ("MAIN_PROCESS_IP", "--main_process_ip")):
+        if os.environ.get(variable):
+            command += [flag, os.environ[variable]]
+    command += ["-m", "longreward_core.training.trainer", str(config.output_dir / RUN_CONFIG)]
+    # Progress bars redraw with carriage returns: noise in a line-by-line log.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+        code = process.wait()
+    finally:
+        if process.poll() is None:  # cancelled or interrupted: do not leave GPU processes behind
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    if code != 0:
+        raise TrainingFailed(f"training exited with code {code}; last lines:\n" + "\n".join(tail))
+    return json.loads((config.output_dir / MANIFEST).read_text())
