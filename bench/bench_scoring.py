@@ -110,7 +110,7 @@ def main() -> None:
             runs = []
             for label in ("cold", "warm-index", "rerun"):
                 if label == "warm-index":  # documents stay indexed; every judge call is made again
-                    for path in (work / "out").glob("judge_cache.sqlite*"):
+                    for path in (work / "out").glob("call_cache.sqlite*"):
                         path.unlink()
                 before = requests_seen(api_base)
                 t0 = time.perf_counter()
