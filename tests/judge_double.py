@@ -180,7 +180,10 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     time.sleep(double.latency_s)
                 fault = double._next_fault(request, index)
                 if fault is not None and fault.kind == "status":
-                    body = json.dumps({"error": {"message": f"injected {fault.status}", "type": "injected"}})
+                    message = f"injected {fault.status}"
+                    if fault.status == 401:  # providers quote the refused key back
+                        message += f": incorrect API key provided: {self.headers.get('Authorization', '')}"
+                    body = json.dumps({"error": {"message": message, "type": "injected"}})
                     self._send(fault.status, body.encode())
                     return
                 if fault is not None and fault.kind == "timeout":

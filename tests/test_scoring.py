@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from longreward_core.models.client import AuthenticationFailed
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.chunking import chunk_document
@@ -180,10 +181,15 @@ def test_no_factual_statement_scores_ten(judge_server, tmp_path):
 
 def test_api_key_never_reaches_outputs(judge_server, small_input, tmp_path, capsys, caplog):
     prompts, candidates = small_input
-    judge_server.double.faults = [Fault("status", 401)] * 200  # every request refused: errors get recorded
+    # Every request refused with a 401 that quotes the bearer token, as providers do: the run stops
+    # at once (every other request would fail alike) and its message names no key.
+    judge_server.double.faults = [Fault("status", 401)] * 200
     out = tmp_path / "out"
-    score_files(prompts, candidates, out, judge_config_for(judge_server), SCORING)
+    with pytest.raises(AuthenticationFailed) as refused:
+        score_files(prompts, candidates, out, judge_config_for(judge_server, concurrency=2), SCORING)
     assert any(TEST_API_KEY in a for a in judge_server.double.authorization)  # it was sent to the server
+    assert judge_server.double.count() <= 2  # stopped after the requests already in flight
+    assert "refused the credentials (HTTP 401)" in str(refused.value) and TEST_API_KEY not in str(refused.value)
     captured = capsys.readouterr()
     for text in [captured.out, captured.err, caplog.text]:
         assert TEST_API_KEY not in text

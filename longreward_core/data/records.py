@@ -49,6 +49,8 @@ class DimensionResult(BaseModel):
     statements: int | None = None
     # The judge could not be reached: unfinished work, to be retried, not a judgement.
     transport: bool = False
+    # The provider refused the request for good (context length, content filter, ...): final.
+    rejected: bool = False
 
     @property
     def ok(self) -> bool:
@@ -81,6 +83,11 @@ class CandidateScore(BaseModel):
     def unreachable(self) -> bool:
         """Some dimension failed because the judge could not be reached."""
         return any(getattr(self, d).transport for d in DIMENSIONS)
+
+    @property
+    def rejected(self) -> bool:
+        """Some dimension failed because the provider refused its request for good."""
+        return any(getattr(self, d).rejected for d in DIMENSIONS)
 
     @property
     def error(self) -> str | None:

@@ -37,6 +37,7 @@ from longreward_core.evaluation.tasks import LongBenchTask, get_task
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.client import (
     POLICY_API_KEY_ENV,
+    AuthenticationFailed,
     CallCache,
     LLMCallFailed,
     LLMClient,
@@ -172,6 +173,8 @@ class LitellmGenerator:
                         "generation", [{"role": "user", "content": request.prompt}], 0.0, 0,
                         raw_prompt=not request.chat, max_tokens=request.max_new_tokens,
                     )
+                except AuthenticationFailed:
+                    raise
                 except LLMCallFailed as exc:
                     return request, None, str(exc)
                 return request, text, None

@@ -14,12 +14,14 @@ class CallAccounting:
 
     calls: int = 0  # requests that reached the model (cache hits excluded)
     cache_hits: int = 0
+    coalesced: int = 0  # requests answered by an identical request already in flight
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0  # 0 where litellm does not know the model's price
     parse_failures: int = 0  # judge answers without a parseable verdict (judging purposes only)
     transport_errors: int = 0  # 429 / 5xx / timeouts / connection errors, each retried or fatal
-    failed_calls: int = 0  # logical calls that gave up (no verdict after every attempt)
+    rejected: int = 0  # requests the provider refused for good (4xx: context length, content filter, ...)
+    failed_calls: int = 0  # logical calls that gave up (unreachable, refused, or no verdict after every attempt)
 
     def add(self, other: CallAccounting) -> None:
         for f in fields(self):

@@ -16,8 +16,12 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,9 +49,9 @@ CALL_CACHE_FILE = "call_cache.sqlite"  # the request cache's file name, in every
 def resolve_api_key(configured: SecretStr | None, env_var: str | None) -> str | None:
     """A model's API key: the configured one, else `$env_var`, else None (litellm then reads the
     provider's own variable, such as OPENAI_API_KEY). The one place keys are looked up."""
-    if configured is not None:
-        return configured.get_secret_value()
-    return (os.environ.get(env_var) if env_var else None) or None
+    key = configured.get_secret_value() if configured is not None else (os.environ.get(env_var) if env_var else None)
+    register_secret(key)
+    return key or None
 
 
 class LLMCallFailed(RuntimeError):
@@ -60,6 +64,46 @@ class LLMCallFailed(RuntimeError):
     def __init__(self, message: str, *, transport: bool = False):
         super().__init__(message)
         self.transport = transport
+
+
+class RequestRejected(LLMCallFailed):
+    """The provider refused this request for good (a 4xx other than 401/403/408/409/429: context
+    length, content filter, invalid request). Asking again cannot help; the message is the
+    provider's reason."""
+
+
+class AuthenticationFailed(LLMCallFailed):
+    """The provider refused the credentials (401/403): every later request would fail the same way,
+    so the client stops sending and the run ends early."""
+
+
+# Environment variables whose values are secrets wherever they appear: the providers' usual key
+# variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) and ours.
+_SECRET_VARIABLE = re.compile(r"(API_KEY|_TOKEN|SECRET|PASSWORD|ACCESS_KEY)", re.I)
+_MIN_SECRET = 8  # shorter values would redact ordinary words
+_configured_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a secret this process uses, so that `redact` removes it from any text."""
+    if value and len(value) >= _MIN_SECRET:
+        _configured_secrets.add(value)
+
+
+def known_secrets() -> set[str]:
+    """Every secret the process knows: configured keys and the values of key-like variables."""
+    from_environment = {
+        value for name, value in os.environ.items() if _SECRET_VARIABLE.search(name) and len(value) >= _MIN_SECRET
+    }
+    return _configured_secrets | from_environment
+
+
+def redact(text: str) -> str:
+    """`text` with every known secret replaced by '***' (for errors, logs, artifacts, outputs)."""
+    for secret in sorted(known_secrets(), key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 class LLMConfig(BaseModel):
@@ -136,31 +180,76 @@ class CallCache:
             ).fetchone()
         return row
 
-    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, cost: float) -> str:
+        """Store an answer unless the key already has one (another process may have answered it
+        first); returns the stored answer, so a run reports what a re-run reproduces."""
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO calls VALUES (?, ?, ?, ?, ?)",
                 (key, text, prompt_tokens, completion_tokens, cost),
             )
             self._db.commit()
+            return self._db.execute("SELECT text FROM calls WHERE key = ?", (key,)).fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
+def _status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
 def _is_transient(exc: BaseException) -> bool:
+    """Faults worth retrying: timeouts, connection errors, 408, 409, 429, 5xx."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, (litellm.Timeout, litellm.APIConnectionError, litellm.RateLimitError)):
         return True
-    status = getattr(exc, "status_code", None)
-    return isinstance(status, int) and (status in (408, 409, 429) or status >= 500)
+    status = _status(exc)
+    return status is not None and (status in (408, 409, 429) or status >= 500)
+
+
+def _is_refusal(status: int | None) -> bool:
+    """A 4xx that asking again cannot change (401/403 are told apart by the caller)."""
+    return status is not None and 400 <= status < 500 and status not in (408, 409, 429)
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """Seconds the provider asked us to wait (`Retry-After`: seconds or an HTTP date), if any."""
+    headers = getattr(exc, "litellm_response_headers", None) or getattr(getattr(exc, "response", None), "headers", None)
+    value = headers.get("retry-after") if headers else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _backoff(config: LLMConfig) -> Callable[[Any], float]:
+    """Exponential backoff with jitter, or the provider's Retry-After, capped by backoff_max_s."""
+    exponential = wait_exponential_jitter(
+        multiplier=config.backoff_initial_s, max=config.backoff_max_s, jitter=config.backoff_initial_s
+    )
+
+    def wait(retry_state: Any) -> float:
+        asked = _retry_after(retry_state.outcome.exception())
+        return min(asked, config.backoff_max_s) if asked is not None else exponential(retry_state)
+
+    return wait
 
 
 class LLMClient:
     """Async model requests with transport retries, limits, cache and accounting per purpose.
 
+    Identical requests in flight at the same time are sent once; every waiter gets the answer.
     Create it inside the event loop that uses it (its limiters belong to that loop).
     """
 
@@ -172,16 +261,33 @@ class LLMClient:
         # Capacity 1: requests are spaced evenly (60/rpm s apart), never sent in a burst.
         self._limiter = AsyncLimiter(1, 60 / config.rpm) if config.rpm else None
         self._api_key = config.resolved_api_key()
+        self._in_flight: dict[str, asyncio.Future[str]] = {}
+        self._refused: AuthenticationFailed | None = None  # set once: no request is sent after it
         if config.is_embedded:
             from longreward_core.models.embedded import register_embedded_provider
 
             register_embedded_provider()
 
-    def redact(self, message: str) -> str:
-        """Remove the API key from a message that may be logged or stored."""
-        if self._api_key:
-            message = message.replace(self._api_key, "***")
-        return message
+    def _key(
+        self, messages: list[dict[str, str]], temperature: float, attempt: int, constraint: dict[str, Any] | None,
+        raw_prompt: bool, sampling: dict[str, Any],
+    ) -> tuple[str, dict[str, Any]]:
+        params: dict[str, Any] = {"temperature": temperature, "max_tokens": self.config.max_tokens, **sampling}
+        if constraint is not None:
+            params["verdict_constraint"] = constraint
+        # A raw prompt and the same text as a chat message are different requests.
+        keyed = {**params, "endpoint": "completions"} if raw_prompt else params
+        return CallCache.key(self.config.model, messages, keyed, attempt), params
+
+    def cached(
+        self, messages: list[dict[str, str]], temperature: float, attempt: int,
+        constraint: dict[str, Any] | None = None, *, raw_prompt: bool = False, **sampling: Any,
+    ) -> str | None:
+        """The cached answer of a request, without sending it (None when it was never answered)."""
+        if self.cache is None:
+            return None
+        hit = self.cache.get(self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)[0])
+        return hit[0] if hit else None
 
     async def complete(
         self,
@@ -192,52 +298,85 @@ class LLMClient:
         constraint: dict[str, Any] | None = None,
         *,
         raw_prompt: bool = False,
+        accept: Callable[[str], bool] | None = None,
         **sampling: Any,
     ) -> str:
         """One cached request's answer text; `attempt` keeps repeated requests apart in the cache.
 
-        `raw_prompt`: send the single message's content as a plain text completion (the
-        server's `/completions`), with no chat template around it.
-
         `purpose` names what the request is for in the accounting (a dimension, `sampling`, ...).
+        `raw_prompt`: send the single message's content as a plain text completion (the
+        server's `/completions`), with no chat template around it. `accept`: only answers it
+        accepts are cached (a judge caches only answers whose verdict parses), so a re-run asks
+        again for what failed.
 
         Raises LLMCallFailed(transport=True) when the model cannot be reached after every
-        transport retry, or on a client error (4xx).
+        transient-fault retry, RequestRejected when the provider refuses the request (not
+        retried), and AuthenticationFailed on 401/403 (after which no request is sent at all).
         """
-        try:
-            return await self._request(
-                self.accounting.purpose(purpose), messages, temperature, attempt, constraint, sampling, raw_prompt
-            )
-        except Exception as exc:
-            self.accounting.purpose(purpose).failed_calls += 1
-            raise LLMCallFailed(
-                self.redact(f"request to {self.config.model} failed: {type(exc).__name__}: {exc}"), transport=True
-            ) from None
-
-    async def _request(
-        self,
-        acc: CallAccounting,
-        messages: list[dict[str, str]],
-        temperature: float,
-        attempt: int,
-        constraint: dict[str, Any] | None,
-        sampling: dict[str, Any],
-        raw_prompt: bool = False,
-    ) -> str:
-        cfg = self.config
-        params: dict[str, Any] = {"temperature": temperature, "max_tokens": cfg.max_tokens, **sampling}
-        if constraint is not None:
-            params["verdict_constraint"] = constraint
-        # A raw prompt and the same text as a chat message are different requests.
-        key = CallCache.key(cfg.model, messages, {**params, "endpoint": "completions"} if raw_prompt else params, attempt)
+        acc = self.accounting.purpose(purpose)
+        if self._refused is not None:
+            acc.failed_calls += 1
+            raise self._refused
+        key, params = self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             acc.cache_hits += 1
             return hit[0]
+        if (pending := self._in_flight.get(key)) is not None:
+            acc.coalesced += 1
+            return await asyncio.shield(pending)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            text = await self._send(acc, key, messages, params, raw_prompt, accept)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            failure = self._failure(acc, exc)
+            future.set_exception(failure)
+            future.exception()  # retrieved here: waiters, if any, re-raise it
+            raise failure from None
+        else:
+            future.set_result(text)
+            return text
+        finally:
+            del self._in_flight[key]
+
+    def _failure(self, acc: CallAccounting, exc: Exception) -> LLMCallFailed:
+        """The exception a failed request becomes (its message redacted of every known secret)."""
+        acc.failed_calls += 1
+        if isinstance(exc, LLMCallFailed):
+            return exc
+        model, status = self.config.model, _status(exc)
+        reason = redact(f"{type(exc).__name__}: {exc}")
+        if status in (401, 403):
+            self._refused = AuthenticationFailed(
+                f"{model} refused the credentials (HTTP {status}): {reason}. Check the API key "
+                "(LONGREWARD_JUDGE_API_KEY / LONGREWARD_POLICY_API_KEY, the provider's variable, or the Secret block)."
+            )
+            return self._refused
+        if _is_refusal(status):
+            acc.rejected += 1
+            return RequestRejected(f"{model} rejected the request (HTTP {status}): {reason}")
+        return LLMCallFailed(f"request to {model} failed: {reason}", transport=True)
+
+    async def _send(
+        self,
+        acc: CallAccounting,
+        key: str,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        raw_prompt: bool,
+        accept: Callable[[str], bool] | None,
+    ) -> str:
+        cfg = self.config
 
         async def send() -> Any:
             async with self._semaphore:
                 if self._limiter is not None:
                     await self._limiter.acquire()
+                if self._refused is not None:  # refused while this request waited for its turn
+                    raise self._refused
                 common = dict(
                     model=cfg.model, api_base=cfg.api_base, api_key=self._api_key, timeout=cfg.timeout_s,
                     num_retries=0, max_retries=0, **params,
@@ -255,9 +394,7 @@ class LLMClient:
 
         retrying = AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            wait=wait_exponential_jitter(
-                multiplier=cfg.backoff_initial_s, max=cfg.backoff_max_s, jitter=cfg.backoff_initial_s
-            ),
+            wait=_backoff(cfg),
             stop=stop_after_attempt(cfg.transport_retries + 1),
             reraise=True,
         )
@@ -275,6 +412,6 @@ class LLMClient:
         acc.prompt_tokens += prompt_tokens
         acc.completion_tokens += completion_tokens
         acc.cost_usd += cost
-        if self.cache is not None:
-            self.cache.put(key, text, prompt_tokens, completion_tokens, cost)
+        if self.cache is not None and (accept is None or accept(text)):
+            text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost)
         return text

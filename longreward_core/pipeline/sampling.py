@@ -17,6 +17,7 @@ from longreward_core.data.records import Candidate, Prompt
 from longreward_core.models.client import (
     EMBEDDED_MODEL,
     POLICY_API_KEY_ENV,
+    AuthenticationFailed,
     LLMCallFailed,
     LLMClient,
     PolicyClientConfig,
@@ -89,8 +90,11 @@ async def sample_candidates(
             for attempt in range(k * SAMPLE_TRIES, (k + 1) * SAMPLE_TRIES):
                 try:
                     text = await client.complete(
-                        "sampling", messages, config.temperature, attempt, top_p=config.top_p
+                        "sampling", messages, config.temperature, attempt, top_p=config.top_p,
+                        accept=lambda answer: bool(answer.strip()),  # an empty sample is asked for again
                     )
+                except AuthenticationFailed:
+                    raise
                 except LLMCallFailed as exc:
                     return str(exc)
                 if text.strip():

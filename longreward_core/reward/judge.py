@@ -7,7 +7,7 @@ decodes its verdict under the format's constraint, so its answers always parse.
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field
 
@@ -53,14 +53,24 @@ class Judge:
 
     async def verdict(self, dimension: str, messages: list[dict[str, str]], verdict: VerdictFormat[T]) -> T:
         """One logical judge call; raises LLMCallFailed (JudgeCallFailed when every answer failed to
-        parse) when no verdict can be had."""
+        parse, RequestRejected at once when the provider refuses the request) when no verdict can be had.
+
+        Only answers whose verdict parses are cached; a re-run first looks for any attempt's cached
+        verdict, so it reproduces the run without asking again."""
         acc = self.accounting.purpose(dimension)
         cfg = self.config
         constraint = verdict.constraint() if cfg.is_embedded else None
+        temperatures = [cfg.temperature if attempt == 0 else cfg.retry_temperature for attempt in range(cfg.max_attempts)]
+        for attempt, temperature in enumerate(temperatures):
+            hit = self.client.cached(messages, temperature, attempt, constraint)
+            if hit is not None and _parses(verdict, hit):
+                acc.cache_hits += 1
+                return verdict.parse(hit)
         last_answer = ""
-        for attempt in range(cfg.max_attempts):
-            temperature = cfg.temperature if attempt == 0 else cfg.retry_temperature
-            last_answer = await self.client.complete(dimension, messages, temperature, attempt, constraint)
+        for attempt, temperature in enumerate(temperatures):
+            last_answer = await self.client.complete(
+                dimension, messages, temperature, attempt, constraint, accept=lambda text: _parses(verdict, text)
+            )
             try:
                 return verdict.parse(last_answer)
             except VerdictParseError:
@@ -69,3 +79,11 @@ class Judge:
         raise JudgeCallFailed(
             f"no parseable verdict after {cfg.max_attempts} attempts (last answer ends {last_answer[-160:]!r})"
         )
+
+
+def _parses(verdict: VerdictFormat[Any], text: str) -> bool:
+    try:
+        verdict.parse(text)
+    except VerdictParseError:
+        return False
+    return True

@@ -23,7 +23,12 @@ from longreward_core.data.records import (
     DimensionResult,
     Prompt,
 )
-from longreward_core.models.client import LLMCallFailed
+from longreward_core.models.client import (
+    AuthenticationFailed,
+    LLMCallFailed,
+    RequestRejected,
+    redact,
+)
 from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.reward.chunking import ChunkSpan, chunk_document
@@ -149,7 +154,7 @@ class Scorer:
             try:
                 points = await key_points
             except LLMCallFailed as exc:
-                raise LLMCallFailed(f"key-point extraction failed: {exc}", transport=exc.transport) from None
+                raise type(exc)(f"key-point extraction failed: {exc}", transport=exc.transport) from None
             return await completeness.score_completeness(self.judge, language, prompt.query, points, response)
 
         async def one_candidate(c: Candidate) -> CandidateScore:
@@ -187,13 +192,16 @@ class Scorer:
 
 
 async def _as_result(work: Awaitable[float | DimensionResult]) -> DimensionResult:
-    """A dimension's outcome: its score, or its failure with the reason (never an exception)."""
+    """A dimension's outcome: its score, or its failure with the reason. Only refused credentials
+    escape as an exception: they end the run, since every other request would fail alike."""
     try:
         value = await work
+    except AuthenticationFailed:
+        raise
     except Exception as exc:
         if isinstance(exc, LLMCallFailed):
-            return DimensionResult(error=str(exc), transport=exc.transport)
-        return DimensionResult(error=f"{type(exc).__name__}: {exc}")
+            return DimensionResult(error=str(exc), transport=exc.transport, rejected=isinstance(exc, RequestRejected))
+        return DimensionResult(error=redact(f"{type(exc).__name__}: {exc}"))
     if isinstance(value, DimensionResult):
         return value
     return DimensionResult(score=float(value))
