@@ -2,7 +2,8 @@
 
 Two tasks: `check-pairs` reads the published pairs, quarantines malformed rows and counts what
 max_length would drop or truncate (the run stops there rather than lose data silently); then
-`train-dpo` starts `accelerate launch` (DeepSpeed ZeRO-3 on GPUs, plain CPU otherwise) and streams
+`train-dpo` starts `accelerate launch` (DeepSpeed ZeRO-3 on GPUs, plain CPU otherwise), whose
+processes read check-pairs' length report instead of tokenising the pairs again, and streams
 its output into this run's logs. A retried task, or a new run on the same output folder, resumes
 from the newest checkpoint. Artifacts: the length report, loss / reward margin / reward accuracy
 over steps (table and plot), and where the model is.
