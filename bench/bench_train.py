@@ -85,10 +85,10 @@ def run_length(model: Path, length: int, steps: int, work: Path, smoke: bool) ->
     return {
         "length": length,
         "fits": True,
-        "longest_pair_tokens": manifest["lengths"]["longest"],
-        "tokens_per_second": manifest["tokens_per_second"],
-        "peak_gpu_memory_gib": round(manifest["peak_gpu_memory_bytes"] / 2**30, 2) if manifest["peak_gpu_memory_bytes"] else None,
-        "steps": manifest["steps"],
+        "longest_pair_tokens": manifest.lengths["longest"],
+        "tokens_per_second": manifest.tokens_per_second,
+        "peak_gpu_memory_gib": round(manifest.peak_gpu_memory_bytes / 2**30, 2) if manifest.peak_gpu_memory_bytes else None,
+        "steps": manifest.steps,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -281,8 +281,8 @@ def _run_demo_training(build: Path) -> None:
     if state.is_failed():
         _fail(f"training failed: {state.message or ''}", 1)
     manifest = state.result()
-    last = manifest["last_log"] or {}
-    console.print(f"DPO: {manifest['steps']} step(s), loss {last.get('loss', float('nan')):.4f}; model: {manifest['model_dir']}")
+    last = manifest.last_log or {}
+    console.print(f"DPO: {manifest.steps} step(s), loss {last.get('loss', float('nan')):.4f}; model: {manifest.model_dir}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,12 +324,12 @@ def train(
         )
     except (InputError, ValidationError, TrainingRefused, TrainingFailed, ValueError, FileNotFoundError) as exc:
         _fail(str(exc), 2)
-    last = manifest["last_log"] or {}
+    last = manifest.last_log or {}
     console.print(
-        f"{manifest['steps']} steps; loss {_fmt(last.get('loss'))}, reward margin {_fmt(last.get('rewards/margins'))}, "
+        f"{manifest.steps} steps; loss {_fmt(last.get('loss'))}, reward margin {_fmt(last.get('rewards/margins'))}, "
         f"accuracy {_fmt(last.get('rewards/accuracies'))}"
     )
-    console.print(f"model:    {manifest['model_dir']}")
+    console.print(f"model:    {manifest.model_dir}")
     console.print(f"manifest: {out / 'manifest.json'}")
 
 

@@ -53,3 +53,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def measured_pairs(tmp_path, monkeypatch):
+    """Reads, after a run, how many pairs each tokenisation of the pairs (`measure_lengths` call)
+    covered, in this process and in every process it started (see measure_counter/sitecustomize.py)."""
+    from longreward_core.training import data
+    from tests.measure_counter.sitecustomize import counting
+
+    log = tmp_path / "measured.log"
+    monkeypatch.setenv("LONGREWARD_MEASURE_LOG", str(log))
+    paths = [str(Path(__file__).parent / "measure_counter"), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
+    monkeypatch.setattr(data, "measure_lengths", counting(data.measure_lengths))
+    return lambda: [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []

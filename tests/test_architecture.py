@@ -4,6 +4,8 @@ its import graph has no cycle, and no module reaches into another's private name
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,3 +107,12 @@ def test_a_training_rank_loads_no_serving_stack():
             todo.extend(edges[name])
     external = {module.split(".")[0] for name in seen for module, _ in _imports(modules[name])}
     assert not external & {"litellm", "qdrant_client", "prefect"}, sorted(seen)
+
+
+def test_a_training_rank_imports_no_serving_stack_when_run():
+    """The same, for real: what importing the rank's module loads (an import hidden from the graph counts)."""
+    probe = ("import longreward_core.training.trainer, sys; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'litellm', 'qdrant_client', 'prefect'}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -35,7 +35,7 @@ def read_artifacts(flow_run_id) -> dict[str, object]:
     return {a.key: a.data for a in found}
 
 
-def test_flow_trains_and_publishes_curves_and_the_model(tiny_policy, tmp_path):
+def test_flow_trains_and_publishes_curves_and_the_model(tiny_policy, tmp_path, measured_pairs):
     pairs = write_pairs(tmp_path / "pairs.parquet", [pair_row(i) for i in range(4)])
     params = TrainParams(pairs=pairs, output_dir=tmp_path / "run", base_model=str(tiny_policy), max_steps=2,
                          effective_batch_size=2, per_device_batch_size=2, save_steps=1, learning_rate=1e-3,
@@ -43,13 +43,14 @@ def test_flow_trains_and_publishes_curves_and_the_model(tiny_policy, tmp_path):
     state = dpo_train(params, return_state=True)
     assert state.is_completed(), state.message
     manifest = state.result()
-    assert manifest["steps"] == 2 and Path(manifest["model_dir"], "config.json").exists()
+    assert manifest.steps == 2 and Path(manifest.model_dir, "config.json").exists()
+    assert measured_pairs() == [4]  # tokenised once, by check-pairs: neither train-dpo nor the rank again
     artifacts = read_artifacts(state.state_details.flow_run_id)
     assert {"dpo-lengths", "dpo-metrics", "dpo-model"} <= set(artifacts)
     metrics = json.loads(artifacts["dpo-metrics"])
     assert [row["step"] for row in metrics] == [1, 2] and all("rewards/margins" in row for row in metrics)
     assert json.loads(artifacts["dpo-lengths"])[0]["pairs"] == 4
-    assert manifest["model_dir"] in artifacts["dpo-model"] and "data:image/png;base64," in artifacts["dpo-model"]
+    assert manifest.model_dir in artifacts["dpo-model"] and "data:image/png;base64," in artifacts["dpo-model"]
     assert (tmp_path / "run" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 

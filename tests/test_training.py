@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from longreward_core.data.io import InputError
-from longreward_core.data.records import PreferencePair
+from longreward_core.data.records import PreferencePair, QuarantinedRow
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.training.config import TrainConfig
 from longreward_core.training.data import (
@@ -29,8 +29,8 @@ from longreward_core.training.data import (
     load_pairs,
     measure_lengths,
 )
-from longreward_core.training.launch import TrainingFailed, launch_training, prepare_run
-from longreward_core.training.trainer import build_trainer, train
+from longreward_core.training.launch import TrainingFailed, launch_training
+from longreward_core.training.trainer import build_trainer, prepare_run, train
 
 
 def save_tiny_llama(path: Path, seed: int, max_positions: int = 512) -> Path:
@@ -99,11 +99,11 @@ def test_two_steps_change_the_parameters_and_log_metrics(tiny_models, pairs_file
     assert [log["step"] for log in steps] == [1, 2]
     assert all(math.isfinite(log["loss"]) for log in steps)
     assert {"rewards/margins", "rewards/accuracies", "rewards/chosen", "logps/chosen"} <= set(steps[0])
-    assert manifest["steps"] == 2 and manifest["base_model"] == str(policy)
-    assert manifest["dpo_config"]["loss_type"] == ["sigmoid", "sft"]
-    assert manifest["dpo_config"]["loss_weights"] == [1.0, 0.1] and manifest["dpo_config"]["beta"] == 0.15
-    assert manifest["lengths"]["dropped"] == 0 and manifest["lengths"]["truncated"] == 0
-    assert manifest == json.loads((out / "manifest.json").read_text())
+    assert manifest.steps == 2 and manifest.base_model == str(policy)
+    assert manifest.dpo_config["loss_type"] == ["sigmoid", "sft"]
+    assert manifest.dpo_config["loss_weights"] == [1.0, 0.1] and manifest.dpo_config["beta"] == 0.15
+    assert manifest.lengths["dropped"] == 0 and manifest.lengths["truncated"] == 0
+    assert manifest.model_dump(mode="json") == json.loads((out / "manifest.json").read_text())
 
 
 def test_paper_defaults_and_effective_batch():
@@ -186,7 +186,7 @@ def test_too_long_pairs_are_counted_and_refused(tiny_models, tmp_path):
     assert not (tmp_path / "refused" / "train_config.json").exists()  # nothing launched
 
     allowed = config_for(pairs, tmp_path / "allowed", policy, max_length=cap, allow_truncation=True)
-    report = prepare_run(allowed)
+    _, report = prepare_run(allowed)
     assert (report.dropped, report.truncated) == (1, 1)
     assert json.loads((tmp_path / "allowed" / "lengths.json").read_text())["dropped_rows"] == [1]
 
@@ -216,13 +216,14 @@ def test_bad_schema_and_bad_rows(tiny_models, tmp_path):
             {**pair_row(3), "prompt": [{"role": "assistant", "content": "hi"}]}, pair_row(4)]
     loaded = load_pairs(write_pairs(tmp_path / "mixed.parquet", rows))
     assert len(loaded.dataset) == 2
-    assert [(q["prompt_id"], q["reason"]) for q in loaded.quarantined] == [
-        ("p1", "chosen must be assistant messages"), ("p2", "rejected is empty"),
-        ("p3", "prompt must end with a user message"),
+    assert [(q.line, q.row_id, q.reason) for q in loaded.quarantined] == [
+        (2, "p1", "chosen must be assistant messages"), (3, "p2", "rejected is empty"),
+        (4, "p3", "prompt must end with a user message"),
     ]
-    report = prepare_run(config_for(tmp_path / "mixed.parquet", tmp_path / "run", tiny_models[0]))
+    _, report = prepare_run(config_for(tmp_path / "mixed.parquet", tmp_path / "run", tiny_models[0]))
     assert report.pairs == 2
-    assert len((tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()) == 3
+    written = (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()
+    assert [QuarantinedRow.model_validate_json(line) for line in written] == loaded.quarantined
 
 
 def test_reads_a_published_build(tiny_models, tmp_path):
@@ -258,29 +259,30 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tiny_models, pairs_file,
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
 
     resumed = train(config)
-    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.steps == 4
     logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert logged == [1, 2, 3, 4]
     # The resumed run ends where the uninterrupted one does.
     a, b = weights(tmp_path / "straight" / "model"), weights(tmp_path / "resumed" / "model")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert resumed["last_log"]["loss"] == pytest.approx(straight["last_log"]["loss"], abs=1e-6)
+    assert resumed.last_log["loss"] == pytest.approx(straight.last_log["loss"], abs=1e-6)
 
     # Running a finished run again trains no further step and keeps the model.
     again = train(config)
-    assert again["steps"] == 4 and again["final_metrics"] == {}
+    assert again.steps == 4 and again.final_metrics == {}
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     c = weights(tmp_path / "resumed" / "model")
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-def test_accelerate_launch_streams_the_run_and_reports_failures(tiny_models, pairs_file, tmp_path):
+def test_accelerate_launch_streams_the_run_and_reports_failures(tiny_models, pairs_file, tmp_path, measured_pairs):
     policy, _ = tiny_models
     lines: list[str] = []
     manifest = launch_training(config_for(pairs_file, tmp_path / "run", policy), accelerate_config="cpu",
                                on_line=lines.append)
-    assert manifest["steps"] == 2 and (tmp_path / "run" / "model" / "config.json").exists()
+    assert measured_pairs() == [8]  # the 8 pairs were tokenised once, by the launcher, not again by the rank
+    assert manifest.steps == 2 and (tmp_path / "run" / "model" / "config.json").exists()
     assert any("'rewards/margins'" in line for line in lines)  # the trainer's own log lines, as they came
     assert any("8 pairs, longest" in line for line in lines)
 

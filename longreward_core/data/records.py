@@ -187,3 +187,30 @@ class QuarantinedRow(BaseModel):
     row_id: str | None
     reason: str
     raw: str
+
+
+class TrainingManifest(BaseModel):
+    """What a DPO run produced and from what: written as `manifest.json` in the run's output folder."""
+
+    base_model: str = Field(description="Folder of the policy that was trained.")
+    ref_model: str = Field(description="Folder of the DPO reference model (the base model when none was given).")
+    pairs: str = Field(description="The preference pairs file or dataset folder trained on.")
+    pairs_sha256: str = Field(description="sha256 of the pairs data (of each Arrow file's hash, for a dataset folder).")
+    dataset_manifest_sha256: str | None = Field(description="sha256 of the build manifest beside the pairs, if any.")
+    config: dict[str, Any] = Field(description="The run's TrainConfig, as JSON.")
+    dpo_config: dict[str, Any] = Field(description="The TRL DPOConfig values that reproduce the run (and any overrides).")
+    lengths: dict[str, int | None] = Field(
+        description="The length report without its row lists: pairs, max_length, model_limit, longest, dropped, "
+        "truncated, total_tokens."
+    )
+    quarantined: int = Field(description="Pair rows set aside as malformed (listed in quarantine.jsonl).")
+    steps: int = Field(description="Optimiser steps reached.")
+    resumed_from: str | None = Field(description="The checkpoint this run continued from, if any.")
+    final_metrics: dict[str, Any] = Field(description="The trainer's end-of-training metrics; empty when nothing was left to train.")
+    last_log: dict[str, Any] | None = Field(description="The last logged training step (loss, rewards/margins, ...).")
+    model_dir: str = Field(description="Folder of the final model and tokenizer.")
+    world_size: int = Field(description="Training processes in all.")
+    tokens_per_second: float | None = Field(description="Tokens through the policy per second of training.")
+    peak_gpu_memory_bytes: int | None = Field(description="Rank 0's peak GPU memory; None on CPU.")
+    seconds: float = Field(description="Wall time of the rank-0 process, loading included.")
+    versions: dict[str, str] = Field(description="torch, transformers and trl versions.")

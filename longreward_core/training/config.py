@@ -37,13 +37,13 @@ class TrainConfig(BaseModel):
     ref_model: str | None = Field(None, description="Reference model for DPO. None: the base model.")
     beta: float = Field(0.15, gt=0, description="DPO temperature beta.")
     sft_weight: float = Field(0.1, ge=0, description="Weight lambda of the chosen response's cross-entropy.")
-    learning_rate: float = Field(1e-6, gt=0)
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate of the policy.")
     effective_batch_size: int = Field(
         16, ge=1, description="Pairs per optimiser step, over all processes; reached by gradient accumulation."
     )
     per_device_batch_size: int = Field(1, ge=1, description="Pairs per forward pass on one device.")
     max_steps: int = Field(-1, description="Optimiser steps; -1 runs `num_train_epochs` epochs.")
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs when max_steps is -1.")
     max_length: int | None = Field(
         None, ge=16, description="Longest tokenised prompt + response. None: the longest pair in the data."
     )
@@ -52,10 +52,12 @@ class TrainConfig(BaseModel):
     )
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimiser steps; a retried run resumes there.")
     save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept; None keeps all.")
-    logging_steps: int = Field(1, ge=1)
-    gradient_checkpointing: bool = True
+    logging_steps: int = Field(1, ge=1, description="Log metrics (to metrics.jsonl) every N optimiser steps.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: long pairs fit in less memory, steps are slower."
+    )
     bf16: bool | None = Field(None, description="None: bf16 where the GPU supports it, fp32 otherwise.")
-    seed: int = 42
+    seed: int = Field(42, description="Random seed of data order, dropout and initialisation.")
     dpo_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Any other TRL DPOConfig field, by name (e.g. warmup_ratio)."
     )

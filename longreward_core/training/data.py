@@ -1,7 +1,8 @@
 """The pairs a DPO run trains on: reading and checking them, and what max_length does to them.
 
 - `load_pairs` reads what `longreward build` publishes (a build folder, its `pairs.parquet` or its
-  `datasets` folder), checks the schema, and quarantines bad rows with their reason;
+  `datasets` folder), checks the schema, and quarantines bad rows with their reason (or, given the
+  rows an earlier check quarantined, drops those without checking the rest again);
 - `measure_lengths` / `plan_lengths` tokenise every pair exactly as TRL will and count the pairs
   that `max_length` would drop or truncate, so that training never loses data silently.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from longreward_core.data.io import InputError, file_hash
+from longreward_core.data.records import QuarantinedRow
 from longreward_core.models.tokenizers import common_prefix
 from longreward_core.training.config import PAIR_COLUMNS, TrainConfig
 
@@ -45,7 +48,7 @@ class PairsDataset:
     source: Path
     pairs_sha256: str
     dataset_manifest_sha256: str | None
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[QuarantinedRow] = field(default_factory=list)  # line: the 1-based row number in `source`
 
 
 def _resolve_pairs(path: Path) -> tuple[Path, Path | None]:
@@ -92,12 +95,28 @@ def _row_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
-def load_pairs(path: str | Path) -> PairsDataset:
+def _quarantine_rows(table: pa.Table, source: Path) -> list[QuarantinedRow]:
+    """The rows whose conversation is malformed, with the reason; `line` is the 1-based row number."""
+    quarantined = []
+    for index, row in enumerate(table.select(list(PAIR_COLUMNS)).to_pylist()):
+        problem = _row_problem(row)
+        if problem is not None:
+            full_row = table.slice(index, 1).to_pylist()[0]
+            quarantined.append(QuarantinedRow(
+                source=str(source), line=index + 1, row_id=full_row.get("prompt_id"), reason=problem,
+                raw=json.dumps(full_row, ensure_ascii=False, default=str),
+            ))
+    return quarantined
+
+
+def load_pairs(path: str | Path, quarantined: list[QuarantinedRow] | None = None) -> PairsDataset:
     """The preference pairs `longreward build` published, schema-checked.
 
     Raises `PairsSchemaError` (naming the file, the column and the problem) when the columns are
     not TRL conversational pairs, and `InputError` when nothing is left to train on. Rows with a
-    malformed conversation are quarantined with their reason; the rest are returned.
+    malformed conversation are quarantined with their reason; the rest are returned. Given
+    `quarantined` (what an earlier `load_pairs` of the same data set aside), those rows are
+    dropped by their line and the others are not checked again.
     """
     import datasets
 
@@ -121,14 +140,10 @@ def load_pairs(path: str | Path) -> PairsDataset:
         )
     for name in PAIR_COLUMNS:
         _check_message_column(data_path, name, table.schema.field(name).type)
-    keep, quarantined = [], []
-    for index, row in enumerate(table.select(list(PAIR_COLUMNS)).to_pylist()):
-        problem = _row_problem(row)
-        if problem is None:
-            keep.append(index)
-        else:
-            row_id = table.column("prompt_id")[index].as_py() if "prompt_id" in table.column_names else str(index)
-            quarantined.append({"source": str(data_path), "row": index, "prompt_id": row_id, "reason": problem})
+    if quarantined is None:
+        quarantined = _quarantine_rows(table, data_path)
+    dropped = {row.line - 1 for row in quarantined}
+    keep = [index for index in range(table.num_rows) if index not in dropped]
     if not keep:
         raise InputError(f"{data_path}: no trainable pairs ({len(quarantined)} rows quarantined, {table.num_rows} read)")
     dataset = datasets.Dataset(table.take(keep))

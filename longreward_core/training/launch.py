@@ -1,15 +1,15 @@
 """Start DPO training under `accelerate launch` and stream its output line by line.
 
-The data are checked here first (schema, quarantine, lengths), so that a run that would drop or
-truncate pairs is refused before any GPU process starts. The launched processes run
-`python -m longreward_core.training.trainer OUTPUT/train_config.json` and resume from the newest
+The data are checked once, here or by the caller (schema, quarantine, lengths), so that a run that
+would drop or truncate pairs is refused before any GPU process starts. The launched processes run
+`python -m longreward_core.training.trainer OUTPUT/train_config.json`, read the length report and
+quarantine written by that check instead of tokenising the pairs again, and resume from the newest
 checkpoint in the output folder, so launching the same config again continues a stopped run.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import subprocess
 import sys
@@ -21,14 +21,10 @@ import yaml
 from pydantic import BaseModel, Field
 
 from longreward_core.data.io import atomic_write_bytes
+from longreward_core.data.records import TrainingManifest
 from longreward_core.training.config import MANIFEST, RUN_CONFIG, TrainConfig
-from longreward_core.training.data import (
-    LengthReport,
-    check_lengths,
-    load_pairs,
-    resolve_base_model,
-)
-from longreward_core.training.trainer import write_run_files
+from longreward_core.training.data import LengthReport
+from longreward_core.training.trainer import prepare_run
 
 ACCELERATE_CONFIGS = ("cpu", "zero3-single-node", "zero3-multi-node")
 
@@ -91,28 +87,23 @@ def resolved_accelerate_config(name: str, num_processes: int | None, out: Path) 
     return target
 
 
-def prepare_run(config: TrainConfig) -> LengthReport:
-    """Check the data and write the run's length report, quarantine and config; refuse lossy runs."""
-    pairs = load_pairs(config.pairs)
-    report = check_lengths(config, pairs, resolve_base_model(config))
-    write_run_files(config, pairs, report)
-    atomic_write_bytes(config.output_dir / RUN_CONFIG, config.model_dump_json(indent=2).encode())
-    return report
-
-
 def launch_training(
     config: TrainConfig,
     accelerate_config: str = "auto",
     num_processes: int | None = None,
     on_line: Callable[[str], Any] = print,
-) -> dict[str, Any]:
+    report: LengthReport | None = None,
+) -> TrainingManifest:
     """Run training in `accelerate launch` subprocesses, passing each output line to `on_line`.
 
+    `report` is what `prepare_run(config)` returned when the caller already checked the pairs
+    (its run files are in the output folder); without it the pairs are checked here, once.
     Returns the output manifest. Raises TrainingRefused before launching when pairs would be
     lost, and TrainingFailed when the processes exit with an error. Multi-node runs take the
     machine's rank and the rank-0 address from MACHINE_RANK and MAIN_PROCESS_IP.
     """
-    prepare_run(config)
+    if report is None:
+        prepare_run(config)
     launch_config = resolved_accelerate_config(accelerate_config, num_processes, config.output_dir)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config)]
     for variable, flag in (("MACHINE_RANK", "--machine_rank"), ("MAIN_PROCESS_IP", "--main_process_ip")):
@@ -141,4 +132,4 @@ def launch_training(
                 process.kill()
     if code != 0:
         raise TrainingFailed(f"training exited with code {code}; last lines:\n" + "\n".join(tail))
-    return json.loads((config.output_dir / MANIFEST).read_text())
+    return TrainingManifest.model_validate_json((config.output_dir / MANIFEST).read_text())

@@ -1,8 +1,10 @@
 """DPO training with LongReward's loss: DPO-sigmoid plus 0.1 x the chosen response's cross-entropy.
 
-`dpo_config` turns a `TrainConfig` into TRL's `DPOConfig`; `train` runs in each process started by
-`accelerate launch` (see `launch.py`): it resumes from the last checkpoint of its output folder,
-logs metrics as JSON lines, saves the final model and writes the output manifest.
+`dpo_config` turns a `TrainConfig` into TRL's `DPOConfig`; `prepare_run` checks the pairs once and
+writes the run files (length report, quarantine, config); `train` runs in each process started by
+`accelerate launch` (see `launch.py`), reading those files instead of tokenising the pairs again:
+it resumes from the last checkpoint of its output folder, logs metrics as JSON lines, saves the
+final model and writes the output manifest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from longreward_core.data.io import InputError, atomic_write_bytes
+from longreward_core.data.records import QuarantinedRow, TrainingManifest
 from longreward_core.training.config import (
     CHECKPOINTS,
     LENGTHS,
@@ -26,6 +29,7 @@ from longreward_core.training.config import (
     PAIR_COLUMNS,
     QUARANTINE,
     REPORTED_DPO_FIELDS,
+    RUN_CONFIG,
     TrainConfig,
 )
 from longreward_core.training.data import (
@@ -133,13 +137,38 @@ def build_trainer(config: TrainConfig, pairs: PairsDataset, base_model: str, rep
     )
 
 
-def write_run_files(config: TrainConfig, pairs: PairsDataset, report: LengthReport) -> None:
-    """The length report and quarantine, next to the run, before any training starts."""
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(config.output_dir / LENGTHS, json.dumps(asdict(report), indent=2).encode())
-    atomic_write_bytes(
-        config.output_dir / QUARANTINE, "".join(json.dumps(row) + "\n" for row in pairs.quarantined).encode()
-    )
+def prepare_run(config: TrainConfig) -> tuple[PairsDataset, LengthReport]:
+    """Check the pairs (schema, quarantine, every pair's length) and write the run files: the length
+    report, the quarantine and the config the launched processes read.
+
+    Raises TrainingRefused, having written nothing, when max_length would lose pairs unasked.
+    """
+    pairs = load_pairs(config.pairs)
+    report = check_lengths(config, pairs, resolve_base_model(config))
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / LENGTHS, json.dumps(asdict(report), indent=2).encode())
+    atomic_write_bytes(out / QUARANTINE, "".join(row.model_dump_json() + "\n" for row in pairs.quarantined).encode())
+    atomic_write_bytes(out / RUN_CONFIG, config.model_dump_json(indent=2).encode())
+    return pairs, report
+
+
+def read_prepared_run(config: TrainConfig) -> tuple[PairsDataset, LengthReport]:
+    """The pairs and length report that `prepare_run` wrote for this run, read back.
+
+    Nothing is tokenised and the rows are not checked again: the quarantined ones are dropped by
+    their line. Raises InputError when the pairs no longer match the report.
+    """
+    out = config.output_dir
+    report = LengthReport(**json.loads((out / LENGTHS).read_text()))
+    quarantined = [QuarantinedRow.model_validate_json(line) for line in (out / QUARANTINE).read_text().splitlines()]
+    pairs = load_pairs(config.pairs, quarantined)
+    if len(pairs.dataset) != report.pairs:
+        raise InputError(
+            f"{pairs.source}: {len(pairs.dataset)} pairs, but {out / LENGTHS} counted {report.pairs}; "
+            "the pairs changed after they were checked: launch the run again"
+        )
+    return pairs, report
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
@@ -172,11 +201,13 @@ def _copy_model_files(checkpoint: Path, model_dir: Path) -> None:
     shutil.copytree(checkpoint, model_dir, ignore=skip)
 
 
-def train(config: TrainConfig, callbacks: list[Any] = ()) -> dict[str, Any]:
+def train(config: TrainConfig, callbacks: list[Any] = (), prepared: bool = False) -> TrainingManifest:
     """Run (or resume) the DPO training described by `config`; return the output manifest.
 
-    Meant to run in each process of `accelerate launch`; works in a plain process too. A run
-    whose output folder holds checkpoints continues from the newest one.
+    With `prepared`, the pairs were already checked by `prepare_run` (the launcher does this once
+    for all processes) and its run files are read; otherwise this process checks them itself.
+    Raises TrainingRefused when max_length would lose pairs unasked. A run whose output folder
+    holds checkpoints continues from the newest one.
     """
     import torch
     import transformers
@@ -184,11 +215,8 @@ def train(config: TrainConfig, callbacks: list[Any] = ()) -> dict[str, Any]:
 
     started = time.time()
     base_model = resolve_base_model(config)
-    pairs = load_pairs(config.pairs)
-    report = check_lengths(config, pairs, base_model)
+    pairs, report = read_prepared_run(config) if prepared else prepare_run(config)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        write_run_files(config, pairs, report)
     resume = last_checkpoint(config.output_dir)
     if is_main:
         _keep_metrics_until(config.output_dir / METRICS, _checkpoint_step(resume) if resume else 0)
@@ -208,43 +236,42 @@ def train(config: TrainConfig, callbacks: list[Any] = ()) -> dict[str, Any]:
         trainer.state = finished
         if is_main:
             _copy_model_files(resume, model_dir)
-    manifest = {
-        "base_model": base_model,
-        "ref_model": config.ref_model or base_model,
-        "pairs": str(pairs.source),
-        "pairs_sha256": pairs.pairs_sha256,
-        "dataset_manifest_sha256": pairs.dataset_manifest_sha256,
-        "config": json.loads(config.model_dump_json()),
-        "dpo_config": {
-            k: getattr(trainer.args, k) for k in (*REPORTED_DPO_FIELDS, *config.dpo_overrides)
-        },
-        "lengths": {k: v for k, v in asdict(report).items() if not k.endswith("_rows")},
-        "quarantined": len(pairs.quarantined),
-        "steps": trainer.state.global_step,
-        "resumed_from": str(resume) if resume else None,
-        "final_metrics": metrics,
-        "last_log": next((log for log in reversed(trainer.state.log_history) if "loss" in log), None),
-        "model_dir": str(model_dir),
-        "world_size": trainer.args.world_size,
-        # Tokens through the policy per second of training, and this process's peak GPU memory.
-        "tokens_per_second": _tokens_per_second(trainer.state.log_history, metrics),
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "seconds": round(time.time() - started, 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-    }
+    reported_args = trainer.args.to_dict()  # enums as their values, as JSON has them
+    manifest = TrainingManifest(
+        base_model=base_model,
+        ref_model=config.ref_model or base_model,
+        pairs=str(pairs.source),
+        pairs_sha256=pairs.pairs_sha256,
+        dataset_manifest_sha256=pairs.dataset_manifest_sha256,
+        config=json.loads(config.model_dump_json()),
+        dpo_config={k: reported_args[k] for k in (*REPORTED_DPO_FIELDS, *config.dpo_overrides)},
+        lengths={k: v for k, v in asdict(report).items() if not k.endswith("_rows")},
+        quarantined=len(pairs.quarantined),
+        steps=trainer.state.global_step,
+        resumed_from=str(resume) if resume else None,
+        final_metrics=metrics,
+        last_log=next((log for log in reversed(trainer.state.log_history) if "loss" in log), None),
+        model_dir=str(model_dir),
+        world_size=trainer.args.world_size,
+        tokens_per_second=_tokens_per_second(trainer.state.log_history, metrics),
+        peak_gpu_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        seconds=round(time.time() - started, 1),
+        versions={"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+    )
     if trainer.is_world_process_zero():
-        atomic_write_bytes(config.output_dir / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
+        atomic_write_bytes(config.output_dir / MANIFEST, manifest.model_dump_json(indent=2).encode())
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the launched processes: `python -m longreward_core.training.trainer RUN_CONFIG.json`."""
+    """Entry point of the launched processes: `python -m longreward_core.training.trainer RUN_CONFIG.json`,
+    where RUN_CONFIG.json was written by `prepare_run` beside the length report and quarantine."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m longreward_core.training.trainer TRAIN_CONFIG.json")
     config = TrainConfig.model_validate_json(Path(argv[0]).read_text())
     try:
-        train(config)
+        train(config, prepared=True)
     except (InputError, TrainingRefused, ValueError) as err:
         print(f"longreward: training not started: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from err
