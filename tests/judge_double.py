@@ -1,9 +1,11 @@
 """A real OpenAI-compatible HTTP server on loopback, standing in for the judge in tests.
 
 It answers `POST .../chat/completions` with scripted judge answers chosen by the task line that
-opens every prompt template, and can inject latency, HTTP 429/500 responses, timeouts, a broken
-response body, and answers without a verdict. Every request is logged (task, temperature, time),
-so tests can count judge calls exactly.
+opens every prompt template, and can inject latency and faults (`Fault`): HTTP errors (with
+Retry-After; a 401 that quotes the token; a 400 "context length" above a size, `context_limit`),
+hangs past the timeout, truncated bodies, dropped connections, null content and answers without
+a verdict, one by one or as a seeded share of all requests (`fault_mix`). Every request is logged
+(task, temperature, time), so tests can count judge calls exactly.
 
 Default answers follow the task, so scores depend on the content:
 - helpfulness 7, logicality 8, completeness 6 (override with `ratings`);
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -72,10 +75,50 @@ class Request:
 
 @dataclass
 class Fault:
-    """One injected fault: 'status' (HTTP code), 'timeout', 'broken_body' or 'no_verdict'."""
+    """One injected fault: 'status' (an HTTP error; 401 quotes the bearer token back, as providers
+    do), 'timeout' (hangs past the client's timeout), 'broken_body' (a truncated JSON body), 'drop'
+    (the connection closes with no answer), 'no_verdict' (an answer without a verdict) or 'null'
+    (null content)."""
 
     kind: str
     status: int = 500
+    retry_after: str | None = None  # a Retry-After header on a 'status' fault
+
+
+KINDS: dict[str, Fault] = {
+    "500": Fault("status", 500),
+    "429": Fault("status", 429, retry_after="1"),
+    "hang": Fault("timeout"),
+    "garbage": Fault("no_verdict"),
+    "truncated": Fault("broken_body"),
+    "drop": Fault("drop"),
+    "null": Fault("null"),
+}
+
+
+def fault_mix(rate: float, kinds: list[str], seed: int = 0) -> Callable[[Request, int], Fault | None]:
+    """A fault rule: each request independently gets one of `kinds` (names in KINDS) with
+    probability `rate`, reproducibly for a given seed and request order."""
+    import random
+
+    rng = random.Random(seed)
+    lock = threading.Lock()
+
+    def rule(request: Request, index: int) -> Fault | None:
+        with lock:
+            hit, pick = rng.random() < rate, rng.choice(kinds)
+        return KINDS[pick] if hit else None
+
+    return rule
+
+
+def context_limit(max_chars: int) -> Callable[[Request, int], Fault | None]:
+    """A fault rule: 400 'context length exceeded' for every prompt longer than `max_chars`."""
+
+    def rule(request: Request, index: int) -> Fault | None:
+        return Fault("status", 400) if len(request.content) > max_chars else None
+
+    return rule
 
 
 @dataclass
@@ -147,9 +190,11 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:  # keep test output clean
             pass
 
-        def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        def _send(self, status: int, body: bytes, content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -183,15 +228,26 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     message = f"injected {fault.status}"
                     if fault.status == 401:  # providers quote the refused key back
                         message += f": incorrect API key provided: {self.headers.get('Authorization', '')}"
+                    if fault.status == 400:
+                        message += ": this model's maximum context length is exceeded"
                     body = json.dumps({"error": {"message": message, "type": "injected"}})
-                    self._send(fault.status, body.encode())
+                    headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+                    self._send(fault.status, body.encode(), headers=headers)
+                    return
+                if fault is not None and fault.kind == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if fault is not None and fault.kind == "timeout":
                     time.sleep(double.timeout_sleep_s)
                 if fault is not None and fault.kind == "broken_body":
                     self._send(200, b'{"choices": [ this is not json')
                     return
-                text = "I think it is fine." if fault is not None and fault.kind == "no_verdict" else double.answer(request)
+                text: str | None = double.answer(request)
+                if fault is not None and fault.kind == "no_verdict":
+                    text = "I think it is fine."
+                if fault is not None and fault.kind == "null":
+                    text = None
                 choice = (
                     {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                     if chat
@@ -205,8 +261,8 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     "choices": [choice],
                     "usage": {
                         "prompt_tokens": len(content) // 4,
-                        "completion_tokens": len(text) // 4,
-                        "total_tokens": len(content) // 4 + len(text) // 4,
+                        "completion_tokens": len(text or "") // 4,
+                        "total_tokens": len(content) // 4 + len(text or "") // 4,
                     },
                 }
                 try:

@@ -6,9 +6,14 @@ import asyncio
 
 import pytest
 
-from longreward_core.models.client import CallCache, LLMCallFailed
+from longreward_core.models.client import (
+    AuthenticationFailed,
+    CallCache,
+    LLMCallFailed,
+    RequestRejected,
+)
 from longreward_core.reward.dimensions.faithfulness import parse_support
-from longreward_core.reward.judge import Judge
+from longreward_core.reward.judge import Judge, JudgeCallFailed
 from longreward_core.reward.verdicts import (
     RATING,
     VerdictParseError,
@@ -129,3 +134,74 @@ def test_requests_per_minute_limit_spaces_requests(judge_server):
     at = sorted(r.at for r in judge_server.double.requests)
     assert len(at) == 4
     assert at[-1] - at[0] >= 3 * 0.5 - 0.05
+
+
+def test_a_refused_request_fails_at_once_with_the_providers_reason(judge_server):
+    judge_server.double.faults = [Fault("status", 400)] * 10
+    result, acc = judge_once(judge_server)
+    assert isinstance(result, RequestRejected) and not result.transport
+    assert "HTTP 400" in str(result) and "maximum context length" in str(result)
+    assert judge_server.double.count() == 1  # neither retried as a fault nor asked again for a verdict
+    assert acc.rejected == 1 and acc.failed_calls == 1
+
+
+def test_refused_credentials_stop_every_later_request(judge_server):
+    judge_server.double.faults = [Fault("status", 401)] * 10
+
+    async def run():
+        client = Judge(judge_config_for(judge_server, concurrency=1), None)
+        messages = [[{"role": "user", "content": MESSAGES[0]["content"] + str(i)}] for i in range(6)]
+        return await asyncio.gather(*(client.verdict("helpfulness", m, RATING) for m in messages), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, AuthenticationFailed) for r in results)
+    assert judge_server.double.count() == 1
+    assert all(TEST_API_KEY not in str(r) for r in results)
+
+
+def test_retry_after_is_honoured_and_capped(judge_server):
+    judge_server.double.faults = [Fault("status", 429, retry_after="2")]
+    value, _ = judge_once(judge_server, backoff_initial_s=0.1, backoff_max_s=5.0)
+    at = [r.at for r in judge_server.double.requests]
+    assert value == 7.0 and at[1] - at[0] >= 2.0
+    judge_server.double.reset()
+    judge_server.double.faults = [Fault("status", 429, retry_after="30")]
+    value, _ = judge_once(judge_server, backoff_initial_s=0.1, backoff_max_s=0.5)
+    at = [r.at for r in judge_server.double.requests]
+    assert value == 7.0 and 0.5 <= at[1] - at[0] < 2.0
+
+
+def test_identical_requests_in_flight_are_sent_once(judge_server, tmp_path):
+    judge_server.double.latency_s = 0.2
+    cache = CallCache(tmp_path / "cache.sqlite")
+
+    async def run():
+        client = Judge(judge_config_for(judge_server), cache)
+        values = await asyncio.gather(*(client.verdict("helpfulness", MESSAGES, RATING) for _ in range(5)))
+        return values, client.accounting.purpose("helpfulness")
+
+    values, acc = asyncio.run(run())
+    cache.close()
+    assert values == [7.0] * 5 and judge_server.double.count() == 1 and acc.coalesced == 4
+
+
+def test_unparsed_answers_are_not_cached_so_a_rerun_asks_again(judge_server, tmp_path):
+    cache = CallCache(tmp_path / "cache.sqlite")
+    judge_server.double.faults = [Fault("no_verdict")] * 3 + [Fault("null")] * 2
+    failed, _ = judge_once(judge_server, cache)
+    assert isinstance(failed, JudgeCallFailed) and judge_server.double.count() == 5
+    healthy, acc = judge_once(judge_server, cache)  # the judge is healthy again
+    assert healthy == 7.0 and judge_server.double.count() == 6 and acc.calls == 1
+    again, acc = judge_once(judge_server, cache)
+    assert again == 7.0 and judge_server.double.count() == 6 and acc.cache_hits == 1
+    cache.close()
+
+
+def test_secrets_of_the_environment_are_redacted_from_errors(judge_server, monkeypatch):
+    provider_key = "sk-provider-variable-0a1b2c3d4e"
+    monkeypatch.setenv("OPENAI_API_KEY", provider_key)
+    judge_server.double.faults = [Fault("status", 401)]
+    result, _ = judge_once(judge_server, api_key=None)  # litellm sends the provider's variable
+    assert isinstance(result, AuthenticationFailed)
+    assert judge_server.double.authorization == [f"Bearer {provider_key}"]
+    assert provider_key not in str(result) and "***" in str(result)
