@@ -196,3 +196,22 @@ def test_api_key_never_reaches_outputs(judge_server, small_input, tmp_path, caps
     for path in out.rglob("*"):
         if path.is_file():
             assert TEST_API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_a_statement_several_candidates_make_is_verified_once(judge_server, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p1", "context": DOC, "query": "When was the station built?"}])
+    shared = "The station at Calder Ridge was built in 1962 and lifts water to the Hilltop reservoir."
+    candidates = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt_id": "p1", "candidate_id": "a", "response": shared},
+            {"prompt_id": "p1", "candidate_id": "b", "response": shared.upper().replace(".", "!") + " Its three pumps were replaced in 2021."},
+            {"prompt_id": "p1", "candidate_id": "c", "response": "It was built in 1850. " + shared.lower()},
+        ],
+    )
+    run = score_files(prompts, candidates, tmp_path / "out", judge_config_for(judge_server), SCORING)
+    # Three distinct statements across the candidates (the shared one in three spellings).
+    assert judge_server.double.count("support") == 3
+    scores = {r["candidate_id"]: r for r in pl.read_parquet(run.scores_path).iter_rows(named=True)}
+    assert scores["a"]["faithfulness"] == 10.0 and scores["a"]["faithfulness_statements"] == 1
+    assert scores["b"]["faithfulness_statements"] == 2 and scores["c"]["faithfulness_statements"] == 2

@@ -150,6 +150,8 @@ class Scorer:
             hits = await asyncio.to_thread(self.index.query, doc.doc_id, doc.chunking, statements, self.config.top_k)
             return [doc.evidence(h) for h in hits]
 
+        checks = faithfulness.SupportChecks(self.judge, retrieve, language)
+
         async def completeness_of(response: str) -> float:
             try:
                 points = await key_points
@@ -162,7 +164,7 @@ class Scorer:
             results = await asyncio.gather(
                 _as_result(helpfulness.score_helpfulness(self.judge, language, q, r)),
                 _as_result(logicality.score_logicality(self.judge, language, q, r)),
-                _as_result(faithfulness.score_faithfulness(self.judge, retrieve, language, q, r)),
+                _as_result(faithfulness.score_faithfulness(self.judge, checks, language, q, r)),
                 _as_result(completeness_of(r)),
             )
             score = CandidateScore(
@@ -185,7 +187,7 @@ class Scorer:
                 if not task.done():
                     task.cancel()
             # Retrieve exceptions of shared tasks nobody awaited (e.g. every candidate failed early).
-            await asyncio.gather(indexed, key_points, return_exceptions=True)
+            await asyncio.gather(indexed, key_points, checks.close(), return_exceptions=True)
 
     def close(self) -> None:
         self.index.close()

@@ -4,7 +4,8 @@
    prompt files faithfulness_statements.{en,zh}.txt.
 2. Each distinct statement retrieves its top-k retrieval chunks, put back in document order.
 3. One call per distinct statement grades support (faithfulness_support.{en,zh}.txt):
-   Fully supported = 1, Partially supported = 0.5, No support = 0.
+   Fully supported = 1, Partially supported = 0.5, No support = 0. A statement that several
+   candidates of a prompt make is retrieved and graded once (`SupportChecks`).
 Score = 10 x mean support.
 
 A response with no factual statement (a refusal, a purely functional reply) scores 10: it asserts
@@ -54,16 +55,56 @@ SUPPORT = VerdictFormat(
 )
 
 
+def statement_key(statement: str) -> str:
+    """What makes two statements the same: case, spacing and final punctuation are ignored."""
+    return re.sub(r"\s+", " ", statement).strip().rstrip(".。!！").casefold()
+
+
 def distinct(statements: list[str]) -> list[str]:
-    """Statements with duplicates removed (case, spacing and final punctuation ignored), in order."""
+    """Statements with duplicates removed (see `statement_key`), in order."""
     seen: set[str] = set()
     out = []
     for s in statements:
-        key = re.sub(r"\s+", " ", s).strip().rstrip(".。!！").casefold()
+        key = statement_key(s)
         if key and key not in seen:
             seen.add(key)
             out.append(s)
     return out
+
+
+class SupportChecks:
+    """The support verdicts of one prompt's statements, shared by all its candidates.
+
+    A statement that several candidates make is retrieved and graded once: every candidate gets
+    the same verdict, and the judge is asked one question instead of several.
+    """
+
+    def __init__(self, judge: Judge, retrieve: Retriever, language: str):
+        self._judge = judge
+        self._retrieve = retrieve
+        self._language = language
+        self._checks: dict[str, asyncio.Future[float]] = {}
+
+    async def supports(self, statements: list[str]) -> list[float]:
+        """1 / 0.5 / 0 per statement (raises LLMCallFailed when a verdict cannot be had)."""
+        fresh = distinct([s for s in statements if statement_key(s) not in self._checks])
+        if fresh:
+            # Registered before any await, so a candidate arriving meanwhile waits for these.
+            evidence = asyncio.ensure_future(self._retrieve(fresh))
+            for i, statement in enumerate(fresh):
+                self._checks[statement_key(statement)] = asyncio.ensure_future(self._grade(statement, evidence, i))
+        return list(await asyncio.gather(*(self._checks[statement_key(s)] for s in statements)))
+
+    async def _grade(self, statement: str, evidence: asyncio.Future[list[str]], index: int) -> float:
+        excerpts = (await evidence)[index]
+        messages = render("faithfulness_support", self._language, evidence=excerpts, statement=statement)
+        return await self._judge.verdict(DIMENSION, messages, SUPPORT)
+
+    async def close(self) -> None:
+        """Stop checks nobody waits for any more (their candidates already failed)."""
+        for check in self._checks.values():
+            check.cancel()
+        await asyncio.gather(*self._checks.values(), return_exceptions=True)
 
 
 async def extract_statements(judge: Judge, language: str, question: str, response: str) -> list[str]:
@@ -73,17 +114,11 @@ async def extract_statements(judge: Judge, language: str, question: str, respons
 
 
 async def score_faithfulness(
-    judge: Judge, retrieve: Retriever, language: str, question: str, response: str
+    judge: Judge, checks: SupportChecks, language: str, question: str, response: str
 ) -> DimensionResult:
     """Faithfulness 0-10 with the number of statements judged; raises LLMCallFailed on failure."""
     statements = await extract_statements(judge, language, question, response)
     if not statements:
         return DimensionResult(score=10.0, statements=0)
-    evidence = await retrieve(statements)
-    supports = await asyncio.gather(
-        *(
-            judge.verdict(DIMENSION, render("faithfulness_support", language, evidence=e, statement=s), SUPPORT)
-            for s, e in zip(statements, evidence, strict=True)
-        )
-    )
+    supports = await checks.supports(statements)
     return DimensionResult(score=10.0 * sum(supports) / len(supports), statements=len(statements))
