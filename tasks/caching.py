@@ -21,6 +21,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from longreward_core.data.io import file_hash
+from longreward_core.models.client import AuthenticationFailed
 
 # Retries of a stage task: 10 s, 20 s, 40 s ... each with up to 50% jitter.
 RETRY_DELAYS = exponential_backoff(backoff_factor=10)
@@ -52,6 +53,12 @@ def stage_cache_key(
     return key
 
 
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """A task's retry_condition_fn: refused credentials fail every retry alike, so the task (and
+    the run) ends at once; any other failure goes to the retry policy."""
+    return not isinstance(state.data, AuthenticationFailed)
+
+
 def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...]):
     """The decorator of a per-shard stage task: run name '<stage>-shard-NNNN', retries with
     exponential backoff and jitter, and a persisted result cached by stage_cache_key."""
@@ -60,6 +67,7 @@ def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], lis
         task_run_name=f"{stage}-{{shard_name}}",
         retries=2,
         retry_delay_seconds=RETRY_DELAYS,
+        retry_condition_fn=worth_retrying,
         retry_jitter_factor=RETRY_JITTER,
         cache_key_fn=stage_cache_key(stage, version, inputs, config),
         cache_expiration=CACHE_EXPIRATION,
