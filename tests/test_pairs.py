@@ -269,7 +269,12 @@ def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path):
     """A build where no prompt qualifies still publishes: an empty dataset with the pair columns."""
     import datasets
 
-    from longreward_core.data.records import PAIRS_SCHEMA, BuildCounts, BuildManifest, BuildModels
+    from longreward_core.data.records import (
+        PAIRS_SCHEMA,
+        BuildCounts,
+        BuildManifest,
+        BuildModels,
+    )
     from longreward_core.pipeline.build import publish_dataset
 
     empty = tmp_path / "pairs.parquet"
