@@ -265,26 +265,16 @@ def test_pairs_files_end_to_end(tmp_path: Path) -> None:
     assert sorted(p.name for p in out_path.parent.iterdir()) == ["pairs.parquet"]  # no temp files left
 
 
-def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path):
+def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path, empty_build_manifest):
     """A build where no prompt qualifies still publishes: an empty dataset with the pair columns."""
     import datasets
 
-    from longreward_core.data.records import (
-        PAIRS_SCHEMA,
-        BuildCounts,
-        BuildManifest,
-        BuildModels,
-    )
+    from longreward_core.data.records import PAIRS_SCHEMA
     from longreward_core.pipeline.build import publish_dataset
 
     empty = tmp_path / "pairs.parquet"
     pl.DataFrame([], schema=PAIRS_SCHEMA).write_parquet(empty)
-    counts = BuildCounts(prompts=0, quarantined_rows=0, shards=0, candidates=0, scored=0, failed=0, pairs=0,
-                         prompts_without_pair={})
-    manifest = BuildManifest(built_at="2026-11-21T00:00:00+00:00", inputs={}, parameters={}, quarantine=None,
-                             models=BuildModels(policy=None, judge="j", embedding="e"), counts=counts,
-                             judge_accounting={}, judge_cost_usd=0.0)
-    manifest_path = publish_dataset(empty, tmp_path / "build", manifest)
+    manifest_path = publish_dataset(empty, tmp_path / "build", empty_build_manifest)
     dataset = datasets.load_from_disk(str(tmp_path / "build" / "dataset"))
     assert dataset.num_rows == 0
     assert set(dataset.column_names) == set(PAIRS_SCHEMA.names())
