@@ -46,7 +46,7 @@ def worker(mode: str, prompts: int, candidates: int, shard_size: int, api_base: 
         started = time.perf_counter()
         run = score_files(prompts_path, candidates_path, work / "out", judge, scoring)
         result["wall_seconds"] = time.perf_counter() - started
-        result["scored"] = run.summary["scored"]
+        result["scored"] = run.summary.scored
     else:
         from prefect.testing.utilities import prefect_test_harness
 

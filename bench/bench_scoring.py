@@ -124,13 +124,13 @@ def main() -> None:
         cold_label, cold_wall, cold_requests, cold = runs[0]
         _, warm_wall, warm_requests, warm = runs[1]
         _, rerun_wall, rerun_requests, rerun = runs[2]
-        total = cold["judge"]["total"]
+        total = cold.judge["total"]
         calls = total["calls"]
         floor_throughput = calls * args.latency / args.concurrency
         critical_path = 2 * args.latency  # statement extraction -> verification (or key points -> judgement)
         floor = max(critical_path, floor_throughput)
         # Embeddings run one batch at a time on the CPU, so their total is a floor of its own.
-        embedding_floor = cold["embedding_seconds"]
+        embedding_floor = cold.embedding_seconds
         result = {
             "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
@@ -140,7 +140,7 @@ def main() -> None:
             "judge_calls": calls,
             "judge_requests_seen_by_server": cold_requests,
             "judge_calls_per_prompt": calls / args.prompts,
-            "judge_calls_per_purpose": {d: v["calls"] for d, v in cold["judge"]["per_purpose"].items()},
+            "judge_calls_per_purpose": {d: v["calls"] for d, v in cold.judge["per_purpose"].items()},
             "prompt_tokens_per_prompt": total["prompt_tokens"] / args.prompts,
             "completion_tokens_per_prompt": total["completion_tokens"] / args.prompts,
             "wall_seconds": round(cold_wall, 2),
@@ -150,16 +150,16 @@ def main() -> None:
             "wall_over_floor_with_embedding": round(cold_wall / max(floor, embedding_floor), 3),
             "warm_index_wall_seconds": round(warm_wall, 2),
             "warm_index_judge_requests": warm_requests,
-            "warm_index_embedding_seconds": warm["embedding_seconds"],
+            "warm_index_embedding_seconds": warm.embedding_seconds,
             "warm_index_wall_over_floor": round(warm_wall / floor, 3),
             "retrieval_chunks": retrieval_chunks,
-            "chunk_embeddings_cold": cold["chunk_embeddings"],
-            "chunk_embeddings_per_chunk_cold": cold["chunk_embeddings"] / retrieval_chunks,
-            "chunk_embeddings_rerun": rerun["chunk_embeddings"],
+            "chunk_embeddings_cold": cold.chunk_embeddings,
+            "chunk_embeddings_per_chunk_cold": cold.chunk_embeddings / retrieval_chunks,
+            "chunk_embeddings_rerun": rerun.chunk_embeddings,
             "judge_requests_rerun": rerun_requests,
             "rerun_wall_seconds": round(rerun_wall, 2),
-            "scored": cold["scored"],
-            "failed": cold["failed"],
+            "scored": cold.scored,
+            "failed": cold.failed,
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

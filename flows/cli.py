@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -39,6 +39,9 @@ from longreward_core.evaluation.v2 import V2_MAX_INPUT_TOKENS
 from longreward_core.pipeline.sampling import PolicyConfig
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
+
+if TYPE_CHECKING:
+    from longreward_core.pipeline.score import ScoreRun
 
 __all__ = ["app"]
 
@@ -129,32 +132,32 @@ def score(
     _print_summary(run)
 
 
-def _print_summary(run: Any) -> None:
+def _print_summary(run: ScoreRun) -> None:
     s = run.summary
-    total = s["judge"]["total"]
+    total = s.judge["total"]
     table = Table(title="LongReward scores", show_header=True)
     table.add_column("")
     table.add_column("value", justify="right")
     for label, value in [
-        ("prompts", s["prompts"]),
-        ("candidates", s["candidates"]),
-        ("scored", s["scored"]),
-        ("failed", s["failed"]),
-        ("quarantined rows", s["quarantined"]),
-        ("mean reward", _fmt(s["mean_reward"])),
-        *[(f"mean {d}", _fmt(v)) for d, v in s["mean_by_dimension"].items()],
+        ("prompts", s.prompts),
+        ("candidates", s.candidates),
+        ("scored", s.scored),
+        ("failed", s.failed),
+        ("quarantined rows", s.quarantined),
+        ("mean reward", _fmt(s.mean_reward)),
+        *[(f"mean {d}", _fmt(v)) for d, v in s.mean_by_dimension.items()],
         ("judge requests", total["calls"]),
         ("judge cache hits", total["cache_hits"]),
         ("judge tokens (prompt / completion)", f"{total['prompt_tokens']} / {total['completion_tokens']}"),
         ("judge cost (USD, where known)", f"{total['cost_usd']:.4f}"),
         ("verdict parse failures (retried)", total["parse_failures"]),
         ("transport errors (retried)", total["transport_errors"]),
-        ("chunk embeddings computed", s["chunk_embeddings"]),
-        ("wall seconds", s["wall_seconds"]),
+        ("chunk embeddings computed", s.chunk_embeddings),
+        ("wall seconds", s.wall_seconds),
     ]:
         table.add_row(label, str(value))
-    if "embedded_judge" in s:
-        e = s["embedded_judge"]
+    if s.embedded_judge is not None:
+        e = s.embedded_judge
         verdicts = e["verdicts_unaided"] + e["verdicts_constrained"]
         rate = f"{100 * e['verdicts_unaided'] / verdicts:.0f}%" if verdicts else "n/a"
         table.add_row("embedded judge: verdicts written unaided", f"{e['verdicts_unaided']}/{verdicts} ({rate})")
@@ -162,7 +165,7 @@ def _print_summary(run: Any) -> None:
     console.print(f"scores:     {run.scores_path}")
     console.print(f"accounting: {run.accounting_path}")
     if run.quarantine_path:
-        console.print(f"[yellow]quarantine: {run.quarantine_path} ({s['quarantined']} rows, see 'reason')")
+        console.print(f"[yellow]quarantine: {run.quarantine_path} ({s.quarantined} rows, see 'reason')")
 
 
 @app.command()

@@ -13,8 +13,6 @@ judge call.
 from __future__ import annotations
 
 import hashlib
-import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,13 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import BuildParams
-from longreward_core.data.io import file_hash
-from longreward_core.data.records import DIMENSIONS
+from longreward_core.data.records import BuildModels
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.pipeline.build import (
+    RewardDistribution,
+    build_manifest,
+    reward_distribution,
+)
 from tasks.index import index_documents
 from tasks.pairs import build_pairs
 from tasks.publish import publish
@@ -46,7 +48,8 @@ from tasks.shard import load_and_shard
 
 @flow(name="preference-build", log_prints=True)
 def preference_build(params: BuildParams) -> dict[str, Any]:
-    """Build a DPO preference dataset; returns the manifest (see longreward_core.pipeline.build.publish_dataset)."""
+    """Build a DPO preference dataset; returns the manifest (longreward_core.pipeline.build.build_manifest)
+    with `manifest_path` and `dataset_dir`."""
     logger = get_run_logger()
     build = params.build_dir()
     cache_path = str(params.cache_path())
@@ -104,37 +107,20 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
 
     shard_dirs = [str(d) for d in plan.shard_dirs]
     pairs = build_pairs_task(shard_dirs, params.pairs, str(build / "pairs.parquet"))
+    manifest = build_manifest(
+        plan, [results[n]["summary"] for n in names],
+        pairs=pairs["count"], prompts_without_pair=pairs["skipped"],
+        prompts_path=params.prompts, candidates_path=params.candidates,
+        parameters=params.model_dump(mode="json"),
+        models=BuildModels(policy=None if params.candidates else params.policy.model, judge=params.judge.model,
+                           embedding=params.scoring.embedding_model),
+    )
     scores = pl.concat([pl.read_parquet(results[n]["scores"]) for n in names])
-    accounting = RunAccounting()
-    for r in results.values():
-        accounting.add(RunAccounting.from_dict(r["summary"]["judge"]))
-    _score_artifacts(scores, accounting)
-    manifest = {
-        "built_at": datetime.now(timezone.utc).isoformat(),
-        "inputs": {
-            "prompts": {"path": params.prompts, "sha256": file_hash(params.prompts)},
-            "candidates": {"path": params.candidates, "sha256": file_hash(params.candidates)} if params.candidates else None,
-        },
-        "parameters": params.model_dump(mode="json"),
-        "models": {"policy": None if params.candidates else params.policy.model, "judge": params.judge.model,
-                   "embedding": params.scoring.embedding_model},
-        "counts": {
-            "prompts": plan.prompts,
-            "quarantined_rows": plan.quarantined,
-            "shards": len(names),
-            "candidates": scores.height,
-            "scored": scores.filter(pl.col("status") == "scored").height,
-            "failed": scores.filter(pl.col("status") == "failed").height,
-            "pairs": pairs["count"],
-            "prompts_without_pair": pairs["skipped"],
-        },
-        "quarantine": str(plan.quarantine_path) if plan.quarantine_path else None,
-        "judge_accounting": accounting.to_dict(),
-        "judge_cost_usd": accounting.total.cost_usd,
-    }
+    _score_artifacts(reward_distribution(scores), RunAccounting.from_dict(manifest.judge_accounting))
     manifest_path = publish(pairs["pairs"], str(build), manifest)
     logger.info("dataset published in %s", build)
-    published = {**manifest, "manifest_path": manifest_path, "dataset_dir": str(build / "dataset")}
+    published = {**manifest.model_dump(mode="json", exclude={"pairs_sha256"}), "manifest_path": manifest_path,
+                 "dataset_dir": str(build / "dataset")}
     if params.train_deployment and pairs["count"]:
         training = run_deployment(
             params.train_deployment,
@@ -168,35 +154,29 @@ def _shard_table(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> 
     for name in sorted(set(results) | set(failed)):
         if name in results:
             s = results[name]["summary"]
-            t = s["judge"]["total"]
-            rows.append({"shard": name, "status": "completed", "candidates": s["candidates"], "scored": s["scored"],
-                         "failed": s["failed"], "judge requests": t["calls"], "cache hits": t["cache_hits"]})
+            t = s.judge["total"]
+            rows.append({"shard": name, "status": "completed", "candidates": s.candidates, "scored": s.scored,
+                         "failed": s.failed, "judge requests": t["calls"], "cache hits": t["cache_hits"]})
         else:
             rows.append({"shard": name, "status": "failed", "candidates": None, "scored": None, "failed": None,
                          "judge requests": None, "cache hits": None, "reason": failed[name][:200]})
     create_table_artifact(key="shards", table=rows, description="Shards of this build")
 
 
-def _score_artifacts(scores: pl.DataFrame, accounting: RunAccounting) -> None:
-    scored = scores.filter(pl.col("status") == "scored")
-    rewards = scored["reward"].to_list()
-    bins = [0] * 10
-    for r in rewards:
-        bins[min(int(r), 9)] += 1
+def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting) -> None:
+    bins = distribution.histogram
     top = max(bins) or 1
     histogram = "\n".join(f"| {i}-{i + 1} | {n} | {'█' * round(30 * n / top)} |" for i, n in enumerate(bins))
-    distribution = []
-    for d in DIMENSIONS:
-        values = sorted(scored[d].to_list())
-        if values:
-            q = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
-            distribution.append(f"| {d} | {statistics.fmean(values):.2f} | {q[0]:.2f} | {statistics.median(values):.2f} | {q[-1]:.2f} |")
+    by_dimension = "\n".join(
+        f"| {r['dimension']} | {r['mean']:.2f} | {r['p10']:.2f} | {r['median']:.2f} | {r['p90']:.2f} |"
+        for r in distribution.by_dimension.iter_rows(named=True)
+    )
     create_markdown_artifact(
         key="rewards",
         markdown="## Reward histogram\n\n| reward | candidates | |\n|---|---|---|\n" + histogram
         + "\n\n## Scores by dimension\n\n| dimension | mean | p10 | median | p90 |\n|---|---|---|---|---|\n"
-        + "\n".join(distribution),
-        description=f"{len(rewards)} scored candidates",
+        + by_dimension,
+        description=f"{distribution.scored} scored candidates",
     )
     create_table_artifact(
         key="judge-accounting",

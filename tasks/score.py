@@ -14,7 +14,7 @@ from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from tasks.caching import shard_stage, with_secret_key
 
-VERSION = 1
+VERSION = 2  # 2: the summary is a ScoreSummary
 
 
 class ShardIncomplete(RuntimeError):
@@ -46,11 +46,11 @@ def score_shard(
         run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring, cache_path=cache_path)
     summary = run.summary
     logger = get_run_logger()
-    total = summary["judge"]["total"]
+    total = summary.judge["total"]
     logger.info(
         "%s: %d scored, %d failed; %d judge requests, %d cache hits",
-        shard_name, summary["scored"], summary["failed"], total["calls"], total["cache_hits"],
+        shard_name, summary.scored, summary.failed, total["calls"], total["cache_hits"],
     )
-    if summary["unreachable"]:
-        raise ShardIncomplete(f"{shard_name}: the judge was unreachable for {summary['unreachable']} candidates")
+    if summary.unreachable:
+        raise ShardIncomplete(f"{shard_name}: the judge was unreachable for {summary.unreachable} candidates")
     return {"shard": shard_name, "scores": str(run.scores_path), "summary": summary}

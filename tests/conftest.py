@@ -1,4 +1,5 @@
-"""Shared fixtures: the loopback judge double, judge configs pointing at it, the sample data."""
+"""Shared fixtures: the loopback judge double, judge configs pointing at it, the sample data, a
+build manifest."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from longreward_core.data.records import BuildCounts, BuildManifest, BuildModels  # noqa: E402
 from longreward_core.reward.judge import JudgeConfig  # noqa: E402
 from tests.judge_double import JudgeDouble, JudgeServer  # noqa: E402
 
@@ -68,3 +70,12 @@ def measured_pairs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
     monkeypatch.setattr(data, "measure_lengths", counting(data.measure_lengths))
     return lambda: [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def empty_build_manifest() -> BuildManifest:
+    """The manifest of a build that saw nothing, for tests of publishing and reading a build."""
+    counts = BuildCounts(prompts=0, quarantined_rows=0, shards=0, candidates=0, scored=0, failed=0, pairs=0,
+                         prompts_without_pair={})
+    return BuildManifest(built_at="2026-11-21T00:00:00+00:00", inputs={}, parameters={}, quarantine=None,
+                         models=BuildModels(policy=None, judge="judge", embedding="embedding"), counts=counts,
+                         judge_accounting={}, judge_cost_usd=0.0)

@@ -265,7 +265,7 @@ def test_pairs_files_end_to_end(tmp_path: Path) -> None:
     assert sorted(p.name for p in out_path.parent.iterdir()) == ["pairs.parquet"]  # no temp files left
 
 
-def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path):
+def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path, empty_build_manifest):
     """A build where no prompt qualifies still publishes: an empty dataset with the pair columns."""
     import datasets
 
@@ -274,8 +274,8 @@ def test_publish_writes_a_loadable_dataset_even_without_pairs(tmp_path):
 
     empty = tmp_path / "pairs.parquet"
     pl.DataFrame([], schema=PAIRS_SCHEMA).write_parquet(empty)
-    manifest_path = publish_dataset(empty, tmp_path / "build", {"counts": {"pairs": 0}})
+    manifest_path = publish_dataset(empty, tmp_path / "build", empty_build_manifest)
     dataset = datasets.load_from_disk(str(tmp_path / "build" / "dataset"))
     assert dataset.num_rows == 0
     assert set(dataset.column_names) == set(PAIRS_SCHEMA.names())
-    assert json.loads(manifest_path.read_text())["counts"] == {"pairs": 0}
+    assert json.loads(manifest_path.read_text())["counts"]["pairs"] == 0

@@ -226,12 +226,12 @@ def test_bad_schema_and_bad_rows(tiny_models, tmp_path):
     assert [QuarantinedRow.model_validate_json(line) for line in written] == loaded.quarantined
 
 
-def test_reads_a_published_build(tiny_models, tmp_path):
+def test_reads_a_published_build(tiny_models, tmp_path, empty_build_manifest):
     from longreward_core.data.io import file_hash
     from longreward_core.pipeline.build import publish_dataset
 
     build = tmp_path / "build"
-    publish_dataset(write_pairs(tmp_path / "pairs.parquet", [pair_row(i) for i in range(3)]), build, {"counts": {}})
+    publish_dataset(write_pairs(tmp_path / "pairs.parquet", [pair_row(i) for i in range(3)]), build, empty_build_manifest)
     for source in (build, build / "pairs.parquet", build / "dataset"):
         loaded = load_pairs(source)
         assert len(loaded.dataset) == 3

@@ -214,3 +214,98 @@ class TrainingManifest(BaseModel):
     peak_gpu_memory_bytes: int | None = Field(description="Rank 0's peak GPU memory; None on CPU.")
     seconds: float = Field(description="Wall time of the rank-0 process, loading included.")
     versions: dict[str, str] = Field(description="torch, transformers and trl versions.")
+
+
+class ScoreSummary(BaseModel):
+    """What a scoring run did: counts, mean scores, embedding work and judge accounting.
+
+    Written as the run's `accounting.json`; `embedded_judge` is left out unless the judge is the
+    embedded model.
+    """
+
+    prompts: int = Field(description="Valid prompts read.")
+    candidates: int = Field(description="Valid candidates read (each is scored).")
+    scored: int = Field(description="Candidates with a reward.")
+    failed: int = Field(description="Candidates without a reward (some dimension failed).")
+    quarantined: int = Field(description="Input rows refused, with their reason in quarantine.parquet.")
+    unreachable: int = Field(description="Failed candidates whose judge could not be reached: work to retry.")
+    mean_reward: float | None = Field(description="Mean reward of the scored candidates; None when none was scored.")
+    mean_by_dimension: dict[str, float] = Field(description="Mean score per dimension of the scored candidates.")
+    chunk_embeddings: int = Field(description="Document chunks embedded (0 when every document was indexed before).")
+    statement_embeddings: int = Field(description="Factual statements embedded for retrieval.")
+    embedding_seconds: float = Field(description="Time the embedder was busy, seconds.")
+    wall_seconds: float = Field(description="Duration of the run, seconds.")
+    judge_model: str = Field(description="litellm model string of the judge.")
+    worker_pid: int = Field(description="The process that scored (shards may run on several).")
+    judge: dict[str, Any] = Field(description="Judge requests per purpose and in total (RunAccounting.to_dict()).")
+    embedded_judge: dict[str, Any] | None = Field(None, description="Verdict statistics of the embedded judge.")
+
+    def to_json(self) -> bytes:
+        """The summary as `accounting.json` content."""
+        exclude = {"embedded_judge"} if self.embedded_judge is None else None
+        return self.model_dump_json(indent=2, exclude=exclude).encode("utf-8")
+
+
+class SampleReport(BaseModel):
+    """What sampling did for one prompt; a row of a shard's `sampling.parquet`."""
+
+    prompt_id: str
+    context_tokens: int
+    kept_tokens: int  # < context_tokens when the document was cut in the middle
+    sampled: int
+    failed: int
+    error: str | None = None
+
+
+SAMPLING_SCHEMA = pl.Schema(
+    {
+        "prompt_id": pl.String,
+        "context_tokens": pl.Int64,  # the document's length in policy tokens
+        "kept_tokens": pl.Int64,
+        "sampled": pl.Int64,  # candidates obtained
+        "failed": pl.Int64,  # candidates given up on
+        "error": pl.String,  # the distinct reasons, "; "-joined
+    }
+)
+
+
+class InputFile(BaseModel):
+    """An input of a build and its content hash."""
+
+    path: str
+    sha256: str
+
+
+class BuildModels(BaseModel):
+    """The models a build used."""
+
+    policy: str | None = Field(description="Policy that sampled the candidates; None when they were given.")
+    judge: str
+    embedding: str
+
+
+class BuildCounts(BaseModel):
+    """How many of each thing a build saw and made."""
+
+    prompts: int = Field(description="Valid prompts read.")
+    quarantined_rows: int = Field(description="Input rows refused (prompts and candidates).")
+    shards: int
+    candidates: int = Field(description="Candidates scored over all shards.")
+    scored: int = Field(description="Candidates with a reward.")
+    failed: int = Field(description="Candidates without a reward.")
+    pairs: int
+    prompts_without_pair: dict[str, int] = Field(description="Prompts that yielded no pair, by reason.")
+
+
+class BuildManifest(BaseModel):
+    """A published preference dataset's `manifest.json`: where it came from and what it holds."""
+
+    built_at: str = Field(description="UTC time of the build, ISO 8601.")
+    inputs: dict[str, InputFile | None] = Field(description="`prompts` and `candidates` (None when sampled).")
+    parameters: dict[str, Any] = Field(description="The build's parameters as JSON (secrets excluded).")
+    models: BuildModels
+    counts: BuildCounts
+    quarantine: str | None = Field(description="Path of the refused rows, when there were any.")
+    judge_accounting: dict[str, Any] = Field(description="Judge requests over all shards (RunAccounting.to_dict()).")
+    judge_cost_usd: float
+    pairs_sha256: str | None = Field(None, description="Content hash of pairs.parquet, set when published.")

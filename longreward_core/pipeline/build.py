@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,31 @@ from longreward_core.data.io import (
     write_quarantine,
 )
 from longreward_core.data.pairs import PairConfig, PairsResult
-from longreward_core.data.records import CANDIDATES_SCHEMA, PROMPTS_SCHEMA, Candidate
+from longreward_core.data.records import (
+    CANDIDATES_SCHEMA,
+    DIMENSIONS,
+    PROMPTS_SCHEMA,
+    SAMPLING_SCHEMA,
+    BuildCounts,
+    BuildManifest,
+    BuildModels,
+    Candidate,
+    InputFile,
+    SampleReport,
+    ScoreSummary,
+)
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.client import CallCache, LLMClient
 from longreward_core.models.event_loop import run_async
-from longreward_core.pipeline.sampling import (
-    PolicyConfig,
-    SampleReport,
-    sample_candidates,
-)
+from longreward_core.pipeline.sampling import PolicyConfig, sample_candidates
 from longreward_core.pipeline.score import pairs_files
-from longreward_core.reward.scorer import ScoringConfig
+from longreward_core.reward.scorer import (
+    ScoringConfig,
+    open_chunk_index,
+    prepare_document,
+)
+
+REWARD_BINS = 10  # unit bins over the 0-10 reward scale
 
 
 @dataclass
@@ -83,26 +98,14 @@ def write_shards(
 
 
 def index_shard(shard_dir: str | Path, scoring_config: ScoringConfig) -> int:
-    """Chunk and index the shard's documents into `shard_dir/qdrant`; returns chunks embedded."""
-    from longreward_core.models.embeddings import make_embedder
-    from longreward_core.models.tokenizers import load_tokenizer
-    from longreward_core.reward.chunking import chunk_document
-    from longreward_core.reward.retrieval import ChunkIndex, content_hash
-    from longreward_core.reward.scorer import retrieval_chunking
-
+    """Index the retrieval chunks of the shard's documents, the way the scorer does, into
+    `shard_dir/qdrant` (or the configured Qdrant server); returns chunks embedded."""
     shard = Path(shard_dir)
     prompts = load_prompts(shard / "prompts.parquet").records
-    index = ChunkIndex(
-        make_embedder(scoring_config.embedding_model, scoring_config.embedding_api_base),
-        path=None if scoring_config.qdrant_url else shard / "qdrant",
-        url=scoring_config.qdrant_url,
-    )
-    tokenizer = load_tokenizer(scoring_config.tokenizer)
-    chunking = retrieval_chunking(scoring_config)
+    index = open_chunk_index(scoring_config, shard / "qdrant")
     try:
-        for prompt in prompts:  # retrieval chunks only: completeness chunks are the scorer's
-            chunks = chunk_document(prompt.context, tokenizer, scoring_config.retrieval_chunk_tokens)
-            index.index_document(content_hash(prompt.context), chunking, chunks)
+        for prompt in prompts:
+            prepare_document(prompt.context, scoring_config).index_into(index)
         return index.chunks_embedded
     finally:
         index.close()
@@ -125,7 +128,7 @@ def sample_shard(shard_dir: str | Path, policy_config: PolicyConfig, cache_path:
     finally:
         cache.close()
     write_parquet_atomic(pl.DataFrame([c.model_dump() for c in candidates], schema=CANDIDATES_SCHEMA), shard / "candidates.parquet")
-    write_parquet_atomic(pl.DataFrame([r.model_dump() for r in reports]), shard / "sampling.parquet")
+    write_parquet_atomic(pl.DataFrame([r.model_dump() for r in reports], schema=SAMPLING_SCHEMA), shard / "sampling.parquet")
     atomic_write_bytes(shard / "sampling_accounting.json", json.dumps(accounting.to_dict(), indent=2).encode())
     return shard / "candidates.parquet"
 
@@ -143,7 +146,48 @@ def merge_pairs(shard_dirs: list[Path], config: PairConfig, out_path: str | Path
     return merged
 
 
-def publish_dataset(pairs_path: str | Path, out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+def build_manifest(
+    plan: ShardPlan,
+    shard_summaries: list[ScoreSummary],
+    *,
+    pairs: int,
+    prompts_without_pair: dict[str, int],
+    prompts_path: str | Path,
+    candidates_path: str | Path | None,
+    parameters: dict[str, Any],
+    models: BuildModels,
+) -> BuildManifest:
+    """The manifest of a build: its inputs with their content hashes, the parameters and models,
+    counts over every shard's score summary, and the judge accounting summed over the shards.
+    `pairs_sha256` is set by `publish_dataset`."""
+    accounting = RunAccounting()
+    for summary in shard_summaries:
+        accounting.add(RunAccounting.from_dict(summary.judge))
+    return BuildManifest(
+        built_at=datetime.now(timezone.utc).isoformat(),
+        inputs={
+            "prompts": InputFile(path=str(prompts_path), sha256=file_hash(prompts_path)),
+            "candidates": InputFile(path=str(candidates_path), sha256=file_hash(candidates_path)) if candidates_path else None,
+        },
+        parameters=parameters,
+        models=models,
+        counts=BuildCounts(
+            prompts=plan.prompts,
+            quarantined_rows=plan.quarantined,
+            shards=len(plan.shard_dirs),
+            candidates=sum(s.candidates for s in shard_summaries),
+            scored=sum(s.scored for s in shard_summaries),
+            failed=sum(s.failed for s in shard_summaries),
+            pairs=pairs,
+            prompts_without_pair=prompts_without_pair,
+        ),
+        quarantine=str(plan.quarantine_path) if plan.quarantine_path else None,
+        judge_accounting=accounting.to_dict(),
+        judge_cost_usd=accounting.total.cost_usd,
+    )
+
+
+def publish_dataset(pairs_path: str | Path, out_dir: str | Path, manifest: BuildManifest) -> Path:
     """The pairs as `out_dir/pairs.parquet`, a `datasets.load_from_disk` folder
     `out_dir/dataset`, and `out_dir/manifest.json` (with the pairs file's content hash)."""
     import datasets
@@ -164,6 +208,46 @@ def publish_dataset(pairs_path: str | Path, out_dir: str | Path, manifest: dict[
         shutil.rmtree(out / "dataset")
     (staging / "dataset").rename(out / "dataset")
     shutil.rmtree(staging, ignore_errors=True)
-    manifest = {**manifest, "pairs_sha256": file_hash(target)}
-    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode())
+    published = manifest.model_copy(update={"pairs_sha256": file_hash(target)})
+    atomic_write_bytes(out / "manifest.json", published.model_dump_json(indent=2).encode())
     return out / "manifest.json"
+
+
+@dataclass
+class RewardDistribution:
+    """How the scored candidates' rewards and dimension scores are spread."""
+
+    histogram: list[int]  # candidates per unit bin [i, i+1) over 0-10; a reward of 10 counts in the last
+    by_dimension: pl.DataFrame  # dimension, mean, p10, median, p90 (quantiles interpolated linearly)
+
+    @property
+    def scored(self) -> int:
+        return sum(self.histogram)
+
+
+def reward_distribution(scores: pl.DataFrame) -> RewardDistribution:
+    """The reward histogram and per-dimension statistics of the scored rows of `scores`
+    (SCORES_SCHEMA); failed rows are left out."""
+    scored = scores.filter(pl.col("status") == "scored")
+    bins = scored.group_by(pl.col("reward").floor().clip(0, REWARD_BINS - 1).cast(pl.Int64).alias("bin")).len()
+    histogram = (
+        pl.DataFrame({"bin": range(REWARD_BINS)}, schema={"bin": pl.Int64})
+        .join(bins, on="bin", how="left")
+        .sort("bin")["len"]
+        .fill_null(0)
+        .to_list()
+    )
+    value = pl.col("value")
+    by_dimension = (
+        scored.select(DIMENSIONS)
+        .unpivot(variable_name="dimension")
+        .drop_nulls("value")
+        .group_by("dimension", maintain_order=True)
+        .agg(
+            mean=value.mean(),
+            p10=value.quantile(0.1, "linear"),
+            median=value.median(),
+            p90=value.quantile(0.9, "linear"),
+        )
+    )
+    return RewardDistribution(histogram=histogram, by_dimension=by_dimension)

@@ -13,7 +13,7 @@ import asyncio
 from pydantic import BaseModel, Field, SecretStr
 
 from longreward_core.data.pairs import user_message
-from longreward_core.data.records import Candidate, Prompt
+from longreward_core.data.records import Candidate, Prompt, SampleReport
 from longreward_core.models.client import (
     EMBEDDED_MODEL,
     POLICY_API_KEY_ENV,
@@ -48,17 +48,6 @@ class PolicyConfig(BaseModel):
             model=self.model, api_base=self.api_base, api_key=self.api_key, max_tokens=self.max_new_tokens,
             timeout_s=self.timeout_s, concurrency=self.concurrency, rpm=self.rpm,
         )
-
-
-class SampleReport(BaseModel):
-    """What sampling did for one prompt."""
-
-    prompt_id: str
-    context_tokens: int
-    kept_tokens: int  # < context_tokens when the document was cut in the middle
-    sampled: int
-    failed: int
-    error: str | None = None
 
 
 def truncate_middle(text: str, tokenizer, budget: int) -> tuple[str, int, int]:

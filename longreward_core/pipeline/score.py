@@ -8,13 +8,11 @@ default, so re-running the same command makes no judge call and embeds nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -26,7 +24,12 @@ from longreward_core.data.io import (
     write_quarantine,
 )
 from longreward_core.data.pairs import PairConfig, PairsResult, build_pairs
-from longreward_core.data.records import SCORES_SCHEMA, CandidateScore
+from longreward_core.data.records import (
+    DIMENSIONS,
+    SCORES_SCHEMA,
+    CandidateScore,
+    ScoreSummary,
+)
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.client import CallCache
 from longreward_core.models.event_loop import run_async
@@ -36,10 +39,12 @@ from longreward_core.reward.scorer import Scorer, ScoringConfig
 
 @dataclass
 class ScoreRun:
+    """The files a scoring run wrote and its summary (the content of `accounting.json`)."""
+
     scores_path: Path
     accounting_path: Path
     quarantine_path: Path | None
-    summary: dict[str, Any]
+    summary: ScoreSummary
 
 
 def score_files(
@@ -86,32 +91,30 @@ def score_files(
     scores_path = write_parquet_atomic(frame, out / "scores.parquet")
 
     scored = frame.filter(pl.col("status") == "scored")
-    summary: dict[str, Any] = {
-        "prompts": len(prompts.records),
-        "candidates": len(candidates.records),
-        "scored": scored.height,
-        "failed": frame.height - scored.height,
-        "quarantined": len(quarantined),
-        "unreachable": sum(1 for r in results if r.unreachable),  # failed because the judge was down
-        "mean_reward": scored["reward"].mean() if scored.height else None,
-        "mean_by_dimension": {d: scored[d].mean() for d in ("helpfulness", "logicality", "faithfulness", "completeness")}
-        if scored.height
-        else {},
-        "chunk_embeddings": chunks_embedded,
-        "statement_embeddings": statements_embedded,
-        "embedding_seconds": round(embedding_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "judge_model": judge_config.model,
-        "worker_pid": os.getpid(),  # which process scored this (shards may run on several)
-        "judge": accounting.to_dict(),
-    }
+    embedded_judge = None
     if judge_config.is_embedded:
         from longreward_core.models.embedded import embedded_stats
 
-        summary["embedded_judge"] = embedded_stats()
-    accounting_path = atomic_write_bytes(
-        out / "accounting.json", json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8")
+        embedded_judge = embedded_stats()
+    summary = ScoreSummary(
+        prompts=len(prompts.records),
+        candidates=len(candidates.records),
+        scored=scored.height,
+        failed=frame.height - scored.height,
+        quarantined=len(quarantined),
+        unreachable=sum(1 for r in results if r.unreachable),
+        mean_reward=scored["reward"].mean() if scored.height else None,
+        mean_by_dimension={d: scored[d].mean() for d in DIMENSIONS} if scored.height else {},
+        chunk_embeddings=chunks_embedded,
+        statement_embeddings=statements_embedded,
+        embedding_seconds=round(embedding_seconds, 3),
+        wall_seconds=round(time.perf_counter() - started, 3),
+        judge_model=judge_config.model,
+        worker_pid=os.getpid(),
+        judge=accounting.to_dict(),
+        embedded_judge=embedded_judge,
     )
+    accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
     return ScoreRun(scores_path, accounting_path, quarantine_path, summary)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -60,10 +61,22 @@ class ScoringConfig(BaseModel):
 
 @dataclass(frozen=True)
 class PreparedDocument:
+    """A document's id and retrieval chunks; its completeness chunks are cut on first use, so
+    indexing alone never pays for them."""
+
+    context: str = field(repr=False)
+    config: ScoringConfig = field(repr=False)
     doc_id: str
     chunking: str  # identifies tokenizer + chunk size, so indexes of other settings never mix
     retrieval_chunks: list[ChunkSpan]
-    completeness_chunks: list[ChunkSpan]
+
+    @cached_property
+    def completeness_chunks(self) -> list[ChunkSpan]:
+        return chunk_document(self.context, load_tokenizer(self.config.tokenizer), self.config.completeness_chunk_tokens)
+
+    def index_into(self, index: ChunkIndex) -> None:
+        """Store the retrieval chunks in `index` (idempotent: ids are content hashes)."""
+        index.index_document(self.doc_id, self.chunking, self.retrieval_chunks)
 
     def evidence(self, chunk_indices: list[int]) -> str:
         """Chunks in document order; adjacent ones joined as they are, gaps marked."""
@@ -83,13 +96,22 @@ def retrieval_chunking(config: ScoringConfig) -> str:
 
 
 def prepare_document(context: str, config: ScoringConfig) -> PreparedDocument:
-    """A document's id (content hash) and its retrieval and completeness chunks."""
-    tokenizer = load_tokenizer(config.tokenizer)
+    """A document's id (content hash) and its retrieval chunks (completeness chunks on demand)."""
     return PreparedDocument(
+        context=context,
+        config=config,
         doc_id=content_hash(context),
         chunking=retrieval_chunking(config),
-        retrieval_chunks=chunk_document(context, tokenizer, config.retrieval_chunk_tokens),
-        completeness_chunks=chunk_document(context, tokenizer, config.completeness_chunk_tokens),
+        retrieval_chunks=chunk_document(context, load_tokenizer(config.tokenizer), config.retrieval_chunk_tokens),
+    )
+
+
+def open_chunk_index(config: ScoringConfig, path: str | Path | None) -> ChunkIndex:
+    """The chunk index `config` names: its Qdrant server, else local mode in the folder `path`."""
+    return ChunkIndex(
+        make_embedder(config.embedding_model, config.embedding_api_base),
+        path=None if config.qdrant_url else path,
+        url=config.qdrant_url,
     )
 
 
@@ -99,17 +121,16 @@ class Scorer:
     def __init__(self, judge: Judge, config: ScoringConfig, index_path: str | Path | None = None):
         self.judge = judge
         self.config = config
-        self.index = ChunkIndex(
-            make_embedder(config.embedding_model, config.embedding_api_base),
-            path=None if config.qdrant_url else index_path,
-            url=config.qdrant_url,
-        )
+        self.index = open_chunk_index(config, index_path)
         self._documents: dict[str, PreparedDocument] = {}
 
     def prepare(self, context: str) -> PreparedDocument:
+        """The document prepared once per run, completeness chunks included (blocking: call in a thread)."""
         doc_id = content_hash(context)
         if doc_id not in self._documents:
-            self._documents[doc_id] = prepare_document(context, self.config)
+            doc = prepare_document(context, self.config)
+            doc.completeness_chunks  # cut here, in the caller's worker thread, not in the event loop
+            self._documents[doc_id] = doc
         return self._documents[doc_id]
 
     async def score(
@@ -139,7 +160,7 @@ class Scorer:
         doc = await asyncio.to_thread(self.prepare, prompt.context)
         # Indexing (CPU) overlaps the first round of judge calls, which do not need it.
         indexed = asyncio.ensure_future(
-            asyncio.to_thread(self.index.index_document, doc.doc_id, doc.chunking, doc.retrieval_chunks)
+            asyncio.to_thread(doc.index_into, self.index)
         )
         key_points = asyncio.ensure_future(
             completeness.extract_key_points(self.judge, language, prompt.query, doc.completeness_chunks)
