@@ -89,8 +89,8 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _judge_config(model: str, api_base: Optional[str], concurrency: int, rpm: Optional[int]) -> JudgeConfig:
-    return JudgeConfig(model=model, api_base=api_base, concurrency=concurrency, rpm=rpm)
+def _judge_config(model: str, api_base: Optional[str], concurrency: int, rpm: Optional[int], timeout_s: float) -> JudgeConfig:
+    return JudgeConfig(model=model, api_base=api_base, concurrency=concurrency, rpm=rpm, timeout_s=timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,16 +106,24 @@ def score(
     judge_api_base: Optional[str] = option(JudgeConfig, "api_base", "--judge-api-base"),
     concurrency: int = option(JudgeConfig, "concurrency", "--concurrency"),
     rpm: Optional[int] = option(JudgeConfig, "rpm", "--rpm"),
+    timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
     embedding_model: str = option(ScoringConfig, "embedding_model"),
     qdrant_url: Optional[str] = option(ScoringConfig, "qdrant_url"),
     retrieval_chunk_tokens: int = option(ScoringConfig, "retrieval_chunk_tokens"),
     completeness_chunk_tokens: int = option(ScoringConfig, "completeness_chunk_tokens"),
 ) -> None:
-    """Score candidates with LongReward: writes OUT/scores.parquet and OUT/accounting.json."""
+    """Score candidates with LongReward: writes OUT/scores.parquet and OUT/accounting.json.
+
+    Exit codes: 0 when every candidate has its outcome (scored, or failed for a reason recorded in
+    scores.parquet, such as a request the provider refused); 1 when nothing could be scored (an
+    empty input too), the judge could not be reached for some candidates (run the same command
+    again: every answer received is cached), or it refused the credentials; 2 on bad input.
+    """
+    from longreward_core.models.client import AuthenticationFailed
     from longreward_core.pipeline.score import score_files
 
     with _input_errors():
-        judge = _judge_config(judge_model, judge_api_base, concurrency, rpm)
+        judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout)
         scoring = ScoringConfig(
             retrieval_chunk_tokens=retrieval_chunk_tokens, completeness_chunk_tokens=completeness_chunk_tokens,
             qdrant_url=qdrant_url, embedding_model=embedding_model,
@@ -124,12 +132,23 @@ def score(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:
             task = progress.add_task("score", total=None)
-            run = score_files(
-                prompts, candidates, out, judge, scoring,
-                on_start=lambda n: progress.update(task, total=n),
-                on_scored=lambda _: progress.advance(task),
-            )
+            try:
+                run = score_files(
+                    prompts, candidates, out, judge, scoring,
+                    on_start=lambda n: progress.update(task, total=n),
+                    on_scored=lambda _: progress.advance(task),
+                )
+            except AuthenticationFailed as exc:
+                _fail(str(exc), 1)
     _print_summary(run)
+    s = run.summary
+    if s.candidates == 0:
+        _fail(f"nothing to score: no valid candidates in {candidates}" + (f" for the {s.prompts} prompts" if s.prompts else ""), 1)
+    if s.unreachable:
+        _fail(f"the judge could not be reached for {s.unreachable} candidates; run the same command again "
+              "(every answer received is cached)", 1)
+    if s.scored == 0:
+        _fail("no candidate could be scored (see the 'error' column of scores.parquet)", 1)
 
 
 def _print_summary(run: ScoreRun) -> None:
@@ -143,6 +162,8 @@ def _print_summary(run: ScoreRun) -> None:
         ("candidates", s.candidates),
         ("scored", s.scored),
         ("failed", s.failed),
+        ("  refused by the provider (final)", s.rejected),
+        ("  judge unreachable (run again)", s.unreachable),
         ("quarantined rows", s.quarantined),
         ("mean reward", _fmt(s.mean_reward)),
         *[(f"mean {d}", _fmt(v)) for d, v in s.mean_by_dimension.items()],
@@ -225,6 +246,8 @@ def build(
     judge_api_base: Optional[str] = option(JudgeConfig, "api_base", "--judge-api-base"),
     concurrency: int = option(JudgeConfig, "concurrency", "--concurrency"),
     rpm: Optional[int] = option(JudgeConfig, "rpm", "--rpm"),
+    timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
+    policy_timeout: float = option(PolicyConfig, "timeout_s", "--policy-timeout"),
     shard_size: int = option(BuildParams, "shard_size"),
     shards_in_flight: int = option(BuildParams, "shards_in_flight"),
     min_candidates: int = option(PairConfig, "min_candidates"),
@@ -242,8 +265,9 @@ def build(
             shards_in_flight=shards_in_flight,
             dask_address=dask_address,
             policy=PolicyConfig(model=policy_model, api_base=policy_api_base, candidates_per_prompt=candidates_per_prompt,
-                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
-            judge=_judge_config(judge_model, judge_api_base, concurrency, rpm),
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                timeout_s=policy_timeout),
+            judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout),
             pairs=PairConfig(min_candidates=min_candidates),
         )
     _run_build(params)
@@ -431,13 +455,14 @@ def longbench(
     tokenizer: Optional[str] = option(ModelSpec, "tokenizer", "--tokenizer"),
     max_input_tokens: int = option(ModelSpec, "max_input_tokens", "--max-input-tokens"),
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
+    timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples per dataset (quick runs)."),
 ) -> None:
     """Generate LongBench answers (resumable) into OUT/<model>/<dataset>.jsonl and score them."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
-                max_input_tokens=max_input_tokens, concurrency=concurrency)
+                max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
     _evaluate(spec, "longbench-e" if e else "longbench", out, data=DataSources(longbench=data),
               datasets=_datasets(datasets), limit=limit)
 
@@ -449,13 +474,14 @@ def longbench_judge(
     datasets: Optional[list[str]] = typer.Option(None, "--datasets", help="Comma-separated (default: every judged dataset present)."),
     judge_model: str = option(JudgeConfig, "model", "--judge-model"),
     judge_api_base: Optional[str] = option(JudgeConfig, "api_base", "--judge-api-base"),
+    judge_timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
 ) -> None:
     """The paper's judged LongBench (QA 1-3, summaries 1-5) into PRED_DIR/judged_result.json."""
     from longreward_core.evaluation.judging import judge_longbench_dir
     from longreward_core.models.client import CALL_CACHE_FILE
 
     with _input_errors():
-        judge = JudgeConfig(model=judge_model, api_base=judge_api_base)
+        judge = JudgeConfig(model=judge_model, api_base=judge_api_base, timeout_s=judge_timeout)
         run = judge_longbench_dir(pred_dir, judge, pred_dir.parent / CALL_CACHE_FILE, source=data, datasets=_datasets(datasets))
     _print_scores("judged LongBench", run.scores)
     console.print(f"result: {run.result_path}; ratings: {run.ratings_path}")
@@ -474,13 +500,14 @@ def longbench_v2(
     tokenizer: Optional[str] = option(ModelSpec, "tokenizer", "--tokenizer"),
     max_input_tokens: int = option(ModelSpec, "max_input_tokens", "--max-input-tokens", default=V2_MAX_INPUT_TOKENS),
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
+    timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples (quick runs)."),
 ) -> None:
     """Answer LongBench v2 (resumable) into OUT/<model>/predictions.jsonl; accuracy in result.json."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
-                max_input_tokens=max_input_tokens, concurrency=concurrency)
+                max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
     _evaluate(spec, "longbench-v2", out, data=DataSources(longbench_v2=data), limit=limit)
 
 
@@ -491,21 +518,23 @@ def longbench_chat(
     data: str = typer.Option(..., "--data", help="Folder with test_cases.json and few_shots.json."),
     judge_model: str = option(JudgeConfig, "model", "--judge-model"),
     judge_api_base: Optional[str] = option(JudgeConfig, "api_base", "--judge-api-base"),
+    judge_timeout: float = option(JudgeConfig, "timeout_s", "--judge-timeout"),
     name: Optional[str] = option(ModelSpec, "name", "--name"),
     backend: str = option(ModelSpec, "backend", "--backend"),
     api_base: Optional[str] = option(ModelSpec, "api_base", "--api-base"),
     tokenizer: Optional[str] = option(ModelSpec, "tokenizer", "--tokenizer"),
     max_input_tokens: int = option(ModelSpec, "max_input_tokens", "--max-input-tokens", default=CHAT_MAX_INPUT_TOKENS),
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
+    timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many cases (quick runs)."),
 ) -> None:
     """Answer LongBench-Chat and have the judge rate the answers 1-10 (OUT/<model>/judged_result.json)."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
-                max_input_tokens=max_input_tokens, concurrency=concurrency)
+                max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
     _evaluate(spec, "longbench-chat", out, data=DataSources(longbench_chat=data), limit=limit,
-              judge=JudgeConfig(model=judge_model, api_base=judge_api_base))
+              judge=JudgeConfig(model=judge_model, api_base=judge_api_base, timeout_s=judge_timeout))
 
 
 if __name__ == "__main__":

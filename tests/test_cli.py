@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tests.conftest import TEST_API_KEY
-from tests.judge_double import slot
+from tests.judge_double import Fault, slot
 
 runner = CliRunner()
 
@@ -82,3 +82,30 @@ def test_missing_input_file_is_a_clear_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "nope.jsonl: file not found" in re.sub(r"\s+", " ", result.output)
+
+
+def _score(judge_server, prompts, candidates, out):
+    return runner.invoke(
+        app, ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
+              "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base, "--timeout", "5"],
+    )
+
+
+def test_score_exit_codes_say_when_nothing_was_scored(judge_server, sample_paths, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
+    prompts, candidates = sample_paths
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = _score(judge_server, prompts, empty, tmp_path / "empty")
+    assert result.exit_code == 1 and "nothing to score" in result.output and judge_server.double.count() == 0
+
+    judge_server.double.faults = [Fault("status", 400)] * 1000  # every request refused for good
+    result = _score(judge_server, prompts, candidates, tmp_path / "refused")
+    assert result.exit_code == 1 and "no candidate could be scored" in result.output
+    scores = pl.read_parquet(tmp_path / "refused" / "scores.parquet")
+    assert set(scores["status"]) == {"failed"} and all("HTTP 400" in e for e in scores["error"])
+
+    judge_server.double.faults = [Fault("status", 401)] * 1000
+    result = _score(judge_server, prompts, candidates, tmp_path / "unauthorised")
+    assert result.exit_code == 1 and "refused the credentials (HTTP 401)" in result.output
+    assert TEST_API_KEY not in result.output

@@ -229,6 +229,9 @@ class ScoreSummary(BaseModel):
     failed: int = Field(description="Candidates without a reward (some dimension failed).")
     quarantined: int = Field(description="Input rows refused, with their reason in quarantine.parquet.")
     unreachable: int = Field(description="Failed candidates whose judge could not be reached: work to retry.")
+    rejected: int = Field(
+        0, description="Failed candidates whose request the provider refused for good (context length, content filter): final."
+    )
     mean_reward: float | None = Field(description="Mean reward of the scored candidates; None when none was scored.")
     mean_by_dimension: dict[str, float] = Field(description="Mean score per dimension of the scored candidates.")
     chunk_embeddings: int = Field(description="Document chunks embedded (0 when every document was indexed before).")
@@ -293,6 +296,7 @@ class BuildCounts(BaseModel):
     candidates: int = Field(description="Candidates scored over all shards.")
     scored: int = Field(description="Candidates with a reward.")
     failed: int = Field(description="Candidates without a reward.")
+    rejected: int = Field(0, description="Failed candidates whose request the provider refused for good (see the shards' scores).")
     pairs: int
     prompts_without_pair: dict[str, int] = Field(description="Prompts that yielded no pair, by reason.")
 

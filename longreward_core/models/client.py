@@ -388,8 +388,9 @@ class LLMClient:
                 )
                 try:
                     return await asyncio.wait_for(call, timeout=cfg.timeout_s)
-                except Exception:
-                    acc.transport_errors += 1
+                except Exception as exc:
+                    if _is_transient(exc):
+                        acc.transport_errors += 1
                     raise
 
         retrying = AsyncRetrying(

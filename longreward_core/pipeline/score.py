@@ -103,6 +103,7 @@ def score_files(
         failed=frame.height - scored.height,
         quarantined=len(quarantined),
         unreachable=sum(1 for r in results if r.unreachable),
+        rejected=sum(1 for r in results if r.rejected),
         mean_reward=scored["reward"].mean() if scored.height else None,
         mean_by_dimension={d: scored[d].mean() for d in DIMENSIONS} if scored.height else {},
         chunk_embeddings=chunks_embedded,
