@@ -248,6 +248,8 @@ def build(
     rpm: Optional[int] = option(JudgeConfig, "rpm", "--rpm"),
     timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
     policy_timeout: float = option(PolicyConfig, "timeout_s", "--policy-timeout"),
+    policy_max_context_tokens: Optional[int] = option(PolicyConfig, "max_context_tokens", "--policy-max-context-tokens"),
+    policy_allow_truncation: bool = option(PolicyConfig, "allow_truncation", "--policy-allow-truncation"),
     shard_size: int = option(BuildParams, "shard_size"),
     shards_in_flight: int = option(BuildParams, "shards_in_flight"),
     min_candidates: int = option(PairConfig, "min_candidates"),
@@ -266,7 +268,8 @@ def build(
             dask_address=dask_address,
             policy=PolicyConfig(model=policy_model, api_base=policy_api_base, candidates_per_prompt=candidates_per_prompt,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                timeout_s=policy_timeout),
+                                timeout_s=policy_timeout, max_context_tokens=policy_max_context_tokens,
+                                allow_truncation=policy_allow_truncation),
             judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout),
             pairs=PairConfig(min_candidates=min_candidates),
         )

