@@ -205,3 +205,12 @@ def test_secrets_of_the_environment_are_redacted_from_errors(judge_server, monke
     assert isinstance(result, AuthenticationFailed)
     assert judge_server.double.authorization == [f"Bearer {provider_key}"]
     assert provider_key not in str(result) and "***" in str(result)
+
+
+def test_log_records_never_carry_a_known_secret(judge_server, caplog):
+    import logging
+
+    judge_once(judge_server)  # a client installs the redaction; TEST_API_KEY is now a known secret
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("litellm").info("sending with key %s", TEST_API_KEY)
+    assert TEST_API_KEY not in caplog.text and "sending with key ***" in caplog.text

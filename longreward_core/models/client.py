@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -104,6 +105,25 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     return text
+
+
+_plain_record_factory = logging.getLogRecordFactory()
+
+
+def _redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _plain_record_factory(*args, **kwargs)
+    message = record.getMessage()
+    clean = redact(message)
+    if clean != message:
+        record.msg, record.args = clean, ()
+    return record
+
+
+def install_log_redaction() -> None:
+    """Redact known secrets from every log record of the process, whoever logs it (litellm,
+    Prefect, ours): done where records are made, so no handler can see a key. Idempotent."""
+    if logging.getLogRecordFactory() is not _redacted_record:
+        logging.setLogRecordFactory(_redacted_record)
 
 
 class LLMConfig(BaseModel):
@@ -261,6 +281,7 @@ class LLMClient:
         # Capacity 1: requests are spaced evenly (60/rpm s apart), never sent in a burst.
         self._limiter = AsyncLimiter(1, 60 / config.rpm) if config.rpm else None
         self._api_key = config.resolved_api_key()
+        install_log_redaction()
         self._in_flight: dict[str, asyncio.Future[str]] = {}
         self._refused: AuthenticationFailed | None = None  # set once: no request is sent after it
         if config.is_embedded:
