@@ -15,6 +15,7 @@ from longreward_core.evaluation.evaluate import (
     evaluate_benchmark,
 )
 from longreward_core.evaluation.predict import ModelSpec
+from longreward_core.models.client import CALL_CACHE_FILE
 from longreward_core.reward.judge import JudgeConfig
 from tasks.caching import RETRY_DELAYS, RETRY_JITTER, with_secret_key
 
@@ -54,7 +55,7 @@ def evaluate_model(
     summary = evaluate_benchmark(
         model, benchmark, benchmark_dir(output_dir, benchmark, model.label),
         data=data, datasets=datasets, limit=limit, judge=with_secret_key(judge, judge_key_secret),
-        cache_path=Path(output_dir) / "call_cache.sqlite",
+        cache_path=Path(output_dir) / CALL_CACHE_FILE,
     )
     logger = get_run_logger()
     generated = sum(p["generated"] for p in summary["predictions"])

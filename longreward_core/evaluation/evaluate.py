@@ -42,6 +42,7 @@ from longreward_core.evaluation.tasks import (
     JUDGED_SUMMARY_DATASETS,
     resolve_datasets,
 )
+from longreward_core.models.client import CALL_CACHE_FILE
 from longreward_core.reward.judge import JudgeConfig
 
 Benchmark = Literal["longbench", "longbench-e", "longbench-judged", "longbench-v2", "longbench-chat"]
@@ -110,7 +111,7 @@ def evaluate_benchmark(
     judge = judge or JudgeConfig()
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache_path = Path(cache_path or out.parent / "call_cache.sqlite")
+    cache_path = Path(cache_path or out.parent / CALL_CACHE_FILE)
     generator = generator or load_generator(spec, cache_path)
     summary: dict[str, Any] = {"model": spec.label, "benchmark": benchmark, "folder": str(out), "limit": limit}
     input_quarantine: list[QuarantinedRow] = []

@@ -31,7 +31,7 @@ from longreward_core.data.records import (
     ScoreSummary,
 )
 from longreward_core.models.accounting import RunAccounting
-from longreward_core.models.client import CallCache
+from longreward_core.models.client import CALL_CACHE_FILE, CallCache
 from longreward_core.models.event_loop import run_async
 from longreward_core.reward.judge import Judge, JudgeConfig
 from longreward_core.reward.scorer import Scorer, ScoringConfig
@@ -69,7 +69,7 @@ def score_files(
     if on_start is not None:
         on_start(len(candidates.records))
 
-    cache = CallCache(cache_path or out / "judge_cache.sqlite")
+    cache = CallCache(cache_path or out / CALL_CACHE_FILE)
     accounting = RunAccounting()
 
     async def run() -> tuple[list[CandidateScore], int, int, float]:
