@@ -372,9 +372,13 @@ def _print_scores(title: str, scores: dict[str, Any]) -> None:
     console.print(table)
 
 
+_PARTIAL_HELP = "Accept a result computed from a subset of the cases (requests refused for good); it is marked partial."
+
+
 def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, **options: Any) -> dict[str, Any]:
     from longreward_core.evaluation.evaluate import (
         EvaluationIncomplete,
+        EvaluationPartial,
         evaluate_benchmark,
     )
 
@@ -385,7 +389,11 @@ def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, **options: Any) -
         _fail(str(exc), 2)
     except EvaluationIncomplete as exc:
         _fail(str(exc), 1)
-    _print_scores(f"{model.label}: {benchmark}", summary["scores"])
+    except EvaluationPartial as exc:
+        _print_scores(f"{model.label}: {benchmark} (partial)", exc.summary["scores"])
+        _fail(f"{exc}: pass --allow-partial", 1)
+    partial = " (partial)" if summary["partial"] else ""
+    _print_scores(f"{model.label}: {benchmark}{partial}", summary["scores"])
     for run in summary["predictions"]:
         console.print(
             f"{run['file']}: {run['generated']} generated, {run['already_done']} already there, "
@@ -393,7 +401,7 @@ def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, **options: Any) -
         )
     if summary.get("quarantined_inputs"):
         console.print(f"[yellow]{summary['quarantined_inputs']} dataset rows quarantined: {summary['input_quarantine']}")
-    console.print(f"result: {summary['result_path']}")
+    console.print(f"result: {summary['result_path']} ({summary['scored']} of {summary['cases']} cases scored)")
     return summary
 
 
@@ -429,6 +437,7 @@ def longbench(
     max_input_tokens: int = option(ModelSpec, "max_input_tokens", "--max-input-tokens"),
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples per dataset (quick runs)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """Generate LongBench answers (resumable) into OUT/<model>/<dataset>.jsonl and score them."""
     from longreward_core.evaluation.evaluate import DataSources
@@ -436,7 +445,7 @@ def longbench(
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency)
     _evaluate(spec, "longbench-e" if e else "longbench", out, data=DataSources(longbench=data),
-              datasets=_datasets(datasets), limit=limit)
+              datasets=_datasets(datasets), limit=limit, allow_partial=allow_partial)
 
 
 @eval_app.command("longbench-judge")
@@ -446,6 +455,7 @@ def longbench_judge(
     datasets: Optional[list[str]] = typer.Option(None, "--datasets", help="Comma-separated (default: every judged dataset present)."),
     judge_model: str = option(JudgeConfig, "model", "--judge-model"),
     judge_api_base: Optional[str] = option(JudgeConfig, "api_base", "--judge-api-base"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """The paper's judged LongBench (QA 1-3, summaries 1-5) into PRED_DIR/judged_result.json."""
     from longreward_core.evaluation.judging import judge_longbench_dir
@@ -458,6 +468,8 @@ def longbench_judge(
     console.print(f"result: {run.result_path}; ratings: {run.ratings_path}")
     if run.unreachable:
         _fail(f"the judge could not be reached for {run.unreachable} answers; run again (verdicts received are cached)", 1)
+    if run.judged < run.cases and not allow_partial:
+        _fail(f"the result stands on {run.judged} of {run.cases} answers (no verdict for the others); pass --allow-partial", 1)
 
 
 @eval_app.command("longbench-v2")
@@ -472,13 +484,14 @@ def longbench_v2(
     max_input_tokens: int = option(ModelSpec, "max_input_tokens", "--max-input-tokens", default=V2_MAX_INPUT_TOKENS),
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples (quick runs)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """Answer LongBench v2 (resumable) into OUT/<model>/predictions.jsonl; accuracy in result.json."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency)
-    _evaluate(spec, "longbench-v2", out, data=DataSources(longbench_v2=data), limit=limit)
+    _evaluate(spec, "longbench-v2", out, data=DataSources(longbench_v2=data), limit=limit, allow_partial=allow_partial)
 
 
 @eval_app.command("longbench-chat")
@@ -495,6 +508,7 @@ def longbench_chat(
     max_input_tokens: int = option(ModelSpec, "max_input_tokens", "--max-input-tokens", default=CHAT_MAX_INPUT_TOKENS),
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many cases (quick runs)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """Answer LongBench-Chat and have the judge rate the answers 1-10 (OUT/<model>/judged_result.json)."""
     from longreward_core.evaluation.evaluate import DataSources
@@ -502,7 +516,7 @@ def longbench_chat(
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency)
     _evaluate(spec, "longbench-chat", out, data=DataSources(longbench_chat=data), limit=limit,
-              judge=JudgeConfig(model=judge_model, api_base=judge_api_base))
+              judge=JudgeConfig(model=judge_model, api_base=judge_api_base), allow_partial=allow_partial)
 
 
 if __name__ == "__main__":
