@@ -402,9 +402,13 @@ def _print_scores(title: str, scores: dict[str, Any]) -> None:
     console.print(table)
 
 
+_PARTIAL_HELP = "Accept a result computed from a subset of the cases (requests refused for good); it is marked partial."
+
+
 def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, **options: Any) -> dict[str, Any]:
     from longreward_core.evaluation.evaluate import (
         EvaluationIncomplete,
+        EvaluationPartial,
         evaluate_benchmark,
     )
 
@@ -415,7 +419,11 @@ def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, **options: Any) -
         _fail(str(exc), 2)
     except EvaluationIncomplete as exc:
         _fail(str(exc), 1)
-    _print_scores(f"{model.label}: {benchmark}", summary["scores"])
+    except EvaluationPartial as exc:
+        _print_scores(f"{model.label}: {benchmark} (partial)", exc.summary["scores"])
+        _fail(f"{exc}: pass --allow-partial", 1)
+    partial = " (partial)" if summary["partial"] else ""
+    _print_scores(f"{model.label}: {benchmark}{partial}", summary["scores"])
     for run in summary["predictions"]:
         console.print(
             f"{run['file']}: {run['generated']} generated, {run['already_done']} already there, "
@@ -423,7 +431,7 @@ def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, **options: Any) -
         )
     if summary.get("quarantined_inputs"):
         console.print(f"[yellow]{summary['quarantined_inputs']} dataset rows quarantined: {summary['input_quarantine']}")
-    console.print(f"result: {summary['result_path']}")
+    console.print(f"result: {summary['result_path']} ({summary['scored']} of {summary['cases']} cases scored)")
     return summary
 
 
@@ -460,6 +468,7 @@ def longbench(
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
     timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples per dataset (quick runs)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """Generate LongBench answers (resumable) into OUT/<model>/<dataset>.jsonl and score them."""
     from longreward_core.evaluation.evaluate import DataSources
@@ -467,7 +476,7 @@ def longbench(
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
     _evaluate(spec, "longbench-e" if e else "longbench", out, data=DataSources(longbench=data),
-              datasets=_datasets(datasets), limit=limit)
+              datasets=_datasets(datasets), limit=limit, allow_partial=allow_partial)
 
 
 @eval_app.command("longbench-judge")
@@ -478,6 +487,7 @@ def longbench_judge(
     judge_model: str = option(JudgeConfig, "model", "--judge-model"),
     judge_api_base: Optional[str] = option(JudgeConfig, "api_base", "--judge-api-base"),
     judge_timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """The paper's judged LongBench (QA 1-3, summaries 1-5) into PRED_DIR/judged_result.json."""
     from longreward_core.evaluation.judging import judge_longbench_dir
@@ -490,6 +500,8 @@ def longbench_judge(
     console.print(f"result: {run.result_path}; ratings: {run.ratings_path}")
     if run.unreachable:
         _fail(f"the judge could not be reached for {run.unreachable} answers; run again (verdicts received are cached)", 1)
+    if run.judged < run.cases and not allow_partial:
+        _fail(f"the result stands on {run.judged} of {run.cases} answers (no verdict for the others); pass --allow-partial", 1)
 
 
 @eval_app.command("longbench-v2")
@@ -505,13 +517,14 @@ def longbench_v2(
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
     timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples (quick runs)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """Answer LongBench v2 (resumable) into OUT/<model>/predictions.jsonl; accuracy in result.json."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
-    _evaluate(spec, "longbench-v2", out, data=DataSources(longbench_v2=data), limit=limit)
+    _evaluate(spec, "longbench-v2", out, data=DataSources(longbench_v2=data), limit=limit, allow_partial=allow_partial)
 
 
 @eval_app.command("longbench-chat")
@@ -530,6 +543,7 @@ def longbench_chat(
     concurrency: int = option(ModelSpec, "concurrency", "--concurrency"),
     timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many cases (quick runs)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
 ) -> None:
     """Answer LongBench-Chat and have the judge rate the answers 1-10 (OUT/<model>/judged_result.json)."""
     from longreward_core.evaluation.evaluate import DataSources
@@ -537,7 +551,7 @@ def longbench_chat(
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
     _evaluate(spec, "longbench-chat", out, data=DataSources(longbench_chat=data), limit=limit,
-              judge=JudgeConfig(model=judge_model, api_base=judge_api_base, timeout_s=judge_timeout))
+              judge=JudgeConfig(model=judge_model, api_base=judge_api_base, timeout_s=judge_timeout), allow_partial=allow_partial)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ time. At the end the flow writes, under `output_dir`:
 - `results.json`: the parameters, each task's summary and the failures;
 and publishes the comparison as Prefect artifacts (a Markdown table with the chart, and a table).
 A benchmark that fails for one model does not stop the others; the run then ends Failed and
-names them. Deployed as `longbench-eval` on the `gpu` pool.
+names them. A result computed from a subset of the cases (requests refused for good) counts as
+failed unless `allow_partial`; allowed, it is marked partial in the comparison. Deployed as `longbench-eval` on the `gpu` pool.
 
     python flows/longbench_eval.py params.json     # EvalParams as JSON, run in this process
 """
@@ -53,6 +54,10 @@ class EvalParams(BaseModel):
     output_dir: str = Field("out/eval", description="Root folder: predictions, results, the comparison and the request cache.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge for longbench-chat and longbench-judged.")
     judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
+    allow_partial: bool = Field(
+        False, description="Keep a result computed from a subset of the cases (some requests refused for good), marked "
+        "partial in the comparison; otherwise that evaluation fails.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalParams:
@@ -72,22 +77,26 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
     and the scores (`{model: {benchmark: scores}}`)."""
     logger = get_run_logger()
     results: dict[str, dict[str, Any]] = {m.label: {} for m in params.models}
+    partial: dict[str, dict[str, dict[str, int]]] = {}
     summaries: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     for model in params.models:
         for benchmark in params.benchmarks:
             state = evaluate_model(
                 model, benchmark, params.output_dir, params.data, params.judge,
-                datasets=params.datasets, limit=params.limit, judge_key_secret=params.judge_key_secret, return_state=True,
+                datasets=params.datasets, limit=params.limit, judge_key_secret=params.judge_key_secret,
+                allow_partial=params.allow_partial, return_state=True,
             )
             if state.is_completed():
                 summary = state.result()
                 summaries.append(summary)
                 results[model.label][benchmark] = summary["scores"]
+                if summary["partial"]:
+                    partial.setdefault(model.label, {})[benchmark] = {"cases": summary["cases"], "scored": summary["scored"]}
             else:
                 failed[f"{benchmark}-{model.label}"] = state.message or state.name
 
-    comparison = write_comparison(results, params.output_dir)
+    comparison = write_comparison(results, params.output_dir, partial)
     create_markdown_artifact(key="longbench-comparison", markdown=comparison["markdown_text"],
                              description=f"{', '.join(results)} on {', '.join(params.benchmarks)}")
     create_table_artifact(key="longbench-scores", table=comparison["rows"], description="Scores per task and averages, per model")

@@ -48,19 +48,24 @@ def evaluate_model(
     datasets: list[str] | None = None,
     limit: int | None = None,
     judge_key_secret: str | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """The summary of `evaluate_benchmark`, files under `output_dir/<benchmark>/<model>/`.
     Predictions are kept per example and requests are cached in `output_dir/call_cache.sqlite`,
-    so a retry (or a new run) generates and judges only what is missing: no task cache needed."""
+    so a retry (or a new run) generates and judges only what is missing: no task cache needed.
+    A partial result fails the task (EvaluationPartial, not retried: its cases were refused for
+    good) unless `allow_partial`."""
     summary = evaluate_benchmark(
         model, benchmark, benchmark_dir(output_dir, benchmark, model.label),
         data=data, datasets=datasets, limit=limit, judge=with_secret_key(judge, judge_key_secret),
-        cache_path=Path(output_dir) / CALL_CACHE_FILE,
+        cache_path=Path(output_dir) / CALL_CACHE_FILE, allow_partial=allow_partial,
     )
     logger = get_run_logger()
     generated = sum(p["generated"] for p in summary["predictions"])
     reused = sum(p["already_done"] for p in summary["predictions"])
     logger.info("%s on %s: %d answers generated, %d reused; result %s", model.label, benchmark, generated, reused, summary["result_path"])
+    if summary["partial"]:
+        logger.warning("%s on %s is partial: %d of %d cases scored", model.label, benchmark, summary["scored"], summary["cases"])
     if summary.get("quarantined_inputs"):
         logger.warning("%d dataset rows quarantined: %s", summary["quarantined_inputs"], summary["input_quarantine"])
     return summary

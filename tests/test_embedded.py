@@ -35,3 +35,22 @@ def test_embedded_judge_scores_a_small_prompt(tmp_path):
         before["verdicts_unaided"] + before["verdicts_constrained"]
     )
     assert verdicts == total["calls"] >= 5
+
+
+def test_decoding_stops_only_at_a_verdict_the_parser_reads():
+    from longreward_core.models.embedded import _has_verdict
+    from longreward_core.reward.dimensions.faithfulness import STATEMENTS
+    from longreward_core.reward.verdicts import RATING
+
+    cases = [
+        (RATING, "The reference would earn [[7]]", False),
+        (RATING, "Analysis.\nRating: [[7]]", True),
+        (STATEMENTS, "[[statements]]\n- The sky is bl", False),
+        (STATEMENTS, "[[statements]]\n- The sky is blue.\n", False),
+        (STATEMENTS, "[[statements]]\n- Statements:\n[[end]]", False),
+        (STATEMENTS, "[[statements]]\n- The sky is blue.\n[[end]]", True),
+    ]
+    for verdict, text, stops in cases:
+        assert _has_verdict(text, verdict.constraint()) is stops, text
+        if stops:
+            verdict.parse(text)

@@ -397,6 +397,65 @@ def test_parquet_input_loads_and_quarantines(tmp_path: Path) -> None:
     ]
 
 
+# --------------------------------------------------------------------------- text that cannot be encoded
+
+# Valid JSON and plain ASCII on disk, but json.loads makes it a str with a lone surrogate.
+LONE_SURROGATE = '"A long document \\udc80 about pumps."'
+
+
+def test_lone_surrogate_in_prompt_or_candidate_is_quarantined_naming_the_field(tmp_path: Path) -> None:
+    prompts_path = write_lines(tmp_path / "prompts.jsonl", [
+        '{"id": "p0", "context": ' + LONE_SURROGATE + ', "query": "What about pumps?"}',
+        jline(GOOD_PROMPT),
+        '{"id": "p3", "context": "doc", "query": "q", "source": {"tags": ["ok", "\\ud800"]}}',
+    ])
+    prompts = io.load_prompts(prompts_path)
+    assert_good_prompts_loaded(prompts, "p1")
+    assert [(q.line, q.row_id, q.reason) for q in prompts.quarantined] == [
+        (1, "p0", "field 'context' holds text that cannot be encoded as UTF-8 (lone surrogate at character 16)"),
+        (3, "p3", "field 'source.tags[1]' holds text that cannot be encoded as UTF-8 (lone surrogate at character 0)"),
+    ]
+    candidates_path = write_lines(tmp_path / "candidates.jsonl", [
+        '{"prompt_id": "p1", "candidate_id": "p1-0", "response": "An \\udc80 answer."}',
+        jline(good_candidate("p1-1")),
+    ])
+    candidates = io.load_candidates(candidates_path, PROMPT_IDS)
+    assert [c.candidate_id for c in candidates.records] == ["p1-1"]
+    q = only_quarantined(candidates)
+    assert (q.row_id, q.reason) == ("p1-0", "field 'response' holds text that cannot be encoded as UTF-8 (lone surrogate at character 3)")
+
+    written = pl.read_parquet(io.write_quarantine(prompts.quarantined + candidates.quarantined, tmp_path / "q.parquet"))
+    assert written["row_id"].to_list() == ["p0", "p3", "p1-0"]
+    assert json.loads(written["raw"][0])["context"] == json.loads(LONE_SURROGATE)
+
+
+def test_quarantine_file_takes_rows_whose_id_and_raw_hold_a_lone_surrogate(tmp_path: Path) -> None:
+    row = QuarantinedRow(source="in.json", line=1, row_id="p\udc80", reason="bad", raw=json.dumps({"id": "p\udc80"}, ensure_ascii=False))
+    written = pl.read_parquet(io.write_quarantine([row], tmp_path / "q.parquet"))
+    assert written["row_id"].to_list() == ["p\\udc80"]
+    assert json.loads(written["raw"][0]) == {"id": "p\udc80"}
+
+
+def parquet_with_surrogate_bytes(path: Path) -> Path:
+    """A prompts Parquet whose second context holds the UTF-8 encoding of a lone surrogate, which
+    Arrow writes without checking."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    contexts = pa.array([b"doc one", "doc \udc80".encode("utf-8", "surrogatepass"), b"doc three"], pa.binary())
+    pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "context": contexts.view(pa.string()), "query": ["q1", "q2", "q3"]}), path)
+    return path
+
+
+def test_parquet_row_that_is_not_utf8_is_quarantined_and_the_rest_load(tmp_path: Path) -> None:
+    prompts = io.load_prompts(parquet_with_surrogate_bytes(tmp_path / "prompts.parquet"))
+    assert_good_prompts_loaded(prompts, "p1", "p3")
+    q = only_quarantined(prompts)
+    assert (q.line, q.reason) == (2, "field 'context' holds text that is not valid UTF-8 (invalid continuation byte at byte 4)")
+    assert json.loads(q.raw)["id"] == "p2"
+    io.write_quarantine(prompts.quarantined, tmp_path / "q.parquet")
+
+
 # --------------------------------------------------------------------------- unreadable files
 
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from longreward_core.evaluation.judging import CHAT_RATING
 from longreward_core.models.client import (
     AuthenticationFailed,
     CallCache,
@@ -49,10 +50,37 @@ def test_parsers_take_the_last_verdict_and_reject_out_of_range():
     items = parse_marked_list("thinking\n[[statements]]\n- a\n2. b\n* c\n[[end]]", open_marker="[[statements]]", none_marker="[[no statements]]")
     assert items == ["a", "b", "c"]
     assert parse_marked_list("[[no statements]]", open_marker="[[statements]]", none_marker="[[no statements]]") == []
-    # Cut at max_tokens: the complete items are kept.
-    assert parse_marked_list("[[statements]]\n- a\n- b", open_marker="[[statements]]", none_marker="[[no statements]]") == ["a", "b"]
+    # Cut at max_tokens after a whole line: the complete items are kept.
+    assert parse_marked_list("[[statements]]\n- a\n- b\n", open_marker="[[statements]]", none_marker="[[no statements]]") == ["a", "b"]
     with pytest.raises(VerdictParseError):
         parse_marked_list("- a\n- b", open_marker="[[statements]]", none_marker="[[no statements]]")
+
+
+def test_a_rating_is_read_from_the_verdict_line_only():
+    assert parse_rating("Rating: [[6]]\nA perfect answer would have earned [[10]].") == 6.0
+    assert parse_rating("Analysis: fine.\n**Rating:** [[4]]") == 4.0
+    assert CHAT_RATING.parse("Rating: [[6]]\nThe reference answer deserves [[10]].") == 6.0
+    with pytest.raises(VerdictParseError, match="no 'Rating: \\[\\[N\\]\\]' verdict"):
+        parse_rating("The answer deserves [[7]].")
+
+
+STATEMENTS = {"open_marker": "[[statements]]", "none_marker": "[[no statements]]"}
+
+
+def test_a_list_item_cut_off_by_max_tokens_is_not_read():
+    assert parse_marked_list("[[statements]]\n- The sky is blue.\n- The sea is gr", **STATEMENTS) == ["The sky is blue."]
+    with pytest.raises(VerdictParseError, match="stops in the middle of an item"):
+        parse_marked_list("[[statements]]\n- The sky is bl", **STATEMENTS)
+    # With its close marker the list is whole, whatever follows it.
+    assert parse_marked_list("[[statements]]\n- a\n- b[[end]] done", **STATEMENTS) == ["a", "b"]
+
+
+def test_a_header_line_is_not_a_list_item():
+    answer = "[[statements]]\nHere are the statements:\n- The sky is blue.\nStatements:\n2. The sea is green.\n[[end]]"
+    assert parse_marked_list(answer, **STATEMENTS) == ["The sky is blue.", "The sea is green."]
+    assert parse_marked_list("[[information]]\n关键信息：\n- 一\n[[end]]", open_marker="[[information]]", none_marker="[[none]]") == ["一"]
+    with pytest.raises(VerdictParseError):
+        parse_marked_list("[[statements]]\n- Statements:\n[[end]]", **STATEMENTS)
 
 
 @pytest.mark.parametrize("fault", [Fault("status", 429), Fault("status", 500), Fault("status", 503), Fault("timeout"), Fault("broken_body")])

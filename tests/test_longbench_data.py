@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from longreward_core.data.io import InputError
+from longreward_core.data.io import InputError, write_quarantine
 from longreward_core.evaluation import data
 from longreward_core.evaluation.data import (
     load_longbench,
@@ -78,6 +78,40 @@ def test_bad_rows_are_quarantined_with_their_reason(tmp_path):
         (4, "duplicate _id 'hotpotqa-0'"),
         (5, "invalid JSON (Invalid control character at)"),
     ]
+
+
+def test_rows_holding_a_lone_surrogate_are_quarantined_in_every_benchmark(tmp_path):
+    surrogate = "\udc80"
+    unencodable = "holds text that cannot be encoded as UTF-8 (lone surrogate at character"
+    rows = longbench_rows("hotpotqa", 2)
+    rows[0]["context"] = surrogate
+    (tmp_path / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    loaded = load_longbench("hotpotqa", tmp_path)
+    assert [r["_id"] for r in loaded.records] == ["hotpotqa-1"]
+    assert [(q.line, q.row_id, q.reason) for q in loaded.quarantined] == [(1, "hotpotqa-0", f"field 'context' {unencodable} 0)")]
+
+    items = v2_items(2)
+    items[1]["choice_C"] = f"Oslo {surrogate}"
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(items), encoding="utf-8")  # ensure_ascii: the escape, as the Hub's files hold it
+    loaded = load_longbench_v2(path)
+    assert [r["_id"] for r in loaded.records] == ["v2-0"]
+    assert [q.reason for q in loaded.quarantined] == [f"field 'choice_C' {unencodable} 5)"]
+
+    folder = write_chat(tmp_path / "chat", 3)
+    cases = json.loads((folder / "test_cases.json").read_text())
+    cases[0]["prompt"] += surrogate
+    (folder / "test_cases.json").write_text(json.dumps(cases), encoding="utf-8")
+    shots = json.loads((folder / "few_shots.json").read_text())
+    shots[2][1]["answer"] = surrogate
+    (folder / "few_shots.json").write_text(json.dumps(shots), encoding="utf-8")
+    loaded = load_longbench_chat(folder)
+    assert [c.id for c in loaded.records] == ["2"]
+    assert [q.reason for q in loaded.quarantined] == [
+        f"field 'prompt' {unencodable} {len(cases[0]['prompt']) - 1})",
+        f"few_shots.json case 3: field 'answer' {unencodable} 0)",
+    ]
+    write_quarantine(loaded.quarantined, tmp_path / "quarantine.parquet")
 
 
 def test_missing_dataset_files_name_what_was_looked_for(tmp_path):

@@ -10,9 +10,10 @@ from prefect.artifacts import Artifact
 from pydantic import ValidationError
 
 from flows.longbench_eval import EvalParams, longbench_eval
-from longreward_core.evaluation.predict import ModelSpec
-from tests.conftest import judge_config_for
-from tests.longbench_fixtures import tiny_model, write_longbench, write_v2
+from longreward_core.evaluation.predict import POLICY_API_KEY_ENV, ModelSpec
+from tests.conftest import TEST_API_KEY, judge_config_for
+from tests.judge_double import Fault
+from tests.longbench_fixtures import tiny_model, write_chat, write_longbench, write_v2
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -44,10 +45,11 @@ def test_the_flow_compares_two_models_on_four_benchmarks(judge_server, checkpoin
     out = tmp_path / "eval"
     for name in ("sft", "dpo"):
         assert set(result["results"][name]) == {"longbench", "longbench-e", "longbench-judged", "longbench-v2"}
-        assert set(json.loads((out / "longbench" / name / "result.json").read_text())) == {"hotpotqa", "trec"}
+        assert set(json.loads((out / "longbench" / name / "result.json").read_text())) == {"hotpotqa", "trec", "cases", "scored", "partial"}
         assert set(json.loads((out / "longbench-e" / name / "result.json").read_text())["hotpotqa"]) == {"0-4k", "4-8k", "8k+"}
         # The paper's judge rated both hotpotqa answers 2 of 3: (2 - 1) / 2 = 0.5 -> 50.0; trec is not judged.
-        assert json.loads((out / "longbench" / name / "judged_result.json").read_text()) == {"hotpotqa": 50.0}
+        assert json.loads((out / "longbench" / name / "judged_result.json").read_text()) == {
+            "hotpotqa": 50.0, "cases": 2, "scored": 2, "partial": False}
         assert (out / "longbench-v2" / name / "predictions.jsonl").is_file()
     # Judged LongBench reused the longbench predictions: 2 models x 2 hotpotqa examples judged.
     assert judge_server.double.counts() == {"longbench_qa": 4}
@@ -89,6 +91,28 @@ def test_a_failing_model_is_named_and_the_others_are_still_compared(checkpoints,
     assert comparison["results"]["sft"]["longbench"].keys() == {"passage_count"}
     assert comparison["results"]["missing"] == {}
     assert "checkpoint folder not found" in json.loads((tmp_path / "eval" / "results.json").read_text())["failed"]["longbench-missing"]
+
+
+def test_a_partial_result_fails_its_evaluation_unless_allowed_then_is_marked(judge_server, tmp_path, monkeypatch):
+    monkeypatch.setenv(POLICY_API_KEY_ENV, TEST_API_KEY)
+    double = judge_server.double
+    double.answers = {"unknown": lambda r: "We recommend supplier 0.", "longbench_chat": lambda r: "Rating: [[8]]"}
+    # The provider refuses the verdict on the second case for good.
+    double.fault_rule = lambda r, i: Fault("status", 400) if r.task == "longbench_chat" and "memo 1 " in r.content else None
+    served = ModelSpec(name="served", model="openai/model-under-test", api_base=judge_server.api_base, timeout_s=5)
+    params = EvalParams(models=[served], benchmarks=["longbench-chat"], data={"longbench_chat": str(write_chat(tmp_path / "chat", 3))},
+                        output_dir=str(tmp_path / "eval"), judge=judge_config_for(judge_server))
+    state = longbench_eval(params, return_state=True)
+    assert state.is_failed() and "longbench-chat-served" in state.message
+    failed = json.loads((tmp_path / "eval" / "results.json").read_text())["failed"]
+    assert "stands on 2 of 3 cases" in failed["longbench-chat-served"]
+
+    longbench_eval(params.model_copy(update={"allow_partial": True}))
+    comparison = json.loads((tmp_path / "eval" / "comparison.json").read_text())
+    assert comparison["partial"] == {"served": {"longbench-chat": {"cases": 3, "scored": 2}}}
+    assert all(row["partial"] == ["served"] for row in comparison["rows"])
+    markdown = (tmp_path / "eval" / "comparison.md").read_text()
+    assert "| **80.00*** |" in markdown and "partial result, from a subset of the cases (served on longbench-chat: 2 of 3 cases)" in markdown
 
 
 def test_parameters_are_validated_with_clear_messages(tmp_path):

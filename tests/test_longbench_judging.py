@@ -9,7 +9,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from longreward_core.evaluation.evaluate import DataSources, evaluate_benchmark
+from longreward_core.evaluation.evaluate import (
+    DataSources,
+    EvaluationIncomplete,
+    EvaluationPartial,
+    evaluate_benchmark,
+)
 from longreward_core.evaluation.judging import (
     QA_RATING,
     SUMMARY_RATING,
@@ -17,10 +22,10 @@ from longreward_core.evaluation.judging import (
     qa_score,
     summary_score,
 )
-from longreward_core.evaluation.predict import ModelSpec
+from longreward_core.evaluation.predict import POLICY_API_KEY_ENV, ModelSpec
 from longreward_core.reward.verdicts import VerdictParseError
 from tests.conftest import TEST_API_KEY, judge_config_for
-from tests.judge_double import slot
+from tests.judge_double import Fault, slot
 from tests.longbench_fixtures import longbench_rows, write_chat
 
 
@@ -63,7 +68,8 @@ def test_judged_longbench_maps_qa_and_summary_ratings(judge_server, tmp_path):
     run = judge_longbench_dir(pred_dir, judge_config_for(judge_server), tmp_path / "cache.sqlite", source=source)
     # hotpotqa: ratings 3, 2, 1 -> scores 1, 0.5, 0 -> 50.0; gov_report: rating 4 -> 0.75 -> 75.0
     assert run.scores == {"hotpotqa": 50.0, "gov_report": 75.0}
-    assert json.loads((pred_dir / "judged_result.json").read_text()) == {"hotpotqa": 50.0, "gov_report": 75.0}
+    assert json.loads((pred_dir / "judged_result.json").read_text()) == {
+        "hotpotqa": 50.0, "gov_report": 75.0, "cases": 4, "scored": 4, "partial": False}
     ratings = pl.read_parquet(pred_dir / "judge_ratings.parquet").sort("_id")
     assert ratings["rating"].to_list() == [4.0, 3.0, 2.0, 1.0] and ratings["score"].to_list() == [0.75, 1.0, 0.5, 0.0]
     assert double.counts() == {"longbench_qa": 3, "longbench_summary": 1}
@@ -108,11 +114,67 @@ def test_longbench_chat_rates_answers_1_to_10_with_the_graded_examples(judge_ser
     summary = evaluate_benchmark(spec, "longbench-chat", out, data=DataSources(longbench_chat=str(folder)),
                                  judge=judge_config_for(judge_server), cache_path=tmp_path / "c.sqlite")
     # ratings 8 and 5: mean 6.5, score 65 on the 0-100 scale
-    assert summary["scores"] == {"score": 65.0, "mean_rating": 6.5, "cases": 2, "rated": 2}
+    assert summary["scores"] == {"score": 65.0, "mean_rating": 6.5}
+    assert (summary["cases"], summary["scored"], summary["partial"]) == (2, 2, False)
     prompt = next(r.content for r in double.requests if r.task == "longbench_chat" and "memo 0" in r.content)
     assert slot(prompt, "question") == "What does memo 0 recommend?"
     assert slot(prompt, "reference_answer") == "It recommends supplier 0."
     assert "Example answer 2 (rated 1 of 10):\nNo idea." in slot(prompt, "graded_examples")
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert {r["_id"]: r["pred"] for r in rows} == {"1": "We recommend supplier 0.", "2": "We recommend supplier 1."}
-    assert json.loads((out / "judged_result.json").read_text())["score"] == 65.0
+    assert json.loads((out / "judged_result.json").read_text()) == {"score": 65.0, "mean_rating": 6.5, "cases": 2, "scored": 2, "partial": False}
+
+
+def chat_with_a_refused_verdict(judge_server, tmp_path):
+    """LongBench-Chat with 3 cases whose second verdict the provider refuses for good (HTTP 400)."""
+    double = judge_server.double
+    double.answers = {"unknown": lambda r: "We recommend supplier " + r.content.split("recommend supplier ")[1][0] + ".",
+                      "longbench_chat": lambda r: "Rating: [[8]]"}
+    double.fault_rule = lambda r, i: Fault("status", 400) if r.task == "longbench_chat" and "memo 1 " in r.content else None
+    return write_chat(tmp_path / "chat", 3)
+
+
+def test_a_chat_result_without_one_refused_verdict_is_partial(judge_server, tmp_path):
+    folder = chat_with_a_refused_verdict(judge_server, tmp_path)
+    spec = ModelSpec(name="served", model="openai/model-under-test", api_base=judge_server.api_base, api_key=TEST_API_KEY, timeout_s=5)
+    out = tmp_path / "longbench-chat" / "served"
+    options = dict(data=DataSources(longbench_chat=str(folder)), judge=judge_config_for(judge_server), cache_path=tmp_path / "c.sqlite")
+    with pytest.raises(EvaluationPartial, match="stands on 2 of 3 cases") as refused:
+        evaluate_benchmark(spec, "longbench-chat", out, **options)
+    assert (refused.value.summary["scored"], refused.value.summary["judge_failed"]) == (2, 1)
+    expected = {"score": 80.0, "mean_rating": 8.0, "cases": 3, "scored": 2, "partial": True}
+    assert json.loads((out / "judged_result.json").read_text()) == expected
+    # The refusal is final: it is recorded, not asked again within the run.
+    assert sum(1 for r in judge_server.double.requests if r.task == "longbench_chat" and "memo 1 " in r.content) == 1
+
+    summary = evaluate_benchmark(spec, "longbench-chat", out, allow_partial=True, **options)
+    assert (summary["cases"], summary["scored"], summary["partial"]) == (3, 2, True)
+    assert json.loads((out / "judged_result.json").read_text()) == expected
+
+
+def test_an_unreachable_judge_leaves_the_evaluation_incomplete_not_partial(judge_server, tmp_path):
+    folder = chat_with_a_refused_verdict(judge_server, tmp_path)
+    judge_server.double.fault_rule = lambda r, i: Fault("status", 503) if r.task == "longbench_chat" and "memo 1 " in r.content else None
+    spec = ModelSpec(name="served", model="openai/model-under-test", api_base=judge_server.api_base, api_key=TEST_API_KEY, timeout_s=5)
+    with pytest.raises(EvaluationIncomplete, match="could not be reached for 1 answers"):
+        evaluate_benchmark(spec, "longbench-chat", tmp_path / "out", data=DataSources(longbench_chat=str(folder)),
+                           judge=judge_config_for(judge_server, max_attempts=2), cache_path=tmp_path / "c.sqlite", allow_partial=True)
+
+
+def test_the_chat_command_fails_on_a_partial_result_unless_allowed(judge_server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
+    monkeypatch.setenv(POLICY_API_KEY_ENV, TEST_API_KEY)
+    folder = chat_with_a_refused_verdict(judge_server, tmp_path)
+    command = ["eval", "longbench-chat", "--model", "openai/model-under-test", "--api-base", judge_server.api_base,
+               "--data", str(folder), "--out", str(tmp_path / "out"), "--name", "served",
+               "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 1, refused.output
+    assert "stands on 2 of 3 cases" in refused.output and "--allow-partial" in refused.output
+    allowed = CliRunner().invoke(app, [*command, "--allow-partial"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "(partial)" in allowed.output and "2 of 3 cases scored" in allowed.output

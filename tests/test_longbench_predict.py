@@ -11,7 +11,7 @@ import pytest
 
 from longreward_core.evaluation.evaluate import (
     DataSources,
-    EvaluationIncomplete,
+    EvaluationPartial,
     evaluate_benchmark,
 )
 from longreward_core.evaluation.predict import (
@@ -61,7 +61,7 @@ def test_litellm_prediction_is_scored_and_resumes_after_a_crash(judge_server, se
     summary = evaluate_benchmark(served_model, "longbench", out, data=DataSources(longbench=str(source)),
                                  datasets=["hotpotqa", "trec"], cache_path=tmp_path / "cache-1.sqlite")
     assert summary["scores"] == {"hotpotqa": 100.0, "trec": 100.0}  # trec: scored on the first line only
-    assert json.loads((out / "result.json").read_text()) == {"hotpotqa": 100.0, "trec": 100.0}
+    assert json.loads((out / "result.json").read_text()) == {"hotpotqa": 100.0, "trec": 100.0, "cases": 5, "scored": 5, "partial": False}
     rows = read_jsonl(out / "hotpotqa.jsonl")
     assert sorted(r["_id"] for r in rows) == ["hotpotqa-0", "hotpotqa-1", "hotpotqa-2"]
     assert set(rows[0]) == {"pred", "answers", "all_classes", "length", "_id"}
@@ -85,22 +85,24 @@ def test_litellm_prediction_is_scored_and_resumes_after_a_crash(judge_server, se
     assert len(read_jsonl(out / "hotpotqa.jsonl")) == 3 and summary["scores"]["hotpotqa"] == 100.0
 
 
-def test_an_unreachable_model_leaves_the_evaluation_incomplete_until_a_rerun(judge_server, served_model, tmp_path):
+def test_a_prediction_refused_for_good_makes_the_result_partial_until_a_rerun(judge_server, served_model, tmp_path):
     source = write_longbench(tmp_path / "lb", {"hotpotqa": 3})
     served_model = served_model.model_copy(update={"concurrency": 1})
-    # The second example's request fails for good (HTTP 400 is not retried).
+    # The second example's request is refused for good (HTTP 400 is not retried).
     judge_server.double.fault_rule = lambda request, i: Fault("status", 400) if "passage 1?" in request.content else None
     out = tmp_path / "pred" / "served"
-    with pytest.raises(EvaluationIncomplete, match="1 examples got no answer .*'hotpotqa-1'"):
-        evaluate_benchmark(served_model, "longbench", out, data=DataSources(longbench=str(source)), datasets=["hotpotqa"],
-                           cache_path=tmp_path / "cache.sqlite")
+    options = dict(data=DataSources(longbench=str(source)), datasets=["hotpotqa"], cache_path=tmp_path / "cache.sqlite")
+    with pytest.raises(EvaluationPartial, match="stands on 2 of 3 cases") as refused:
+        evaluate_benchmark(served_model, "longbench", out, **options)
+    assert refused.value.summary["predictions"][0]["rejected"] == 1
     assert sorted(r["_id"] for r in read_jsonl(out / "hotpotqa.jsonl")) == ["hotpotqa-0", "hotpotqa-2"]
-    assert not (out / "result.json").exists()  # no score from two thirds of the examples
+    assert json.loads((out / "result.json").read_text()) == {"hotpotqa": 100.0, "cases": 3, "scored": 2, "partial": True}
+    assert evaluate_benchmark(served_model, "longbench", out, allow_partial=True, **options)["partial"]
     judge_server.double.fault_rule = None
     judge_server.double.reset()
-    summary = evaluate_benchmark(served_model, "longbench", out, data=DataSources(longbench=str(source)), datasets=["hotpotqa"],
-                                 cache_path=tmp_path / "cache.sqlite")
+    summary = evaluate_benchmark(served_model, "longbench", out, **options)
     assert judge_server.double.count() == 1 and summary["scores"] == {"hotpotqa": 100.0}
+    assert (summary["cases"], summary["scored"], summary["partial"]) == (3, 3, False)
 
 
 def test_a_tiny_local_model_answers_greedily_with_the_chat_template_where_longbench_uses_one(tmp_path, monkeypatch):
@@ -166,7 +168,7 @@ def test_the_longbench_command_predicts_then_scores(judge_server, tmp_path, monk
     result = CliRunner().invoke(app, [*command, "--datasets", "hotpotqa"])
     assert result.exit_code == 0, result.output
     assert "2 generated, 0 already there" in result.output
-    assert json.loads((out / "served" / "result.json").read_text()) == {"hotpotqa": 100.0}
+    assert json.loads((out / "served" / "result.json").read_text()) == {"hotpotqa": 100.0, "cases": 2, "scored": 2, "partial": False}
     assert all(a == f"Bearer {TEST_API_KEY}" for a in judge_server.double.authorization)
     result = CliRunner().invoke(app, [*command, "--datasets", "hotpotqa,hotpot"])
     assert result.exit_code == 2 and "unknown LongBench dataset 'hotpot'" in result.output

@@ -88,6 +88,24 @@ def test_exact_call_counts_and_scores(judge_server, small_input, tmp_path):
     assert accounting["judge"]["total"]["cache_hits"] == 0
 
 
+def test_rows_holding_a_lone_surrogate_are_quarantined_and_the_rest_scored(judge_server, small_input, tmp_path):
+    prompts, candidates = small_input
+    with prompts.open("a", encoding="utf-8") as fh:  # JSON's escape: ASCII on disk, unencodable once loaded
+        fh.write('{"id": "p3", "context": "The pumps \\udc80 were replaced.", "query": "When?"}\n')
+    with candidates.open("a", encoding="utf-8") as fh:
+        fh.write('{"prompt_id": "p2", "candidate_id": "p2-1", "response": "In 1962 \\udc80."}\n')
+    run = score_files(prompts, candidates, tmp_path / "out", judge_config_for(judge_server), SCORING)
+    scores = pl.read_parquet(run.scores_path)
+    assert sorted(scores["candidate_id"]) == ["p1-0", "p1-1", "p1-2", "p2-0"]
+    assert scores["status"].to_list() == ["scored"] * 4
+    quarantined = pl.read_parquet(run.quarantine_path).sort("row_id")
+    assert quarantined["row_id"].to_list() == ["p2-1", "p3"]
+    assert quarantined["reason"].to_list() == [
+        "field 'response' holds text that cannot be encoded as UTF-8 (lone surrogate at character 8)",
+        "field 'context' holds text that cannot be encoded as UTF-8 (lone surrogate at character 10)",
+    ]
+
+
 def test_rerun_makes_zero_calls_and_same_scores(judge_server, small_input, tmp_path):
     prompts, candidates = small_input
     first = score_files(prompts, candidates, tmp_path / "out", judge_config_for(judge_server), SCORING)

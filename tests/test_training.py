@@ -226,6 +226,28 @@ def test_bad_schema_and_bad_rows(tiny_models, tmp_path):
     assert [QuarantinedRow.model_validate_json(line) for line in written] == loaded.quarantined
 
 
+def test_pairs_whose_messages_are_not_utf8_are_quarantined(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([pair_row(i) for i in range(3)])
+    # Row 2's chosen message holds the UTF-8 encoding of a lone surrogate (Arrow writes it unchecked).
+    chosen = table.column("chosen").combine_chunks()
+    contents = chosen.values.field("content").to_pylist()
+    contents[chosen.offsets[1].as_py()] = "Blue \udc80."
+    content = pa.array([c.encode("utf-8", "surrogatepass") for c in contents], pa.binary()).view(pa.string())
+    messages = pa.StructArray.from_arrays([chosen.values.field("role"), content], names=["role", "content"])
+    table = table.set_column(table.schema.get_field_index("chosen"), "chosen", pa.ListArray.from_arrays(chosen.offsets, messages))
+    pq.write_table(table, tmp_path / "pairs.parquet")
+
+    loaded = load_pairs(tmp_path / "pairs.parquet")
+    assert loaded.dataset["prompt_id"] == ["p0", "p2"]
+    assert [(q.line, q.reason) for q in loaded.quarantined] == [
+        (2, "field 'chosen' holds text that is not valid UTF-8 (invalid continuation byte at byte 5)"),
+    ]
+    assert json.loads(loaded.quarantined[0].raw)["prompt_id"] == "p1"
+
+
 def test_reads_a_published_build(tiny_models, tmp_path, empty_build_manifest):
     from longreward_core.data.io import file_hash
     from longreward_core.pipeline.build import publish_dataset

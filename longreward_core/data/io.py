@@ -8,7 +8,10 @@ Accepted inputs (JSONL or Parquet):
 
 A bad row never stops a run: it is returned as a `QuarantinedRow` with its reason, and the caller
 writes the quarantine file. JSONL is decoded line by line (not with polars' NDJSON reader) so
-that one undecodable or malformed line is quarantined instead of failing the whole file.
+that one undecodable or malformed line is quarantined instead of failing the whole file; Parquet
+is converted row by row for the same reason (`arrow_rows`). Text that cannot be encoded as UTF-8
+(a JSON-escaped lone surrogate) is found at input by `unencodable_field`, in every reader, so that
+it never reaches a judge request or an output file.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from longreward_core.data.records import (
     QUARANTINE_SCHEMA,
@@ -45,8 +50,11 @@ class Loaded:
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
-    """Yield (line number, row or None, raw text, reason when the row is unreadable) of a JSONL or
-    Parquet file; raises InputError when the file is missing or of an unknown format."""
+    """Yield (line number, row or None, raw text, reason when the row cannot be used) of a JSONL or
+    Parquet file; raises InputError when the file is missing or of an unknown format.
+
+    A row that parses but holds text that cannot be encoded as UTF-8 comes with the row and its
+    reason, so that the caller can still name its id."""
     if not path.exists():
         raise InputError(f"{path}: file not found")
     suffix = path.suffix.lower()
@@ -69,12 +77,74 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str
                 if not isinstance(row, dict):
                     yield number, None, text, "row is not a JSON object"
                     continue
-                yield number, row, text, None
+                yield number, row, text, unencodable_field(row)
     elif suffix == ".parquet":
-        for number, row in enumerate(pl.read_parquet(path).iter_rows(named=True), start=1):
-            yield number, row, json.dumps(row, ensure_ascii=False, default=str), None
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+        yield from arrow_rows(table)
     else:
         raise InputError(f"{path}: unknown input format '{suffix}' (expected .jsonl or .parquet)")
+
+
+def _unencodable_text(value: Any, name: str) -> str | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"field '{name}' holds text that cannot be encoded as UTF-8 (lone surrogate at character {exc.start})"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reason = _unencodable_text(key, f"{name} (a key)") or _unencodable_text(item, f"{name}.{key}")
+            if reason:
+                return reason
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            reason = _unencodable_text(item, f"{name}[{index}]")
+            if reason:
+                return reason
+    return None
+
+
+def unencodable_field(row: dict[str, Any]) -> str | None:
+    """Why `row` cannot be used, naming the first field (nested fields as `a.b` / `a[0]`) that holds
+    text which cannot be encoded as UTF-8, or None when every text can.
+
+    Valid JSON may escape a lone surrogate (`"\\udc80"`): `json.loads` turns it into a str that no
+    HTTP request, UTF-8 file or Parquet column accepts, so it must be caught when the row is read.
+    """
+    for key, value in row.items():
+        reason = _unencodable_text(key, "(a field name)") or _unencodable_text(value, str(key))
+        if reason:
+            return reason
+    return None
+
+
+def arrow_rows(table: pa.Table) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+    """The rows of an Arrow table in `read_rows`' shape, numbered from 1.
+
+    Arrow does not check that a string column is UTF-8 when a file is written, so a row holding
+    other bytes (an encoded lone surrogate, say) is yielded with its reason instead of failing
+    the whole table; its `raw` shows that field as Arrow renders it.
+    """
+    for index in range(table.num_rows):
+        one = table.slice(index, 1)
+        try:
+            row = one.to_pylist()[0]
+        except UnicodeDecodeError:
+            fields: dict[str, Any] = {}
+            reason = None
+            for name in one.column_names:
+                try:
+                    fields[name] = one.column(name).to_pylist()[0]
+                except UnicodeDecodeError as exc:
+                    fields[name] = one.column(name).to_string()
+                    reason = reason or f"field '{name}' holds text that is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            yield index + 1, None, json.dumps(fields, ensure_ascii=False, default=str), reason
+            continue
+        yield index + 1, row, json.dumps(row, ensure_ascii=False, default=str), None
 
 
 def _text_field(row: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:

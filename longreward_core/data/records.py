@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DIMENSIONS: tuple[str, ...] = ("helpfulness", "logicality", "faithfulness", "completeness")
 
@@ -187,6 +187,13 @@ class QuarantinedRow(BaseModel):
     row_id: str | None
     reason: str
     raw: str
+
+    @field_validator("row_id", "reason", "raw")
+    @classmethod
+    def _writable(cls, text: str | None) -> str | None:
+        # A row is often set aside for holding a lone surrogate, which no UTF-8 file accepts: it is
+        # kept as its escape (`\\udc80`), so that writing the quarantine file never fails.
+        return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class TrainingManifest(BaseModel):

@@ -60,7 +60,7 @@ async def _rate(judge: Judge, case: ChatCase, response: str) -> tuple[float, flo
 
 def judge_longbench_chat(out_dir: str | Path, cases: list[ChatCase], judge_config: JudgeConfig, cache_path: str | Path) -> JudgedRun:
     """Rate every answer of `out_dir/predictions.jsonl`; writes `judged_result.json` (score,
-    mean rating, counts) and `judge_ratings.parquet` into `out_dir`."""
+    mean rating, and how many of the cases were rated) and `judge_ratings.parquet` into `out_dir`."""
     path = Path(out_dir) / PREDICTIONS_FILE
     by_id = {case.id: case for case in cases}
     jobs: list[JudgeJob] = []
@@ -81,8 +81,6 @@ def judge_longbench_chat(out_dir: str | Path, cases: list[ChatCase], judge_confi
     result = {
         "score": round(10 * mean, 2) if mean is not None else None,
         "mean_rating": round(mean, 3) if mean is not None else None,
-        "cases": len(cases),
-        "rated": len(ratings),
     }
-    return finish_judged(rows, Path(out_dir), result, accounting, quarantined)
+    return finish_judged(rows, Path(out_dir), result, accounting, quarantined, cases=len(cases))
 

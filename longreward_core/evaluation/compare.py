@@ -4,6 +4,10 @@ Input: `{model: {benchmark: scores}}` with each benchmark's `scores` as `evaluat
 returns them. Every number is on a 0-100 scale except LongBench-Chat's mean rating (1-10).
 Averages are plain means over the tasks a model has a score for (NaN buckets left out). With two
 or more models the table has a delta column: the last model minus the first (e.g. DPO - SFT).
+
+A result that stands on a subset of its benchmark's cases (`partial`: `{model: {benchmark:
+{cases, scored}}}`) is marked: its rows name the model under `partial`, the table shows its
+values with a `*` and a note says how many cases each partial result stands on.
 """
 
 from __future__ import annotations
@@ -60,9 +64,14 @@ def _rows_for(benchmark: str, scores: dict[str, Any]) -> list[tuple[str, float |
     return rows
 
 
-def comparison_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+Partial = dict[str, dict[str, dict[str, int]]]  # model -> benchmark -> {"cases", "scored"}
+
+
+def comparison_rows(results: dict[str, dict[str, dict[str, Any]]], partial: Partial | None = None) -> list[dict[str, Any]]:
     """One row per (benchmark, metric): a column per model, `delta` (last - first) with two or
-    more models, and `headline` for the benchmark's summary number."""
+    more models, `headline` for the benchmark's summary number, and `partial`: the models whose
+    value stands on a subset of the benchmark's cases."""
+    partial = partial or {}
     models = list(results)
     table: dict[tuple[str, str], dict[str, Any]] = {}
     for model in models:
@@ -76,7 +85,8 @@ def comparison_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[
         first, last = values[models[0]], values[models[-1]]
         delta = round(last - first, 2) if len(models) > 1 and _is_number(first) and _is_number(last) else None
         rows.append({"benchmark": row["benchmark"], "metric": row["metric"], **values,
-                     **({"delta": delta} if len(models) > 1 else {}), "headline": row["headline"]})
+                     **({"delta": delta} if len(models) > 1 else {}), "headline": row["headline"],
+                     "partial": [m for m in models if row["benchmark"] in partial.get(m, {})]})
     return rows
 
 
@@ -89,12 +99,12 @@ def _cell(value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], models: list[str]) -> str:
-    """The comparison as a Markdown table (headline rows in bold)."""
+    """The comparison as a Markdown table (headline rows in bold; a partial result's values with `*`)."""
     delta = len(models) > 1
     header = ["benchmark", "metric", *models] + ([f"Δ ({models[-1]} − {models[0]})"] if delta else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["benchmark"], row["metric"], *(_cell(row.get(m)) for m in models)]
+        cells = [row["benchmark"], row["metric"], *(_cell(row.get(m)) + ("*" if m in row["partial"] else "") for m in models)]
         if delta:
             cells.append(f"{row['delta']:+.2f}" if _is_number(row.get("delta")) else "-")
         if row["headline"]:
@@ -131,21 +141,32 @@ def bar_chart_png(rows: list[dict[str, Any]], models: list[str]) -> bytes:
     return buffer.getvalue()
 
 
-def write_comparison(results: dict[str, dict[str, dict[str, Any]]], out_dir: str | Path) -> dict[str, Any]:
-    """Write `comparison.json` (results and rows), `comparison.md` (the table with the chart
-    embedded) and `comparison.png` into `out_dir`; returns the paths, rows and Markdown."""
+def partial_note(partial: Partial) -> str:
+    """The note under the table naming each partial result and the cases it stands on ('' if none)."""
+    results = [f"{model} on {benchmark}: {counts['scored']} of {counts['cases']} cases"
+               for model, benchmarks in partial.items() for benchmark, counts in benchmarks.items()]
+    return f"\\* partial result, from a subset of the cases ({'; '.join(results)})." if results else ""
+
+
+def write_comparison(results: dict[str, dict[str, dict[str, Any]]], out_dir: str | Path, partial: Partial | None = None) -> dict[str, Any]:
+    """Write `comparison.json` (results, rows and the partial results), `comparison.md` (the table
+    with the chart embedded) and `comparison.png` into `out_dir`; returns the paths, rows and
+    Markdown. `partial` names the results that stand on a subset of their cases."""
     out = Path(out_dir)
     models = list(results)
-    rows = comparison_rows(results)
+    partial = partial or {}
+    rows = comparison_rows(results, partial)
     png = bar_chart_png(rows, models)
     chart_path = atomic_write_bytes(out / "comparison.png", png)
+    note = partial_note(partial)
     markdown = (
         "## Long-context evaluation\n\n"
         + markdown_table(rows, models)
+        + (f"\n\n{note}" if note else "")
         + "\n\n![headline scores](data:image/png;base64," + base64.b64encode(png).decode("ascii") + ")\n"
     )
     markdown_path = atomic_write_bytes(out / "comparison.md", markdown.encode("utf-8"))
     json_path = atomic_write_bytes(
-        out / "comparison.json", json.dumps({"models": models, "results": results, "rows": rows}, indent=2, ensure_ascii=False).encode("utf-8")
+        out / "comparison.json", json.dumps({"models": models, "results": results, "partial": partial, "rows": rows}, indent=2, ensure_ascii=False).encode("utf-8")
     )
     return {"json": str(json_path), "markdown": str(markdown_path), "chart": str(chart_path), "rows": rows, "markdown_text": markdown}

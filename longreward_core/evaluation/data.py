@@ -29,7 +29,13 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 
-from longreward_core.data.io import InputError, Loaded, cache_dir, read_rows
+from longreward_core.data.io import (
+    InputError,
+    Loaded,
+    cache_dir,
+    read_rows,
+    unencodable_field,
+)
 from longreward_core.data.records import QuarantinedRow
 
 LONGBENCH_REPO = "THUDM/LongBench"
@@ -182,7 +188,7 @@ def _json_list_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, st
     for number, item in enumerate(items, start=1):
         raw = json.dumps(item, ensure_ascii=False)
         if isinstance(item, dict):
-            yield number, item, raw, None
+            yield number, item, raw, unencodable_field(item)
         else:
             yield number, None, raw, "row is not a JSON object"
 
@@ -221,6 +227,8 @@ def load_longbench_chat(source: str | Path, *, limit: int | None = None) -> Load
         for shot in shots[idx - 1]:
             if not isinstance(shot, dict) or not isinstance(shot.get("answer"), str) or not isinstance(shot.get("score"), (int, float)):
                 raise ValueError(f"few_shots.json case {idx}: each example needs 'answer' (text) and 'score' (number)")
+            if unencodable := unencodable_field(shot):
+                raise ValueError(f"few_shots.json case {idx}: {unencodable}")
             examples.append((shot["answer"], float(shot["score"])))
         return ChatCase(
             id=str(idx), prompt=_text(row, "prompt"), query=_text(row, "query"), answer=_text(row, "answer"),

@@ -14,6 +14,11 @@ and `pred_e/<model>`), with `longbench-judged` in the `longbench` folder. When s
 answer (the model's server could not be reached) or no verdict could be had from an unreachable
 judge, EvaluationIncomplete is raised after the rest is saved: running again does only what is
 missing, since predictions are kept per example and every request is in the call cache.
+
+A request refused for good (`RequestRejected`: context length, content filter) is not asked
+again: the result then stands on the other cases. Every result file and the summary state
+`cases`, `scored` and `partial`; a partial result raises EvaluationPartial (after its files are
+written) unless the run allows it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from longreward_core.evaluation.predict import (
     load_generator,
     predict_longbench,
 )
-from longreward_core.evaluation.scoring import score_prediction_dir
+from longreward_core.evaluation.scoring import record_coverage, score_prediction_dir
 from longreward_core.evaluation.tasks import (
     JUDGED_QA_DATASETS,
     JUDGED_SUMMARY_DATASETS,
@@ -51,6 +56,18 @@ BENCHMARKS: tuple[str, ...] = Benchmark.__args__  # type: ignore[attr-defined]
 
 class EvaluationIncomplete(RuntimeError):
     """Some examples got no answer or no verdict because a model could not be reached."""
+
+
+class EvaluationPartial(RuntimeError):
+    """The result stands on a subset of the cases and the run did not allow that; `summary` is
+    what `evaluate_benchmark` would have returned."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+        super().__init__(
+            f"{summary['model']} on {summary['benchmark']}: the result stands on {summary['scored']} of {summary['cases']} "
+            f"cases (the others were refused for good or set aside; see {summary['folder']}); allow partial results to keep it"
+        )
 
 
 class DataSources(BaseModel):
@@ -98,11 +115,15 @@ def evaluate_benchmark(
     judge: JudgeConfig | None = None,
     cache_path: str | Path | None = None,
     generator: Generator | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `spec` on `benchmark` into `model_dir` (see the module docstring); returns a
-    summary with `scores` and the result file's path. `datasets` selects LongBench tasks, `limit`
-    caps the examples per dataset (quick runs; scores are then not comparable with published
-    ones). Requests are cached in `cache_path` (default: `call_cache.sqlite` beside `model_dir`)."""
+    summary with `scores`, the result file's path and its coverage (`cases`, `scored`,
+    `partial`). `datasets` selects LongBench tasks, `limit` caps the examples per dataset (quick
+    runs; scores are then not comparable with published ones). Requests are cached in
+    `cache_path` (default: `call_cache.sqlite` beside `model_dir`). Raises EvaluationIncomplete
+    when a model could not be reached, and EvaluationPartial for a partial result unless
+    `allow_partial`."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark '{benchmark}' (known: {', '.join(BENCHMARKS)})")
     data = data or DataSources()
@@ -131,21 +152,27 @@ def evaluate_benchmark(
             input_quarantine += predicted.quarantined
         summary["predictions"] = [r.summary() for r in runs]
         _incomplete(runs)
+        cases = sum(r.requested for r in runs)
         if benchmark == "longbench-judged":
             judged_run = judge_longbench_dir(out, judge, cache_path, source=data.longbench, datasets=names)
             _judge_incomplete(judged_run)
             summary.update(scores=judged_run.scores, result_path=str(judged_run.result_path), judge=judged_run.accounting.to_dict(),
                            judge_failed=judged_run.failed, quarantined_predictions=len(judged_run.quarantined))
+            scored_cases = judged_run.judged
         else:
             scored = score_prediction_dir(out, longbench_e=longbench_e)
             summary.update(scores={n: scored.scores[n] for n in names if n in scored.scores}, result_path=str(scored.result_path),
                            examples_scored=scored.rows, quarantined_predictions=len(scored.quarantined), unscored=scored.unscored)
+            scored_cases = sum(scored.rows.get(n, 0) for n in names)
     elif benchmark == "longbench-v2":
         predicted_v2 = v2.predict_longbench_v2(generator, spec, out, source=data.longbench_v2, limit=limit)
         input_quarantine += predicted_v2.quarantined
         summary["predictions"] = [predicted_v2.run.summary()]
         _incomplete([predicted_v2.run])
         summary.update(scores=v2.score_predictions(out), result_path=str(out / v2.RESULT_FILE))
+        # Empty answers are left out by the benchmark's own rule, not lost.
+        cases = predicted_v2.run.requested - predicted_v2.run.not_written
+        scored_cases = summary["scores"]["questions"]
     else:
         assert data.longbench_chat is not None  # checked above
         loaded = load_longbench_chat(data.longbench_chat, limit=limit)
@@ -157,6 +184,7 @@ def evaluate_benchmark(
         _judge_incomplete(judged_run)
         summary.update(scores=judged_run.scores, result_path=str(judged_run.result_path), judge=judged_run.accounting.to_dict(),
                        judge_failed=judged_run.failed)
+        cases, scored_cases = len(loaded.records), judged_run.judged
 
     accounting = getattr(generator, "accounting", None)  # requests to a served model (litellm backend)
     if accounting is not None:
@@ -164,4 +192,7 @@ def evaluate_benchmark(
     summary["quarantined_inputs"] = len(input_quarantine)
     if input_quarantine:
         summary["input_quarantine"] = str(write_quarantine(input_quarantine, out / "input_quarantine.parquet"))
+    summary.update(record_coverage(summary["result_path"], cases, scored_cases))
+    if summary["partial"] and not allow_partial:
+        raise EvaluationPartial(summary)
     return summary

@@ -32,7 +32,7 @@ from longreward_core.data.io import (
 )
 from longreward_core.data.records import QuarantinedRow
 from longreward_core.evaluation.data import load_longbench
-from longreward_core.evaluation.scoring import read_prediction_file
+from longreward_core.evaluation.scoring import coverage, read_prediction_file
 from longreward_core.evaluation.tasks import (
     JUDGED_QA_DATASETS,
     JUDGED_SUMMARY_DATASETS,
@@ -142,8 +142,9 @@ class JudgedRun:
     ratings_path: Path
     result_path: Path
     accounting: RunAccounting
+    cases: int = 0  # answers the judge was to rate (quarantined ones included)
     judged: int = 0
-    failed: int = 0  # no verdict after every attempt: left out of the scores
+    failed: int = 0  # no verdict after every attempt, or the request refused for good: left out of the scores
     unreachable: int = 0  # the judge could not be reached: the run should be retried
     quarantined: list[QuarantinedRow] = field(default_factory=list)
 
@@ -179,18 +180,21 @@ async def _judge_all(jobs: list[JudgeJob], judge_config: JudgeConfig, cache_path
 
 
 def finish_judged(rows: list[dict[str, Any]], out_dir: Path, result: dict[str, Any], accounting: RunAccounting,
-                  quarantined: list[QuarantinedRow]) -> JudgedRun:
-    """Write the ratings, the result file and (when rows were refused) `judge_quarantine.parquet`;
-    count failures."""
+                  quarantined: list[QuarantinedRow], cases: int) -> JudgedRun:
+    """Write the ratings, the result file (`result` with its coverage of the `cases`) and (when rows
+    were refused) `judge_quarantine.parquet`; count failures."""
     if quarantined:
         write_quarantine(quarantined, out_dir / "judge_quarantine.parquet")
     ratings_path = write_parquet_atomic(
         pl.DataFrame([{k: r[k] for k in RATINGS_SCHEMA.names()} for r in rows], schema=RATINGS_SCHEMA), out_dir / RATINGS_FILE
     )
-    result_path = atomic_write_bytes(out_dir / JUDGED_RESULT_FILE, json.dumps(result, indent=4, ensure_ascii=False).encode("utf-8"))
+    judged = sum(1 for r in rows if r["error"] is None)
+    result_path = atomic_write_bytes(
+        out_dir / JUDGED_RESULT_FILE, json.dumps({**result, **coverage(cases, judged)}, indent=4, ensure_ascii=False).encode("utf-8")
+    )
     return JudgedRun(
         scores=result, ratings_path=ratings_path, result_path=result_path, accounting=accounting,
-        judged=sum(1 for r in rows if r["error"] is None),
+        cases=cases, judged=judged,
         failed=sum(1 for r in rows if r["error"] is not None and not r["transport"]),
         unreachable=sum(1 for r in rows if r["transport"]),
         quarantined=quarantined,
@@ -229,5 +233,5 @@ def judge_longbench_dir(
         scores = [r["score"] for r in rows if r["dataset"] == dataset and r["score"] is not None]
         if scores:
             result[dataset] = round(100 * sum(scores) / len(scores), 2)
-    return finish_judged(rows, folder, result, accounting, quarantined)
+    return finish_judged(rows, folder, result, accounting, quarantined, cases=len(jobs) + len(quarantined))
 

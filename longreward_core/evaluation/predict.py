@@ -110,12 +110,15 @@ class GenerationRequest:
 
 
 class Generator(Protocol):
-    """Generates answers; `on_answer` is called as each one arrives. Returns id -> error for the
-    requests that got no answer (the model could not be reached); raises on anything else."""
+    """Generates answers; `on_answer` is called as each one arrives. Returns id -> the failure for
+    the requests that got no answer (the model could not be reached, or refused the request for
+    good: `LLMCallFailed.transport` tells them apart); raises on anything else."""
 
     tokenizer: Any
 
-    def generate(self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]) -> dict[str, str]: ...
+    def generate(
+        self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]
+    ) -> dict[str, LLMCallFailed]: ...
 
 
 def truncate_middle(prompt: str, tokenizer: Any, max_tokens: int) -> tuple[str, int, bool]:
@@ -160,14 +163,16 @@ class LitellmGenerator:
         self.tokenizer = load_tokenizer(spec.tokenizer)
         self.accounting = RunAccounting(per_purpose={})
 
-    def generate(self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]) -> dict[str, str]:
+    def generate(
+        self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]
+    ) -> dict[str, LLMCallFailed]:
         cache = CallCache(self.cache_path)
-        failures: dict[str, str] = {}
+        failures: dict[str, LLMCallFailed] = {}
 
         async def run() -> None:
             client = LLMClient(self.spec.client_config(), cache, self.accounting)
 
-            async def one(request: GenerationRequest) -> tuple[GenerationRequest, str | None, str | None]:
+            async def one(request: GenerationRequest) -> tuple[GenerationRequest, str | None, LLMCallFailed | None]:
                 try:
                     text = await client.complete(
                         "generation", [{"role": "user", "content": request.prompt}], 0.0, 0,
@@ -176,7 +181,7 @@ class LitellmGenerator:
                 except AuthenticationFailed:
                     raise
                 except LLMCallFailed as exc:
-                    return request, None, str(exc)
+                    return request, None, exc
                 return request, text, None
 
             for next_done in asyncio.as_completed([one(r) for r in requests]):
@@ -236,7 +241,9 @@ class TransformersGenerator:
             )[0]
         return self.tokenizer.decode(output[len(ids):], skip_special_tokens=True)
 
-    def generate(self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]) -> dict[str, str]:
+    def generate(
+        self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]
+    ) -> dict[str, LLMCallFailed]:
         for request in requests:
             on_answer(request, self.answer(request))
         return {}
@@ -280,13 +287,14 @@ class PredictionRun:
     generated: int = 0
     truncated: int = 0
     not_written: int = 0  # answers the benchmark's own code drops (LongBench v2: empty responses)
-    failed: dict[str, str] = field(default_factory=dict)  # id -> why no answer came
+    failed: dict[str, str] = field(default_factory=dict)  # id -> why no answer came (unreachable: run again)
+    rejected: dict[str, str] = field(default_factory=dict)  # id -> the provider's reason for refusing for good
 
     def summary(self) -> dict[str, Any]:
         return {
             "file": str(self.path), "examples": self.requested, "already_done": self.already_done,
             "generated": self.generated, "truncated_prompts": self.truncated, "not_written": self.not_written,
-            "failed": len(self.failed),
+            "failed": len(self.failed), "rejected": len(self.rejected),
         }
 
 
@@ -346,7 +354,9 @@ def predict_file(
             out.flush()
             run.generated += 1
 
-        run.failed = generator.generate(todo, write)
+        failures = generator.generate(todo, write)
+    run.failed = {i: str(e) for i, e in failures.items() if e.transport}
+    run.rejected = {i: str(e) for i, e in failures.items() if not e.transport}
     return run
 
 

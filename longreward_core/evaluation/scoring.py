@@ -67,6 +67,22 @@ class ScoredDir:
     unscored: dict[str, str] = field(default_factory=dict)  # dataset -> why it has no score
 
 
+def coverage(cases: int, scored: int) -> dict[str, Any]:
+    """How much of a benchmark a result stands on: `partial` when some of its `cases` are not in
+    the score (a prediction or a verdict refused for good, a row set aside). A partial result is
+    not comparable with a whole one, so every result file states it."""
+    return {"cases": cases, "scored": scored, "partial": scored < cases}
+
+
+def record_coverage(result_path: str | Path, cases: int, scored: int) -> dict[str, Any]:
+    """Add `coverage(cases, scored)` to a result file (a JSON object), in place; returns it."""
+    path = Path(result_path)
+    counts = coverage(cases, scored)
+    result = {**json.loads(path.read_text(encoding="utf-8")), **counts}
+    atomic_write_bytes(path, json.dumps(result, ensure_ascii=False, indent=4).encode("utf-8"))
+    return counts
+
+
 def example_score(task: LongBenchTask, prediction: str, answers: list[str], all_classes: list[str] | None) -> float:
     """One example's score in 0..1: the best over its reference answers."""
     if task.first_line_only:

@@ -191,13 +191,19 @@ def _constrained_choice(model: Any, tokenizer: Any, ids: list[int], choices: lis
 
 
 def _has_verdict(text: str, constraint: dict[str, Any]) -> bool:
+    """Whether `text` already ends in a verdict the format's parser reads (decoding stops there)."""
     choices = constraint.get("choices")
     if choices:
+        # The verdict's own label ("Rating:"): a bare [[N]] in the analysis is not a verdict.
+        label = re.escape(constraint["prefix"].removesuffix("[[").strip())
         alternatives = "|".join(re.escape(c) for c in choices)
-        return re.search(r"\[\[\s*(" + alternatives + r")\s*\]\]", text, re.I) is not None
+        return re.search(label + r"\s*\[\[\s*(" + alternatives + r")\s*\]\]", text, re.I) is not None
     marker = constraint["prefix"].split("\n")[0].strip().lower()
     after = text.lower().split(marker, 1)
-    return len(after) == 2 and re.search(r"^\s*[-*]\s*\S", after[1], re.M) is not None
+    # Only a closed list with an item that is not a header ("Statements:"): decoding checks every
+    # token, and a list taken before its close marker would end in a cut-off item.
+    item = r"^\s*[-*]\s*(?![^\n]*[:\uff1a]\s*\n)\S[^\n]*\n"
+    return len(after) == 2 and re.search(item + r"(.*\n)*\s*\[\[end\]\]", after[1], re.M) is not None
 
 
 def generate(

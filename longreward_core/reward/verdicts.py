@@ -44,14 +44,17 @@ class VerdictFormat(Generic[T]):
         }
 
 
-_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+# The verdict line every rating prompt asks for: "Rating: [[N]]" (the label's case and Markdown
+# emphasis around it vary between judges). A bare [[N]] is not a verdict: analyses quote ratings.
+_RATING = re.compile(r"rating[*_\s]*[:\uff1a][*_\s]*\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
 
 
 def parse_rating(text: str) -> float:
-    """The last `[[N]]` in the answer, N in 0..10."""
+    """N of the last `Rating: [[N]]` line of the answer, N in 0..10; a `[[N]]` anywhere else in the
+    answer (quoted in the analysis, or after the verdict) is not read."""
     matches = _RATING.findall(text)
     if not matches:
-        raise VerdictParseError("no '[[N]]' rating in the answer")
+        raise VerdictParseError("no 'Rating: [[N]]' verdict in the answer")
     value = float(matches[-1])
     if not 0 <= value <= 10:
         raise VerdictParseError(f"rating {value} outside 0-10")
@@ -67,8 +70,10 @@ _BULLET = re.compile(r"^\s*(?:(?:[-*\u2022]|\d+[.)、])\s*)+")
 def parse_marked_list(text: str, *, open_marker: str, none_marker: str, close_marker: str = "[[end]]") -> list[str]:
     """Bullet items between the last `open_marker` and `close_marker`, or [] after `none_marker`.
 
-    A missing close marker is tolerated (answers cut at max_tokens keep their complete items);
-    a missing open marker is not.
+    A missing close marker is tolerated (answers cut at max_tokens keep their complete items), but
+    then an answer that does not end with a newline stopped mid-item, and that last item is not
+    read; a missing open marker is not tolerated. A header line ending with a colon
+    ("Statements:") is not an item.
     """
     lower = text.lower()
     open_at = lower.rfind(open_marker.lower())
@@ -79,15 +84,16 @@ def parse_marked_list(text: str, *, open_marker: str, none_marker: str, close_ma
         return []
     body = text[open_at + len(open_marker) :]
     close_at = body.lower().find(close_marker.lower())
-    if close_at >= 0:
-        body = body[:close_at]
+    lines = body[:close_at].splitlines() if close_at >= 0 else body.splitlines()
+    cut_off = close_at < 0 and not text.endswith("\n") and bool(lines)
+    if cut_off:
+        lines = lines[:-1]
     items = []
-    for line in body.splitlines():
+    for line in lines:
         item = _BULLET.sub("", line).strip()
-        if item:
+        if item and not item.endswith((":", "\uff1a")):  # \uff1a: the full-width colon of Chinese headers
             items.append(item)
     if not items:
-        raise VerdictParseError(f"'{open_marker}' is followed by no item")
+        stopped = " (the answer stops in the middle of an item)" if cut_off else ""
+        raise VerdictParseError(f"'{open_marker}' is followed by no item{stopped}")
     return items
-
-

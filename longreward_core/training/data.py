@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from longreward_core.data.io import InputError, file_hash
+from longreward_core.data.io import InputError, arrow_rows, file_hash
 from longreward_core.data.records import QuarantinedRow
 from longreward_core.models.tokenizers import common_prefix
 from longreward_core.training.config import PAIR_COLUMNS, TrainConfig
@@ -96,16 +95,14 @@ def _row_problem(row: dict[str, Any]) -> str | None:
 
 
 def _quarantine_rows(table: pa.Table, source: Path) -> list[QuarantinedRow]:
-    """The rows whose conversation is malformed, with the reason; `line` is the 1-based row number."""
+    """The rows whose conversation is malformed or not valid UTF-8, with the reason; `line` is the
+    1-based row number."""
     quarantined = []
-    for index, row in enumerate(table.select(list(PAIR_COLUMNS)).to_pylist()):
-        problem = _row_problem(row)
+    for line, row, raw, reason in arrow_rows(table):
+        problem = reason or _row_problem(row)
         if problem is not None:
-            full_row = table.slice(index, 1).to_pylist()[0]
-            quarantined.append(QuarantinedRow(
-                source=str(source), line=index + 1, row_id=full_row.get("prompt_id"), reason=problem,
-                raw=json.dumps(full_row, ensure_ascii=False, default=str),
-            ))
+            row_id = row.get("prompt_id") if row else None
+            quarantined.append(QuarantinedRow(source=str(source), line=line, row_id=row_id, reason=problem, raw=raw))
     return quarantined
 
 
