@@ -72,6 +72,7 @@ def measured_pairs(tmp_path, monkeypatch):
     return lambda: [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+@pytest.fixture
 def empty_build_manifest() -> BuildManifest:
     """The manifest of a build that saw nothing, for tests of publishing and reading a build."""
     counts = BuildCounts(prompts=0, quarantined_rows=0, shards=0, candidates=0, scored=0, failed=0, pairs=0,
