@@ -29,6 +29,11 @@ RETRY_JITTER = 0.5
 CACHE_EXPIRATION = timedelta(days=30)
 
 
+class ShardIncomplete(RuntimeError):
+    """A model could not be reached for some of the shard's work: the stage fails, so it is retried
+    and never cached half-done; the requests that were answered are in the call cache."""
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")

@@ -9,9 +9,9 @@ from prefect import get_run_logger
 
 from longreward_core.pipeline.build import sample_shard
 from longreward_core.pipeline.sampling import PolicyConfig
-from tasks.caching import shard_stage, with_secret_key
+from tasks.caching import ShardIncomplete, shard_stage, with_secret_key
 
-VERSION = 1
+VERSION = 2  # 2: sampling.parquet counts unreachable samples; shards cached short by a policy outage sample again
 
 
 @shard_stage("sample", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "policy", "policy_key_secret"))
@@ -20,7 +20,9 @@ def sample_candidates(
     policy_key_secret: str | None = None,
 ) -> str:
     """Path of the shard's candidates.parquet. Prompts left with fewer than `min_candidates`
-    candidates are reported (they cannot yield a pair), not dropped."""
+    candidates are reported (they cannot yield a pair), not dropped. Raises ShardIncomplete when
+    the policy was unreachable for some samples, so the shard is sampled again rather than cached
+    short; a prompt skipped for its length or a request the provider refused is a final outcome."""
     candidates = sample_shard(shard_dir, with_secret_key(policy, policy_key_secret), cache_path)
     report = pl.read_parquet(Path(shard_dir) / "sampling.parquet")
     logger = get_run_logger()
@@ -34,4 +36,7 @@ def sample_candidates(
             "%s: %d prompts have fewer than %d candidates: %s", shard_name, short.height, min_candidates,
             ", ".join(f"{r['prompt_id']} ({r['sampled']}: {r['error']})" for r in short.head(10).iter_rows(named=True)),
         )
+    unreachable = int(report["unreachable"].sum())
+    if unreachable:
+        raise ShardIncomplete(f"{shard_name}: the policy was unreachable for {unreachable} samples")
     return str(candidates)

@@ -12,13 +12,9 @@ from prefect.concurrency.sync import concurrency
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
-from tasks.caching import shard_stage, with_secret_key
+from tasks.caching import ShardIncomplete, shard_stage, with_secret_key
 
 VERSION = 2  # 2: the summary is a ScoreSummary
-
-
-class ShardIncomplete(RuntimeError):
-    """The judge could not be reached for some candidates: the shard must run again."""
 
 
 @shard_stage(

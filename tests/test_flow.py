@@ -135,6 +135,52 @@ def test_sampling_from_a_policy_server(judge_server, tmp_path):
     assert (report["kept_tokens"] < report["context_tokens"]).all()
 
 
+def test_a_shard_the_policy_could_not_reach_is_sampled_again_on_retry(judge_server, tmp_path):
+    """An outage of the policy for one shard's prompts fails that shard (not cached short); a
+    request the provider refuses is final. With the policy back, the same build samples only the
+    missing candidates and publishes."""
+    double = judge_server.double
+    double.answers = {
+        "helpfulness": helpfulness_by_length,
+        "unknown": lambda r: "The mill closed in 1960 after a fire. " * (1 + len(double.requests) % 4),
+    }
+    outage = {"on": True}
+    refused = []
+
+    def policy_faults(request, index):
+        if request.task != "unknown":
+            return None
+        if outage["on"] and "ALDER" in request.content:
+            return Fault("status", 503)
+        if "CEDAR" in request.content and not refused:
+            refused.append(index)
+            return Fault("status", 400)
+        return None
+
+    double.fault_rule = policy_faults
+    prompts, _ = write_inputs(tmp_path, n_prompts=4)
+    policy = dict(model="openai/policy-double", api_base=judge_server.api_base, api_key="k",
+                  candidates_per_prompt=5, max_context_tokens=256, max_new_tokens=32, allow_truncation=True,
+                  timeout_s=5.0, transport_retries=1, backoff_initial_s=0.01, backoff_max_s=0.05)
+    params = params_for(judge_server, tmp_path, prompts, None, policy=policy)
+
+    state = preference_build(params, return_state=True)
+    assert state.is_failed()
+    assert "shard-0000" in state.message and "shard-0001" not in state.message
+    shards = tmp_path / "builds" / "2026-11-21" / "shards"
+    report = pl.read_parquet(shards / "shard-0000" / "sampling.parquet").sort("prompt_id")
+    assert report["unreachable"].to_list() == [5, 0] and report["sampled"].to_list() == [0, 5]
+    refusal = pl.read_parquet(shards / "shard-0001" / "sampling.parquet").sort("prompt_id")
+    assert refusal["sampled"].to_list() == [4, 5] and refusal["unreachable"].to_list() == [0, 0]
+
+    outage["on"] = False
+    double.reset()
+    manifest = preference_build(params)
+    policy_requests = [r for r in double.requests if r.task == "unknown"]
+    assert len(policy_requests) == 5 and all("ALDER" in r.content for r in policy_requests)
+    assert manifest["counts"]["candidates"] == 19
+
+
 def test_judge_key_from_a_prefect_secret_block(judge_server, tmp_path):
     from prefect.blocks.system import Secret
 

@@ -265,6 +265,7 @@ class SampleReport(BaseModel):
     sampled: int
     failed: int
     error: str | None = None
+    unreachable: int = 0  # of `failed`, the samples the policy could not be reached for: work to retry
 
 
 SAMPLING_SCHEMA = pl.Schema(
@@ -275,6 +276,7 @@ SAMPLING_SCHEMA = pl.Schema(
         "sampled": pl.Int64,  # candidates obtained
         "failed": pl.Int64,  # candidates given up on
         "error": pl.String,  # the distinct reasons, "; "-joined
+        "unreachable": pl.Int64,  # failed because the policy could not be reached (a retry samples them)
     }
 )
 

@@ -58,11 +58,17 @@ class PolicyConfig(BaseModel):
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute at most.")
     timeout_s: float = Field(300.0, gt=0, description="Hard limit on one request, seconds.")
+    # The client's own fields, described there once.
+    transport_retries: int = PolicyClientConfig.model_fields["transport_retries"]
+    backoff_initial_s: float = PolicyClientConfig.model_fields["backoff_initial_s"]
+    backoff_max_s: float = PolicyClientConfig.model_fields["backoff_max_s"]
 
     def client_config(self) -> PolicyClientConfig:
         return PolicyClientConfig(
             model=self.model, api_base=self.api_base, api_key=self.api_key, max_tokens=self.max_new_tokens,
             timeout_s=self.timeout_s, concurrency=self.concurrency, rpm=self.rpm,
+            transport_retries=self.transport_retries, backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
         )
 
 
@@ -145,7 +151,7 @@ async def sample_candidates(
             )
         messages = [{"role": "user", "content": user_message(prompt.model_copy(update={"context": context}))}]
 
-        async def one_sample(k: int) -> Candidate | str:
+        async def one_sample(k: int) -> Candidate | LLMCallFailed | str:
             for attempt in range(k * SAMPLE_TRIES, (k + 1) * SAMPLE_TRIES):
                 try:
                     text = await client.complete(
@@ -155,17 +161,18 @@ async def sample_candidates(
                 except AuthenticationFailed:
                     raise
                 except LLMCallFailed as exc:
-                    return str(exc)
+                    return exc
                 if text.strip():
                     return Candidate(prompt_id=prompt.id, candidate_id=f"{prompt.id}-{k}", response=text.strip())
             return "empty response"
 
         results = await asyncio.gather(*(one_sample(k) for k in range(config.candidates_per_prompt)))
         candidates = [r for r in results if isinstance(r, Candidate)]
-        errors = sorted({r for r in results if isinstance(r, str)})
+        errors = sorted({str(r) for r in results if not isinstance(r, Candidate)})
         report = SampleReport(
             prompt_id=prompt.id, context_tokens=total, kept_tokens=kept, sampled=len(candidates),
             failed=len(results) - len(candidates), error="; ".join(errors) or None,
+            unreachable=sum(1 for r in results if isinstance(r, LLMCallFailed) and r.transport),
         )
         return candidates, report
 
