@@ -31,8 +31,13 @@ class BuildParams(BaseModel):
     shards_in_flight: int = Field(4, ge=1, le=256, description="Shards processed at the same time.")
     judge_slots: str | None = Field(
         "longreward-judge",
-        description="Prefect global concurrency limit that every shard takes judge.concurrency slots of "
-        "(create it with `prefect gcl create longreward-judge --limit N`); skipped when it does not exist.",
+        description="Prefect global concurrency limit of judge requests in flight across all shards and runs "
+        "(create it with `prefect gcl create longreward-judge --limit N`): each shard holds min(judge.concurrency, N) "
+        "slots and sends that many requests at once. Empty: no limit across shards.",
+    )
+    judge_limit_strict: bool = Field(
+        False,
+        description="Fail the shards when the judge_slots limit does not exist; off: warn and run the judge unthrottled.",
     )
     judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
     policy_key_secret: str | None = Field(None, description="Prefect Secret block holding the policy's API key (else the environment).")

@@ -42,7 +42,7 @@ from tasks.index import index_documents
 from tasks.pairs import build_pairs
 from tasks.publish import publish
 from tasks.sample import sample_candidates
-from tasks.score import score_shard
+from tasks.score import judge_limit, score_shard
 from tasks.shard import load_and_shard
 
 
@@ -51,6 +51,8 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     """Build a DPO preference dataset; returns the manifest (longreward_core.pipeline.build.build_manifest)
     with `manifest_path` and `dataset_dir`."""
     logger = get_run_logger()
+    if params.judge_slots and params.judge_limit_strict:
+        judge_limit(params.judge_slots, strict=True)  # fail before indexing anything
     build = params.build_dir()
     cache_path = str(params.cache_path())
     # Task results (the cache records of finished stages) live beside the outputs they point to:
@@ -84,7 +86,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                 score_task,
                 parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
                             "cache_path": cache_path, "judge_slots": params.judge_slots,
-                            "judge_key_secret": params.judge_key_secret},
+                            "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret},
                 wait_for=upstream,
             )
         by_future = {f.task_run_id: name for name, f in score_futures.items()}

@@ -34,6 +34,11 @@ class ShardIncomplete(RuntimeError):
     and never cached half-done; the requests that were answered are in the call cache."""
 
 
+class ServerSetupMissing(RuntimeError):
+    """The Prefect server lacks something the run asks for (a global concurrency limit): every
+    retry would fail alike until someone creates it."""
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
@@ -59,9 +64,10 @@ def stage_cache_key(
 
 
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """A task's retry_condition_fn: refused credentials and bad input fail every retry alike, so
-    the task (and the run) ends at once; any other failure goes to the retry policy."""
-    return not isinstance(state.data, (AuthenticationFailed, InputError))
+    """A task's retry_condition_fn: refused credentials, bad input and a missing server setup fail
+    every retry alike, so the task (and the run) ends at once; any other failure goes to the retry
+    policy."""
+    return not isinstance(state.data, (AuthenticationFailed, InputError, ServerSetupMissing))
 
 
 def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...]):

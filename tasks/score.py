@@ -7,12 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
-from tasks.caching import ShardIncomplete, shard_stage, with_secret_key
+from tasks.caching import (
+    ServerSetupMissing,
+    ShardIncomplete,
+    shard_stage,
+    with_secret_key,
+)
 
 VERSION = 2  # 2: the summary is a ScoreSummary
 
@@ -30,14 +37,27 @@ def score_shard(
     cache_path: str,
     judge_slots: str | None = None,
     judge_key_secret: str | None = None,
+    judge_limit_strict: bool = False,
 ) -> dict[str, Any]:
-    """Scores and accounting of the shard. Holds `judge.concurrency` slots of the Prefect global
-    concurrency limit named `judge_slots` (when it exists), so that all shards of all runs stay
-    under one judge limit. Raises ShardIncomplete when the judge was unreachable, so the shard is
-    retried and never cached half-done; its finished judge calls are in the call cache."""
+    """Scores and accounting of the shard. When the Prefect global concurrency limit named
+    `judge_slots` exists, the shard holds min(judge.concurrency, the limit) of its slots and sends
+    at most that many judge requests at once, so all shards of all runs together stay under the
+    limit (a shard larger than the limit runs narrower, it does not fail). A missing limit fails
+    the shard when `judge_limit_strict`, else it is warned about and the judge runs unthrottled.
+    Raises ShardIncomplete when the judge was unreachable, so the shard is retried and never cached
+    half-done; its finished judge calls are in the call cache."""
     shard = Path(shard_dir)
     judge = with_secret_key(judge, judge_key_secret)
-    slots = concurrency(judge_slots, occupy=judge.concurrency, strict=False) if judge_slots else contextlib.nullcontext()
+    limit = judge_limit(judge_slots, judge_limit_strict) if judge_slots else None
+    if limit is None:
+        slots = contextlib.nullcontext()
+    else:
+        # Prefect refuses to grant more slots than the limit holds (every shard would fail), so a
+        # wider shard runs narrower. At least one: a limit of 0 then fails with Prefect's message
+        # instead of leaving the judge without a request slot.
+        held = max(1, min(judge.concurrency, limit))
+        judge = judge.model_copy(update={"concurrency": held})
+        slots = concurrency(judge_slots, occupy=held, strict=judge_limit_strict)
     with slots:
         run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring, cache_path=cache_path)
     summary = run.summary
@@ -50,3 +70,17 @@ def score_shard(
     if summary.unreachable:
         raise ShardIncomplete(f"{shard_name}: the judge was unreachable for {summary.unreachable} candidates")
     return {"shard": shard_name, "scores": str(run.scores_path), "summary": summary}
+
+
+def judge_limit(limit_name: str, strict: bool) -> int | None:
+    """Size of the Prefect global concurrency limit `limit_name`. When it does not exist: raises
+    ServerSetupMissing if `strict`, else warns and returns None (the judge runs unthrottled)."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_global_concurrency_limit_by_name(limit_name).limit
+        except ObjectNotFound:
+            message = f"the global concurrency limit '{limit_name}' does not exist: create it with `prefect gcl create {limit_name} --limit N`"
+            if strict:
+                raise ServerSetupMissing(message) from None
+            get_run_logger().warning("%s; the judge runs unthrottled across shards", message)
+            return None

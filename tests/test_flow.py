@@ -181,6 +181,40 @@ def test_a_shard_the_policy_could_not_reach_is_sampled_again_on_retry(judge_serv
     assert manifest["counts"]["candidates"] == 19
 
 
+def test_a_global_judge_limit_caps_requests_across_shards_wider_than_it(judge_server, tmp_path):
+    """A limit of 3 slots and four shards of judge concurrency 8 in flight: no shard fails, and
+    never more than 3 judge requests are in flight."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    async def create_limit() -> None:
+        async with get_client() as client:
+            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="judge-limit-of-3", limit=3))
+
+    asyncio.run(create_limit())
+    double = judge_server.double
+    double.answers = {"helpfulness": helpfulness_by_length}
+    double.latency_s = 0.1
+    prompts, candidates = write_inputs(tmp_path, n_prompts=4)
+    params = params_for(judge_server, tmp_path, prompts, candidates, shard_size=1, shards_in_flight=4,
+                        judge=judge_config_for(judge_server, transport_retries=1, concurrency=8),
+                        judge_slots="judge-limit-of-3", judge_limit_strict=True)
+    manifest = preference_build(params)
+    assert manifest["counts"]["shards"] == 4 and manifest["counts"]["pairs"] == 4
+    assert 1 <= double.max_in_flight <= 3
+
+
+def test_a_missing_judge_limit_fails_a_strict_build_with_how_to_create_it(judge_server, tmp_path):
+    prompts, candidates = write_inputs(tmp_path, n_prompts=1)
+    params = params_for(judge_server, tmp_path, prompts, candidates, judge_slots="no-such-judge-limit", judge_limit_strict=True)
+    state = preference_build(params, return_state=True)
+    assert state.is_failed()
+    assert "prefect gcl create no-such-judge-limit --limit N" in state.message
+    assert judge_server.double.count() == 0
+
+
 def test_judge_key_from_a_prefect_secret_block(judge_server, tmp_path):
     from prefect.blocks.system import Secret
 

@@ -347,6 +347,23 @@ def test_prefect_yaml_parses_as_a_prefect_project(prefect_project):
     assert ("WORKDIR", directory) in _dockerfile_instructions()
 
 
+def test_nightly_builds_never_overlap_and_need_the_judge_limit(prefect_project):
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.objects import (
+        ConcurrencyLimitConfig,
+        ConcurrencyLimitStrategy,
+    )
+
+    from flows.params import BuildParams
+
+    (nightly,) = [d for d in PrefectYamlModel.model_validate(prefect_project).deployments if d.name == "nightly-preference-build"]
+    # The server's own model: a misspelt strategy fails here, not at `prefect deploy`.
+    limit = ConcurrencyLimitConfig.model_validate(nightly.concurrency_limit.model_dump(exclude_none=True))
+    assert (limit.limit, limit.collision_strategy) == (1, ConcurrencyLimitStrategy.ENQUEUE)
+    assert nightly.parameters["params"]["judge_limit_strict"] is True
+    assert "judge_limit_strict" in BuildParams.model_fields
+
+
 def test_gpu_job_variables_request_gpus():
     variables = yaml.safe_load((ROOT / "infra" / "job-variables.yaml").read_text())
     (request,) = variables["docker"]["container_create_kwargs"]["device_requests"]
