@@ -152,13 +152,14 @@ def score_command(server: JudgeServer, inputs: tuple[Path, Path], out: Path) -> 
 
 def kill_then_rerun(server: JudgeServer, inputs: tuple[Path, Path], out: Path, answered_before_kill: int = 10) -> dict:
     """`longreward score` in a subprocess, SIGKILLed once the judge (0.2 s per request) has answered
-    `answered_before_kill` requests, then run again to completion. Returns the requests of both runs
-    and how many were in flight at the kill."""
+    `answered_before_kill` requests, then the same scoring run again to completion (in this
+    process: what the command calls, with the same request keys, without a second start-up).
+    Returns the requests of both runs, how many were in flight at the kill, and the re-run."""
     double = server.double
     double.latency_s = 0.2
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", JUDGE_API_KEY_ENV: TEST_API_KEY}
-    command = score_command(server, inputs, out)
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(score_command(server, inputs, out), env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while double.count() - double.in_flight < answered_before_kill:
         assert process.poll() is None and time.monotonic() < deadline, "the scoring process ended before the kill"
@@ -171,23 +172,24 @@ def kill_then_rerun(server: JudgeServer, inputs: tuple[Path, Path], out: Path, a
     before = asked(double)
     double.reset()
     double.latency_s = 0.0
-    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    return {"before": before, "in_flight_at_kill": in_flight_at_kill, "rerun": asked(double)}
+    rerun = score_files(*inputs, out, judge_config_for(server, concurrency=KILL_CONCURRENCY), SCORING)
+    return {"before": before, "in_flight_at_kill": in_flight_at_kill, "rerun_requests": asked(double), "rerun": rerun}
 
 
 def test_kill_9_then_rerun_repeats_only_requests_in_flight(judge_server, inputs, clean_scores, tmp_path):
     out = tmp_path / "out"
     runs = kill_then_rerun(judge_server, inputs, out)
-    assert len(runs["before"]) < 80 and runs["rerun"], "the kill came after the run had finished"
-    repeated = [key for key in runs["rerun"] if key in set(runs["before"])]
+    assert len(runs["before"]) < 80 and runs["rerun_requests"], "the kill came after the run had finished"
+    repeated = [key for key in runs["rerun_requests"] if key in set(runs["before"])]
     # An answer is cached as soon as the client reads it, so only requests unanswered or unread
     # at the kill are asked again. The double's in-flight count at the kill can miss answers it
     # had written but the client had not yet read; those still held one of the client's
     # KILL_CONCURRENCY slots, which bounds them all.
     assert runs["in_flight_at_kill"] <= KILL_CONCURRENCY
     assert len(repeated) <= KILL_CONCURRENCY and len(set(repeated)) == len(repeated)
-    assert read_scores(out).equals(clean_scores)
+    assert read_scores(runs["rerun"]).equals(clean_scores)
+    # Everything answered before the kill is read from the cache the killed process left.
+    assert runs["rerun"].summary.judge["total"]["cache_hits"] >= len(set(runs["before"]) - set(repeated))
 
 
 def test_a_provider_key_reaches_no_output_under_faults_or_refusal(judge_server, inputs, tmp_path, monkeypatch):
@@ -275,6 +277,7 @@ def test_a_candidate_over_the_context_limit_fails_alone_and_the_build_publishes(
     """Every request about candidate p1-1 exceeds the judge's context (HTTP 400); the judge's other
     requests stay under 4,000 characters."""
     double = judge_server.double
+    double.answers = {"helpfulness": helpfulness_by_length}
     double.fault_rule = context_limit(6000)
     prompts, candidates = write_inputs(tmp_path, n_prompts=PROMPTS, n_candidates=CANDIDATES)
     rows = [json.loads(line) for line in candidates.read_text().splitlines()]
