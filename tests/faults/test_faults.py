@@ -60,6 +60,11 @@ def inject(double: JudgeDouble, kinds: list[str], rate: float = RATE, seed: int 
     double.timeout_sleep_s = 2.5
 
 
+def garbage_burst(spared: tuple[str, ...] = ()):
+    """A fault rule: every request answers without a verdict, except those of the `spared` tasks."""
+    return lambda request, index: None if request.task in spared else KINDS["garbage"]
+
+
 def injected(double: JudgeDouble) -> Counter:
     return Counter(name for _, name in double.injected)
 
@@ -124,7 +129,7 @@ def test_rerun_after_a_garbage_burst_asks_only_what_was_never_answered(judge_ser
     the burst let through and asks, once, for each call that never got one."""
     double = judge_server.double
     spared = () if burst == "every request" else ("statements", "support")
-    double.fault_rule = lambda request, index: None if request.task in spared else KINDS["garbage"]
+    double.fault_rule = garbage_burst(spared)
     first = score_files(*inputs, tmp_path / "out", judge_config_for(judge_server, max_attempts=2), SCORING)
     assert first.summary.scored == 0 and first.summary.failed == PROMPTS * CANDIDATES
     verdicts = answered(double)
