@@ -5,7 +5,8 @@ opens every prompt template, and can inject latency and faults (`Fault`): HTTP e
 Retry-After; a 401 that quotes the token; a 400 "context length" above a size, `context_limit`),
 hangs past the timeout, truncated bodies, dropped connections, null content and answers without
 a verdict, one by one or as a seeded share of all requests (`fault_mix`). Every request is logged
-(task, temperature, time), so tests can count judge calls exactly.
+(task, temperature, time), and every injected fault by request index and name (`injected`), so
+tests can count judge calls exactly and compare the client's accounting with what was injected.
 
 Default answers follow the task, so scores depend on the content:
 - helpfulness 7, logicality 8, completeness 6 (override with `ratings`);
@@ -84,6 +85,14 @@ class Fault:
     status: int = 500
     retry_after: str | None = None  # a Retry-After header on a 'status' fault
 
+    @property
+    def name(self) -> str:
+        """The fault's name as in KINDS ('hang', 'garbage', ...); an HTTP error is named by its status."""
+        return str(self.status) if self.kind == "status" else _NAMES[self.kind]
+
+
+_NAMES = {"timeout": "hang", "no_verdict": "garbage", "broken_body": "truncated", "drop": "drop", "null": "null"}
+
 
 KINDS: dict[str, Fault] = {
     "500": Fault("status", 500),
@@ -132,6 +141,7 @@ class JudgeDouble:
     # Overrides the scripted answer for a task: (request) -> answer text.
     answers: dict[str, Callable[[Request], str]] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
+    injected: list[tuple[int, str]] = field(default_factory=list)  # (request index, Fault.name)
     in_flight: int = 0
     max_in_flight: int = 0
     authorization: list[str] = field(default_factory=list)
@@ -174,13 +184,19 @@ class JudgeDouble:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.injected.clear()
             self.max_in_flight = 0
 
     def _next_fault(self, request: Request, index: int) -> Fault | None:
         if self.fault_rule is not None:
-            return self.fault_rule(request, index)
-        with self._lock:
-            return self.faults.pop(0) if self.faults else None
+            fault = self.fault_rule(request, index)
+        else:
+            with self._lock:
+                fault = self.faults.pop(0) if self.faults else None
+        if fault is not None:
+            with self._lock:
+                self.injected.append((index, fault.name))
+        return fault
 
 
 def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:

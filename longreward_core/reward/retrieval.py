@@ -146,4 +146,8 @@ class ChunkIndex:
         return [sorted(int(indices[j]) for j in row) for row in top]
 
     def close(self) -> None:
-        self.client.close()
+        """Close the client once no call is using it. An indexing thread can outlive its run
+        (cancelling an asyncio task does not stop the thread it waits on), and closing local mode's
+        SQLite store under its write crashes the process; its later calls raise instead."""
+        with self._lock:
+            self.client.close()
