@@ -27,7 +27,8 @@ def sample_candidates(
     report = pl.read_parquet(Path(shard_dir) / "sampling.parquet")
     logger = get_run_logger()
     short = report.filter(pl.col("sampled") < min_candidates)
-    cut = report.filter(pl.col("kept_tokens") < pl.col("context_tokens"))
+    # A prompt whose document does not fit is skipped (kept_tokens 0, reported with the short ones).
+    cut = report.filter((pl.col("kept_tokens") > 0) & (pl.col("kept_tokens") < pl.col("context_tokens")))
     logger.info("%s: %d candidates for %d prompts", shard_name, int(report["sampled"].sum()), report.height)
     if cut.height:
         logger.info("%s: %d documents cut in the middle to fit the policy context", shard_name, cut.height)
