@@ -5,7 +5,7 @@
 2. Each distinct statement retrieves its top-k retrieval chunks, put back in document order.
 3. One call per distinct statement grades support (faithfulness_support.{en,zh}.txt):
    Fully supported = 1, Partially supported = 0.5, No support = 0. A statement that several
-   candidates of a prompt make is retrieved and graded once (`SupportChecks`).
+   candidates of a prompt make word for word is retrieved and graded once (`SupportChecks`).
 Score = 10 x mean support.
 
 A response with no factual statement (a refusal, a purely functional reply) scores 10: it asserts
@@ -75,8 +75,10 @@ def distinct(statements: list[str]) -> list[str]:
 class SupportChecks:
     """The support verdicts of one prompt's statements, shared by all its candidates.
 
-    A statement that several candidates make is retrieved and graded once: every candidate gets
-    the same verdict, and the judge is asked one question instead of several.
+    A statement that several candidates make word for word is retrieved and graded once: every
+    candidate gets the same verdict, and the judge is asked one question instead of several. Only
+    identical text is shared: the question sent for a statement never depends on which candidate
+    asked first, so a re-run reproduces every verdict from the call cache.
     """
 
     def __init__(self, judge: Judge, retrieve: Retriever, language: str):
@@ -87,13 +89,13 @@ class SupportChecks:
 
     async def supports(self, statements: list[str]) -> list[float]:
         """1 / 0.5 / 0 per statement (raises LLMCallFailed when a verdict cannot be had)."""
-        fresh = distinct([s for s in statements if statement_key(s) not in self._checks])
+        fresh = list(dict.fromkeys(s for s in statements if s not in self._checks))
         if fresh:
             # Registered before any await, so a candidate arriving meanwhile waits for these.
             evidence = asyncio.ensure_future(self._retrieve(fresh))
             for i, statement in enumerate(fresh):
-                self._checks[statement_key(statement)] = asyncio.ensure_future(self._grade(statement, evidence, i))
-        return list(await asyncio.gather(*(self._checks[statement_key(s)] for s in statements)))
+                self._checks[statement] = asyncio.ensure_future(self._grade(statement, evidence, i))
+        return list(await asyncio.gather(*(self._checks[s] for s in statements)))
 
     async def _grade(self, statement: str, evidence: asyncio.Future[list[str]], index: int) -> float:
         excerpts = (await evidence)[index]
