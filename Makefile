@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-stack bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
+
+# A real Prefect stack on loopback (PostgreSQL, Redis, server + services, workers): see infra/stack/.
+test-stack: $(STAMP)
+	bash infra/stack/test-stack.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_scoring.py

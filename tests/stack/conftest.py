@@ -1,0 +1,156 @@
+"""The stack suite's fixtures: a real Prefect server (PostgreSQL, Redis, services) started by
+`infra/stack/stack.sh up`, the project deployed to it by `infra/stack/deploy.sh`, and `cpu` process
+workers started here. `make test-stack` does all of it; these tests fail (never skip) without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / ".venv" / "bin"
+NIGHTLY = "preference-build/nightly-preference-build"
+# The README's command for a worker; tests add a name so that each worker's log is its own.
+WORKER_COMMAND = "prefect worker start --pool cpu"
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def stack_dir() -> Path:
+    value = os.environ.get("LONGREWARD_STACK_DIR")
+    if not value or not os.environ.get("PREFECT_API_URL"):
+        pytest.fail("no stack: run `make test-stack` (it starts PostgreSQL, Redis and a Prefect server, then these tests)")
+    return Path(value)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env.update(extra)
+    return env
+
+
+def prefect(*args: str, check: bool = True) -> str:
+    """A `prefect` CLI command against the stack; its output."""
+    done = subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
+    if check and done.returncode != 0:
+        raise AssertionError(f"`prefect {' '.join(args)}` exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done.stdout + done.stderr
+
+
+class Worker:
+    """A `cpu` process worker in its own process group, logging to the stack folder."""
+
+    def __init__(self, name: str, env: dict[str, str]):
+        self.name = name
+        self.log_path = stack_dir() / f"worker-{name}.log"
+        command = shlex.split(WORKER_COMMAND) + ["--name", name]
+        command[0] = str(BIN / "prefect")
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        (stack_dir() / f"worker-{name}.pid").write_text(str(self.process.pid))
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        (stack_dir() / f"worker-{self.name}.pid").unlink(missing_ok=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    from tests.conftest import TEST_API_KEY
+
+    return cli_env(
+        # Keys come from the worker's environment, never from the run's parameters.
+        LONGREWARD_JUDGE_API_KEY=TEST_API_KEY,
+        LONGREWARD_POLICY_API_KEY=TEST_API_KEY,
+        HF_HUB_OFFLINE="1",
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        # A test stack: poll for work every 2 s instead of 10.
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+        **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def deployed() -> Path:
+    """The project deployed with the README's steps (infra/stack/deploy.sh)."""
+    folder = stack_dir()
+    if (folder / "deployed").exists():  # once per stack: a second `prefect deploy` run would find the pools
+        return folder
+    done = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "deploy.sh")], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"deploy.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    (folder / "deployed").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def worker(deployed) -> Iterator[Worker]:
+    started = Worker("stack-a", worker_env())
+    yield started
+    started.stop()
+
+
+def start_run(deployment: str, params: dict[str, Any]) -> str:
+    """`prefect deployment run` with the whole `params` object (it replaces the deployment's)."""
+    out = prefect("deployment", "run", deployment, "--params", json.dumps({"params": params}))
+    found = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert found, f"no flow run id in:\n{out}"
+    return found.group(1)
+
+
+async def _read_run(run_id: str):
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
+
+
+def read_run(run_id: str):
+    return asyncio.run(_read_run(run_id))
+
+
+def wait_final(run_id: str, timeout_s: float = 240, worker: Worker | None = None):
+    """The flow run once it is in a final state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = read_run(run_id)
+        if run.state and run.state.type.value in FINAL:
+            return run
+        if time.monotonic() > deadline:
+            tail = worker.log()[-4000:] if worker else ""
+            raise AssertionError(f"flow run {run_id} still {run.state.type.value if run.state else None} after {timeout_s} s\n{tail}")
+        time.sleep(1)
+
+
+async def _run_logs(run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+        return [log.message for log in logs]
+
+
+def run_logs(run_id: str) -> list[str]:
+    return asyncio.run(_run_logs(run_id))

@@ -1,0 +1,183 @@
+"""The deployed project on a real Prefect stack (PostgreSQL, Redis, server + services, a `cpu`
+process worker), with the loopback judge double serving the judge and the policy.
+
+Each test starts runs the way an operator does (`prefect deployment run`, `prefect flow-run
+retry`) and reads back what the server and the judge saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from tests.conftest import TEST_API_KEY
+from tests.judge_double import Fault, JudgeDouble, JudgeServer
+from tests.stack.conftest import NIGHTLY, prefect, read_run, run_logs, start_run, wait_final
+from tests.test_flow import helpfulness_by_length, write_inputs
+
+pytestmark = pytest.mark.timeout(600)
+
+SCORING = {"retrieval_chunk_tokens": 32, "completeness_chunk_tokens": 256}
+
+
+@pytest.fixture
+def judge() -> JudgeServer:
+    with JudgeServer(JudgeDouble(answers={"helpfulness": helpfulness_by_length})) as server:
+        yield server
+
+
+def judge_for(server: JudgeServer, **overrides: Any) -> dict[str, Any]:
+    settings = {"model": "openai/judge-double", "api_base": server.api_base, "timeout_s": 5.0, "transport_retries": 1,
+                "backoff_initial_s": 0.01, "backoff_max_s": 0.05, "concurrency": 8}
+    return {**settings, **overrides}
+
+
+def build_params(folder: Path, server: JudgeServer, prompts: Path, candidates: Path | None, **overrides: Any) -> dict[str, Any]:
+    """The nightly's whole `params` object for a run (a run's `params` replaces the deployment's)."""
+    params = {
+        "prompts": str(prompts), "candidates": str(candidates) if candidates else None, "output_dir": str(folder / "builds"),
+        "run_date": "2026-11-21", "shard_size": 2, "shards_in_flight": 4, "task_retries": 0,
+        "judge_limit_strict": True, "judge": judge_for(server), "scoring": SCORING,
+    }
+    return {**params, **overrides}
+
+
+def published_pairs(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(folder / "builds" / "2026-11-21" / "pairs.parquet").sort("prompt_id")
+
+
+async def _task_states(run_id: str) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        return [(task.name, task.state.name if task.state else "") for task in tasks]
+
+
+def test_a_deployment_run_of_the_nightly_build_completes_and_publishes(worker, judge, tmp_path):
+    prompts, candidates = write_inputs(tmp_path, n_prompts=3)
+    run_id = start_run(NIGHTLY, build_params(tmp_path, judge, prompts, candidates))
+    run = wait_final(run_id, worker=worker)
+    assert run.state.type.value == "COMPLETED", run.state.message
+    pairs = published_pairs(tmp_path)
+    assert pairs["chosen_id"].to_list() == ["p0-0", "p1-0", "p2-0"]
+    assert pairs["rejected_id"].to_list() == ["p0-4", "p1-4", "p2-4"]
+    # The key came from the worker's environment; it is in no log line and no parameter.
+    logs = run_logs(run_id)
+    assert logs and not any(TEST_API_KEY in line for line in logs)
+    assert TEST_API_KEY not in json.dumps(run.parameters)
+    assert set(judge.double.authorization) == {f"Bearer {TEST_API_KEY}"}
+
+
+def test_a_policy_outage_fails_sampling_and_a_retry_publishes(worker, judge, tmp_path):
+    double = judge.double
+    # Candidates of 1 to 5 sentences: helpfulness (by length) tells them apart.
+    double.answers["unknown"] = lambda r: "The mill closed in 1960 after a fire. " * (1 + len(double.requests) % 5)
+    outage = {"on": True}
+    double.fault_rule = lambda r, i: Fault("status", 503) if outage["on"] and r.task == "unknown" else None
+    prompts, _ = write_inputs(tmp_path, n_prompts=2)
+    policy = {"model": "openai/policy-double", "api_base": judge.api_base, "candidates_per_prompt": 5,
+              "max_context_tokens": 4096, "max_new_tokens": 32, "timeout_s": 5.0, "transport_retries": 1,
+              "backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+    run_id = start_run(NIGHTLY, build_params(tmp_path, judge, prompts, None, policy=policy))
+    run = wait_final(run_id, worker=worker)
+    assert run.state.type.value == "FAILED"
+    assert not (tmp_path / "builds" / "2026-11-21" / "pairs.parquet").exists()
+    assert double.count("unknown") > 0 and double.count("helpfulness") == 0
+
+    outage["on"] = False
+    prefect("flow-run", "retry", run_id)
+    run = wait_final(run_id, worker=worker)
+    assert run.state.type.value == "COMPLETED", run.state.message
+    assert run.run_count == 2
+    assert published_pairs(tmp_path).height == 2
+
+
+def test_a_judge_outage_on_one_shard_is_retried_paying_only_what_never_succeeded(worker, judge, tmp_path):
+    double = judge.double
+    outage = {"on": True}
+    double.fault_rule = lambda r, i: Fault("status", 503) if outage["on"] and r.task == "logicality" and "CEDAR" in r.content else None
+    prompts, candidates = write_inputs(tmp_path, n_prompts=5)
+    run_id = start_run(NIGHTLY, build_params(tmp_path, judge, prompts, candidates))
+    run = wait_final(run_id, worker=worker)
+    assert run.state.type.value == "FAILED"
+    assert "shard-0001" in run.state.message and "shard-0000" not in run.state.message and "shard-0002" not in run.state.message
+    answered = {r.content for r, fault in zip(double.requests, _faulted(double)) if not fault}
+
+    outage["on"] = False
+    double.reset()
+    prefect("flow-run", "retry", run_id)
+    run = wait_final(run_id, worker=worker)
+    assert run.state.type.value == "COMPLETED", run.state.message
+    # Only the calls that never got an answer: one logicality verdict per CEDAR candidate.
+    assert double.counts() == {"logicality": 5}
+    assert all("CEDAR" in r.content and r.content not in answered for r in double.requests)
+    states = asyncio.run(_task_states(run_id))
+    cached_scores = [name for name, state in states if name.startswith("score-shard") and state == "Cached"]
+    assert len(cached_scores) == 2, states  # shard-0000 and shard-0002 come back from the first attempt
+    assert published_pairs(tmp_path).height == 5
+
+
+def _faulted(double: JudgeDouble) -> list[bool]:
+    hit = {index for index, _ in double.injected}
+    return [index in hit for index in range(len(double.requests))]
+
+
+def test_a_judge_limit_of_3_holds_across_four_shards_of_concurrency_8(worker, judge, tmp_path):
+    judge.double.latency_s = 0.1
+    prefect("gcl", "update", "longreward-judge", "--limit", "3")
+    try:
+        prompts, candidates = write_inputs(tmp_path, n_prompts=4)
+        params = build_params(tmp_path, judge, prompts, candidates, shard_size=1, shards_in_flight=4)
+        run_id = start_run(NIGHTLY, params)
+        run = wait_final(run_id, worker=worker)
+    finally:
+        prefect("gcl", "update", "longreward-judge", "--limit", "16")
+    assert run.state.type.value == "COMPLETED", run.state.message
+    assert published_pairs(tmp_path).height == 4
+    assert 1 <= judge.double.max_in_flight <= 3
+
+
+def test_the_scheduler_creates_runs_and_the_worker_completes_one(worker, judge, tmp_path):
+    # The nightly's cron schedule has upcoming runs, created by the scheduler service.
+    upcoming = prefect("flow-run", "ls", "--state", "SCHEDULED", "--flow-name", "preference-build")
+    assert "SCHEDULED" in upcoming or "Scheduled" in upcoming, upcoming
+    # A deployment of the same flow every minute: its first run is picked up and completes.
+    prompts, candidates = write_inputs(tmp_path, n_prompts=2)
+    params = build_params(tmp_path, judge, prompts, candidates, judge_limit_strict=False)
+    prefect("--no-prompt", "deploy", "flows/preference_build.py:preference_build", "--name", "every-minute",
+            "--pool", "cpu", "--interval", "60", "--params", json.dumps({"params": params}))
+    try:
+        run_id = _first_scheduled_run("every-minute", within_s=90)
+        run = wait_final(run_id, timeout_s=300, worker=worker)
+    finally:
+        prefect("deployment", "delete", "preference-build/every-minute")
+    assert run.state.type.value == "COMPLETED", run.state.message
+    assert run.auto_scheduled  # created by the scheduler, not by hand
+    assert published_pairs(tmp_path).height == 2
+
+
+def _first_scheduled_run(deployment_name: str, within_s: float) -> str:
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        runs = asyncio.run(_deployment_runs(deployment_name))
+        if runs:
+            return str(min(runs, key=lambda r: r.expected_start_time).id)
+        time.sleep(2)
+    raise AssertionError(f"the scheduler created no run of {deployment_name} within {within_s} s")
+
+
+async def _deployment_runs(deployment_name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async with get_client() as client:
+        return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])))
