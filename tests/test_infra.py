@@ -159,8 +159,13 @@ def test_compose_services_and_volumes(compose_config):
     assert set(services) == EXPECTED_SERVICES
     assert EXPECTED_VOLUMES <= set(compose_config["volumes"])
 
-    assert services["prefect-server"]["image"] == "prefecthq/prefect:3.8.8-python3.11"
-    assert services["prefect-services"]["image"] == "prefecthq/prefect:3.8.8-python3.11"
+    # The official Prefect image plus prefect-redis (the Redis settings need it) and sqlalchemy<2.1
+    # (the scheduler needs it), built once and shared by the API server and the services.
+    assert services["prefect-server"]["build"]["dockerfile"] == "infra/server.Dockerfile"
+    assert services["prefect-services"]["image"] == services["prefect-server"]["image"]
+    server_image = (ROOT / "infra" / "server.Dockerfile").read_text()
+    assert "FROM prefecthq/prefect:3.8.8-python3.11" in server_image
+    assert "prefect-redis==0.3.0" in server_image and "sqlalchemy>=2.0,<2.1" in server_image
     assert services["prefect-server"]["command"][:5] == ["prefect", "server", "start", "--host", "0.0.0.0"]
     assert services["prefect-services"]["command"] == ["prefect", "server", "services", "start"]
 
@@ -435,3 +440,33 @@ def test_entrypoints_are_prefect_flows(deployment, monkeypatch):
     # when a run is created (required fields included).
     schema = parameter_schema(flow).model_dump_for_openapi()
     validate(deployment.get("parameters") or {}, schema, raise_on_error=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The README's deployment steps are the ones `make test-stack` runs
+# --------------------------------------------------------------------------------------------
+
+
+def _readme_blocks(heading: str) -> list[list[str]]:
+    """The code blocks under a README heading (up to the next heading), as their lines."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(heading, 1)[1].split("\n#", 1)[0]
+    return [block.strip("\n").splitlines() for block in section.split("```")[1::2]]
+
+
+def _commands(lines: list[str]) -> list[str]:
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_readme_deploys_with_the_lines_the_stack_suite_runs():
+    deploy_script = (ROOT / "infra" / "stack" / "deploy.sh").read_text().splitlines()
+    script_commands = [line for line in _commands(deploy_script) if line.startswith("prefect ")]
+    deploy, worker, *_ = _readme_blocks("### Against any Prefect server")
+    assert deploy[0].startswith("export PREFECT_API_URL=")
+    assert _commands(deploy[1:]) == script_commands and len(script_commands) == 4
+
+    from tests.stack.conftest import LINK_COMMAND, WORKER_COMMAND
+
+    assert _commands(worker) == [LINK_COMMAND, WORKER_COMMAND]
+    compose = _readme_blocks("### The whole stack with Docker Compose")[0]
+    assert any(line.startswith("bash infra/stack/deploy.sh") for line in compose)

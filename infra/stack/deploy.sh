@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Deploy the project to a Prefect server: the README's "Against any Prefect server" steps, as
-# `make test-stack` runs them (the README's block is checked against this file by the tests).
+# Deploy the project to a Prefect server: work pools, the judge limit, the deployments of
+# prefect.yaml. `make test-stack` runs this file; the README's deployment steps are its lines
+# (tests/test_infra.py checks that they match).
 # Needs PREFECT_API_URL; run from the repository root with the project's .venv on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,5 +10,4 @@ cd "$(dirname "$0")/../.."
 prefect work-pool create cpu --type process
 prefect work-pool create gpu --type process
 prefect gcl create longreward-judge --limit 16     # first: the nightly build fails without it
-ln -sfn "$PWD" /opt/longreward                     # where the deployments' pull step finds the code
 prefect deploy --all                               # from the repository root, in .venv

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real Prefect stack on loopback, laid out as docker-compose.yml lays it out, without Docker:
-# PostgreSQL and Redis from Debian's packages, `prefect server start --no-services` plus
+# PostgreSQL and Redis (and Chromium for the UI check) from Debian's packages, `prefect server start --no-services` plus
 # `prefect server services start` against them (events and the Docket queue over Redis).
 #
 #   infra/stack/stack.sh up DIR     install what is missing, start everything, write DIR/env
@@ -25,6 +25,7 @@ install_packages() {
     local missing=()
     [ -n "$(pg_bin)" ] || missing+=(postgresql)
     command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v chromium >/dev/null || missing+=(chromium)   # the UI check's headless browser
     [ ${#missing[@]} -eq 0 ] && return
     echo "stack: installing ${missing[*]} from Debian's packages"
     export DEBIAN_FRONTEND=noninteractive

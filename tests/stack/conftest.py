@@ -22,7 +22,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
 NIGHTLY = "preference-build/nightly-preference-build"
-# The README's command for a worker; tests add a name so that each worker's log is its own.
+# The README's commands for a worker outside the worker image (tests/test_infra.py checks them
+# against the README): the code where the deployments' pull step looks, then the worker. Tests add
+# a name so that each worker's log is its own.
+LINK_COMMAND = 'ln -sfn "$PWD" /opt/longreward'
 WORKER_COMMAND = "prefect worker start --pool cpu"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -52,6 +55,7 @@ class Worker:
     """A `cpu` process worker in its own process group, logging to the stack folder."""
 
     def __init__(self, name: str, env: dict[str, str]):
+        subprocess.run(["bash", "-c", LINK_COMMAND], cwd=ROOT, check=True)
         self.name = name
         self.log_path = stack_dir() / f"worker-{name}.log"
         command = shlex.split(WORKER_COMMAND) + ["--name", name]

@@ -16,11 +16,15 @@ import polars as pl
 import pytest
 
 from tests.conftest import TEST_API_KEY
+from tests.stack.browser import rendered_dom, screenshot
 from tests.judge_double import Fault, JudgeDouble, JudgeServer
 from tests.stack.conftest import NIGHTLY, prefect, read_run, run_logs, start_run, wait_final
 from tests.test_flow import helpfulness_by_length, write_inputs
 
 pytestmark = pytest.mark.timeout(600)
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "out" / "stack" / "ui"  # kept after the stack is removed
 
 SCORING = {"retrieval_chunk_tokens": 32, "completeness_chunk_tokens": 256}
 
@@ -73,6 +77,27 @@ def test_a_deployment_run_of_the_nightly_build_completes_and_publishes(worker, j
     assert logs and not any(TEST_API_KEY in line for line in logs)
     assert TEST_API_KEY not in json.dumps(run.parameters)
     assert set(judge.double.authorization) == {f"Bearer {TEST_API_KEY}"}
+
+    # What the user sees: the build's artifacts rendered by Prefect's UI in a browser.
+    artifacts = {artifact.key: artifact for artifact in asyncio.run(_artifacts(run_id)) if artifact.key}
+    assert {"shards", "rewards", "judge-accounting"} <= set(artifacts), sorted(artifacts)
+    shards_page = rendered_dom(f"/artifacts/artifact/{artifacts['shards'].id}")
+    assert "shard-0000" in shards_page and "shard-0001" in shards_page
+    accounting_page = rendered_dom(f"/artifacts/artifact/{artifacts['judge-accounting'].id}")
+    assert "helpfulness" in accounting_page
+    rewards_page = rendered_dom(f"/artifacts/artifact/{artifacts['rewards'].id}")
+    assert "Reward histogram" in rewards_page
+    for key in ("rewards", "shards"):
+        shot = screenshot(f"/artifacts/artifact/{artifacts[key].id}", SCREENSHOTS / f"{key}.png")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def _artifacts(run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
 
 
 def test_a_policy_outage_fails_sampling_and_a_retry_publishes(worker, judge, tmp_path):
