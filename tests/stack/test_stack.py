@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -173,16 +174,19 @@ def test_the_scheduler_creates_runs_and_the_worker_completes_one(worker, judge, 
     # The nightly's cron schedule has upcoming runs, created by the scheduler service.
     upcoming = prefect("flow-run", "ls", "--state", "SCHEDULED", "--flow-name", "preference-build")
     assert "SCHEDULED" in upcoming or "Scheduled" in upcoming, upcoming
-    # A deployment of the same flow every minute: its first run is picked up and completes.
+    # A scheduled deployment of the same flow whose first slot is 20 s away: the scheduler creates
+    # the run and the worker picks it up when it is due. (Hourly from then on, so that no second
+    # run starts while this one is checked.)
     prompts, candidates = write_inputs(tmp_path, n_prompts=2)
-    params = build_params(tmp_path, judge, prompts, candidates, judge_limit_strict=False)
-    prefect("--no-prompt", "deploy", "flows/preference_build.py:preference_build", "--name", "every-minute",
-            "--pool", "cpu", "--interval", "60", "--params", json.dumps({"params": params}))
+    params = build_params(tmp_path, judge, prompts, candidates)
+    first_slot = (datetime.now(timezone.utc) + timedelta(seconds=20)).isoformat()
+    prefect("--no-prompt", "deploy", "flows/preference_build.py:preference_build", "--name", "hourly-check",
+            "--pool", "cpu", "--interval", "3600", "--anchor-date", first_slot, "--params", json.dumps({"params": params}))
     try:
-        run_id = _first_scheduled_run("every-minute", within_s=90)
+        run_id = _first_scheduled_run("hourly-check", within_s=90)
         run = wait_final(run_id, timeout_s=300, worker=worker)
     finally:
-        prefect("deployment", "delete", "preference-build/every-minute")
+        prefect("deployment", "delete", "preference-build/hourly-check")
     assert run.state.type.value == "COMPLETED", run.state.message
     assert run.auto_scheduled  # created by the scheduler, not by hand
     assert published_pairs(tmp_path).height == 2
