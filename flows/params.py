@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, field_validator
 
 from longreward_core.data.pairs import PairConfig
+from longreward_core.models.call_cache import check_cache_url
 from longreward_core.models.client import CALL_CACHE_FILE
 from longreward_core.pipeline.sampling import PolicyConfig
 from longreward_core.reward.judge import JudgeConfig
@@ -41,6 +42,14 @@ class BuildParams(BaseModel):
     )
     judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
     policy_key_secret: str | None = Field(None, description="Prefect Secret block holding the policy's API key (else the environment).")
+    cache_url: str | None = Field(
+        None,
+        description="PostgreSQL URL of a call cache that several hosts share (`postgresql://user@host:5432/db`, no "
+        "password: PGPASSWORD on the workers or cache_password_secret). Empty: `call_cache.sqlite` under output_dir.",
+    )
+    cache_password_secret: str | None = Field(
+        None, description="Prefect Secret block holding the cache database's password (else PGPASSWORD or ~/.pgpass)."
+    )
     task_retries: int = Field(2, ge=0, le=10, description="Retries of each shard task (exponential backoff with jitter).")
     dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")
@@ -68,12 +77,18 @@ class BuildParams(BaseModel):
             raise ValueError(f"candidates file not found: {value}")
         return value or None
 
+    @field_validator("cache_url")
+    @classmethod
+    def _cache_url(cls, value: str | None) -> str | None:
+        return check_cache_url(value)
+
     def build_dir(self) -> Path:
         day = self.run_date or datetime.now(timezone.utc).date()
         return Path(self.output_dir) / day.isoformat()
 
-    def cache_path(self) -> Path:
-        return Path(self.output_dir) / CALL_CACHE_FILE
+    def cache_path(self) -> str:
+        """Where the call cache is: the database URL, else the SQLite file under output_dir."""
+        return self.cache_url or str(Path(self.output_dir) / CALL_CACHE_FILE)
 
     def results_path(self) -> Path:
         return Path(self.output_dir) / ".prefect-results"

@@ -79,14 +79,16 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                         sample_task,
                         parameters={"shard_dir": shard, "shard_name": name, "policy": params.policy,
                                     "cache_path": cache_path, "min_candidates": params.pairs.min_candidates,
-                                    "policy_key_secret": params.policy_key_secret},
+                                    "policy_key_secret": params.policy_key_secret,
+                                    "cache_password_secret": params.cache_password_secret},
                     )
                 )
             score_futures[name] = runner.submit(
                 score_task,
                 parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
                             "cache_path": cache_path, "judge_slots": params.judge_slots,
-                            "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret},
+                            "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret,
+                            "cache_password_secret": params.cache_password_secret},
                 wait_for=upstream,
             )
         by_future = {f.task_run_id: name for name, f in score_futures.items()}

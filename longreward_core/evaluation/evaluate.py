@@ -132,7 +132,7 @@ def evaluate_benchmark(
     judge = judge or JudgeConfig()
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache_path = Path(cache_path or out.parent / CALL_CACHE_FILE)
+    cache_path = cache_path or out.parent / CALL_CACHE_FILE  # a file path or a database URL
     generator = generator or load_generator(spec, cache_path)
     summary: dict[str, Any] = {"model": spec.label, "benchmark": benchmark, "folder": str(out), "limit": limit}
     input_quarantine: list[QuarantinedRow] = []

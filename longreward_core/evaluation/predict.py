@@ -35,10 +35,10 @@ from longreward_core.data.records import QuarantinedRow
 from longreward_core.evaluation.data import load_longbench
 from longreward_core.evaluation.tasks import LongBenchTask, get_task
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.call_cache import open_call_cache
 from longreward_core.models.client import (
     POLICY_API_KEY_ENV,
     AuthenticationFailed,
-    CallCache,
     LLMCallFailed,
     LLMClient,
     PolicyClientConfig,
@@ -159,14 +159,14 @@ class LitellmGenerator:
         )
 
         self.spec = spec
-        self.cache_path = Path(cache_path)
+        self.cache_path = cache_path  # a file path or a database URL (open_call_cache)
         self.tokenizer = load_tokenizer(spec.tokenizer)
         self.accounting = RunAccounting(per_purpose={})
 
     def generate(
         self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]
     ) -> dict[str, LLMCallFailed]:
-        cache = CallCache(self.cache_path)
+        cache = open_call_cache(self.cache_path)
         failures: dict[str, LLMCallFailed] = {}
 
         async def run() -> None:

@@ -41,7 +41,8 @@ from longreward_core.data.records import (
     ScoreSummary,
 )
 from longreward_core.models.accounting import RunAccounting
-from longreward_core.models.client import CallCache, LLMClient
+from longreward_core.models.call_cache import open_call_cache
+from longreward_core.models.client import LLMClient
 from longreward_core.models.event_loop import run_async
 from longreward_core.pipeline.sampling import PolicyConfig, sample_candidates
 from longreward_core.pipeline.score import pairs_files
@@ -116,7 +117,7 @@ def sample_shard(shard_dir: str | Path, policy_config: PolicyConfig, cache_path:
     per-prompt report in `shard_dir/sampling.parquet`."""
     shard = Path(shard_dir)
     prompts = load_prompts(shard / "prompts.parquet").records
-    cache = CallCache(cache_path)
+    cache = open_call_cache(cache_path)
     accounting = RunAccounting(per_purpose={})
 
     async def run() -> tuple[list[Candidate], list[SampleReport]]:
