@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from longreward_core.data.form import form_order
 from longreward_core.data.pairs import PairConfig
 from longreward_core.models.call_cache import check_cache_url
 from longreward_core.models.client import CALL_CACHE_FILE
@@ -21,12 +23,32 @@ from longreward_core.training.config import TrainConfig
 from longreward_core.training.launch import LaunchConfig
 
 
+def refuse_keys(data: Any, secrets: dict[str, str]) -> Any:
+    """A `mode="before"` check of a flow's parameters: a key given as parameter data (the run form,
+    a deployment's parameters, `--param`) is refused, since the server stores and shows a run's
+    parameters in plain text. `secrets` maps each config field that could carry one to the
+    parameter naming its Secret block. Config objects built in Python keep their key: they never
+    dump it (`api_key` is excluded)."""
+    if isinstance(data, dict):
+        for field, secret in secrets.items():
+            given = data.get(field)
+            for value in given if isinstance(given, list) else [given]:
+                if isinstance(value, dict) and value.get("api_key"):
+                    raise ValueError(
+                        f"{field}: api_key is not a parameter (a run's parameters are stored and shown in plain text); "
+                        f"name a Prefect Secret block holding the key in {secret}, or set it in the worker's environment"
+                    )
+    return data
+
+
 class BuildParams(BaseModel):
     """Parameters of a preference build (the form the Prefect UI shows)."""
 
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
+
     prompts: str = Field(description="Prompts file (JSONL or Parquet): id, context, query; or the LongReward release format.")
+    output_dir: str = Field("out/builds", description="Root folder: builds go to `<output_dir>/<run_date>`; caches are shared.")
     candidates: str | None = Field(None, description="Candidates file; when empty, candidates are sampled from the policy.")
-    output_dir: str = Field("out/builds", description="Root folder: builds go to <output_dir>/<run_date>; caches are shared.")
     run_date: date | None = Field(None, description="Build date (folder name); default: today, UTC.")
     shard_size: int = Field(200, ge=1, le=100_000, description="Prompts per shard (one scoring task each).")
     shards_in_flight: int = Field(4, ge=1, le=256, description="Shards processed at the same time.")
@@ -59,9 +81,14 @@ class BuildParams(BaseModel):
     train_deployment: str | None = Field(
         None,
         description="Deployment started after publishing, to train on this build (e.g. 'dpo-train/dpo-train'); "
-        "its model goes to <build>/dpo. Empty: no training. Use this or an automation trigger, never both.",
+        "its model goes to `<build>/dpo`. Empty: no training. Use this or an automation trigger, never both.",
     )
     train_base_model: str | None = Field(None, description="Base model the triggered training starts from.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys(cls, data: Any) -> Any:
+        return refuse_keys(data, {"judge": "judge_key_secret", "policy": "policy_key_secret"})
 
     @field_validator("prompts")
     @classmethod
@@ -94,8 +121,10 @@ class BuildParams(BaseModel):
         return Path(self.output_dir) / ".prefect-results"
 
 
-class TrainParams(TrainConfig, LaunchConfig):
+class TrainParams(LaunchConfig, TrainConfig):  # TrainConfig first in the form
     """A DPO run as the Prefect UI shows it: the training config plus how to launch it."""
+
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
 
     retries: int = Field(2, ge=0, le=10, description="Relaunches after a failure; each resumes from the last checkpoint.")
 

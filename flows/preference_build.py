@@ -12,6 +12,7 @@ judge call.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from prefect.artifacts import (
 from prefect.deployments import run_deployment
 from prefect.filesystems import LocalFileSystem
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -46,7 +48,9 @@ from tasks.score import judge_limit, score_shard
 from tasks.shard import load_and_shard
 
 
-@flow(name="preference-build", log_prints=True)
+# No log_prints: the run log holds log records only. (With it, whatever a library prints lands
+# there: `datasets` fingerprinting a table through dill disassembles a function with print().)
+@flow(name="preference-build")
 def preference_build(params: BuildParams) -> dict[str, Any]:
     """Build a DPO preference dataset; returns the manifest (longreward_core.pipeline.build.build_manifest)
     with `manifest_path` and `dataset_dir`."""
@@ -61,7 +65,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     load_and_shard_task, build_pairs_task = (t.with_options(**stored) for t in (load_and_shard, build_pairs))
     plan = load_and_shard_task(params.prompts, params.candidates, params.shard_size, str(build / "shards"))
     names = [Path(d).name for d in plan.shard_dirs]
-    progress = create_progress_artifact(progress=0.0, description=f"Shards scored of {len(names)}")
+    progress = create_progress_artifact(progress=0.0, description=f"Shards scored of {len(names)} ({_attempt()})")
 
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
@@ -164,10 +168,17 @@ def _shard_table(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> 
         else:
             rows.append({"shard": name, "status": "failed", "candidates": None, "scored": None, "failed": None,
                          "judge requests": None, "cache hits": None, "reason": failed[name][:200]})
-    create_table_artifact(key="shards", table=rows, description="Shards of this build")
+    create_table_artifact(key="shards", table=rows, description=f"Shards of this build ({_attempt()})")
+
+
+def _attempt() -> str:
+    """Which attempt of the flow run this is: a retried run shows the artifacts of every attempt."""
+    return f"attempt {flow_run.run_count or 1}"
 
 
 def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting) -> None:
+    # The UI cannot reach the worker's disk: the picture travels inside the artifact.
+    image = base64.b64encode(distribution.histogram_png()).decode()
     bins = distribution.histogram
     top = max(bins) or 1
     histogram = "\n".join(f"| {i}-{i + 1} | {n} | {'█' * round(30 * n / top)} |" for i, n in enumerate(bins))
@@ -177,15 +188,16 @@ def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting
     )
     create_markdown_artifact(
         key="rewards",
-        markdown="## Reward histogram\n\n| reward | candidates | |\n|---|---|---|\n" + histogram
+        markdown=f"## Reward histogram ({_attempt()})\n\n![reward histogram](data:image/png;base64,{image})\n\n"
+        + "| reward | candidates | |\n|---|---|---|\n" + histogram
         + "\n\n## Scores by dimension\n\n| dimension | mean | p10 | median | p90 |\n|---|---|---|---|---|\n"
         + by_dimension,
-        description=f"{distribution.scored} scored candidates",
+        description=f"{distribution.scored} scored candidates ({_attempt()})",
     )
     create_table_artifact(
         key="judge-accounting",
         table=[{"dimension": k, **vars(v)} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **vars(accounting.total)}],
-        description="Judge requests, cache hits, tokens, cost, failures",
+        description=f"Judge requests, cache hits, tokens, cost, failures ({_attempt()})",
     )
 
 

@@ -226,6 +226,26 @@ class RewardDistribution:
     def scored(self) -> int:
         return sum(self.histogram)
 
+    def histogram_png(self) -> bytes:
+        """The reward histogram as a small PNG (about 10 KB): candidates per unit bin of reward."""
+        import io
+
+        # No pyplot: no global state, safe in any thread.
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(5, 2.6), dpi=90, layout="constrained")
+        axis = figure.subplots()
+        axis.bar([i + 0.5 for i in range(REWARD_BINS)], self.histogram, width=0.9, color="#3b6ea8")
+        axis.set_xlim(0, REWARD_BINS)
+        axis.set_xticks(range(REWARD_BINS + 1))
+        axis.set_xlabel("reward")
+        axis.set_ylabel("candidates")
+        axis.set_title(f"Reward of {self.scored} scored candidates", fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+
 
 def reward_distribution(scores: pl.DataFrame) -> RewardDistribution:
     """The reward histogram and per-dimension statistics of the scored rows of `scores`
