@@ -6,6 +6,7 @@ options' defaults and help texts from here without loading the orchestration.
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,13 @@ class BuildParams(BaseModel):
     cache_password_secret: str | None = Field(
         None, description="Prefect Secret block holding the cache database's password (else PGPASSWORD or ~/.pgpass)."
     )
+    result_storage_block: str | None = Field(
+        None,
+        description="Prefect filesystem block that keeps the finished stages' results, which a retry or a later run "
+        "reads to skip them, as `block-type/block-name`: e.g. `remote-file-system/longreward-results` with basepath "
+        "`s3://bucket/results` (every worker must reach it). Empty: `<output_dir>/.prefect-results`, shared when "
+        "output_dir is.",
+    )
     task_retries: int = Field(2, ge=0, le=10, description="Retries of each shard task (exponential backoff with jitter).")
     dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")
@@ -102,6 +110,13 @@ class BuildParams(BaseModel):
     def _candidates_exist(cls, value: str | None) -> str | None:
         if value and not Path(value).is_file():
             raise ValueError(f"candidates file not found: {value}")
+        return value or None
+
+    @field_validator("result_storage_block")
+    @classmethod
+    def _block_slug(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"[a-z0-9-]+/[A-Za-z0-9_-]+", value):
+            raise ValueError(f"result_storage_block {value!r}: expected block-type/block-name, e.g. remote-file-system/longreward-results")
         return value or None
 
     @field_validator("cache_url")

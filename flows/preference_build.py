@@ -60,8 +60,8 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     build = params.build_dir()
     cache_path = str(params.cache_path())
     # Task results (the cache records of finished stages) live beside the outputs they point to:
-    # deleting an output root forgets its cached stages too.
-    stored = {"result_storage": _results_block(params.results_path())}
+    # deleting an output root forgets its cached stages too. Or in a block every worker reaches.
+    stored = {"result_storage": _result_storage(params)}
     load_and_shard_task, build_pairs_task = (t.with_options(**stored) for t in (load_and_shard, build_pairs))
     plan = load_and_shard_task(params.prompts, params.candidates, params.shard_size, str(build / "shards"))
     names = [Path(d).name for d in plan.shard_dirs]
@@ -139,6 +139,26 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
         logger.info("started %s: flow run %s", params.train_deployment, training.id)
         published["training_flow_run"] = str(training.id)
     return published
+
+
+def _result_storage(params: BuildParams) -> str:
+    """Slug of the block that stores the stage tasks' results: the one named by the parameters
+    (checked here, so a missing block fails the run before any work), else a LocalFileSystem at
+    `<output_dir>/.prefect-results`."""
+    if not params.result_storage_block:
+        return _results_block(params.results_path())
+    from prefect.blocks.core import Block
+    from prefect.filesystems import WritableFileSystem
+
+    try:
+        block = Block.load(params.result_storage_block)
+    except ValueError as exc:
+        raise ValueError(f"result_storage_block '{params.result_storage_block}' cannot be loaded ({exc}); create "
+                         "it first, e.g. a RemoteFileSystem block whose basepath every worker reaches") from None
+    if not isinstance(block, WritableFileSystem):
+        raise ValueError(f"result_storage_block '{params.result_storage_block}' is a {type(block).__name__}, "
+                         "not a filesystem block results can be written to")
+    return params.result_storage_block
 
 
 def _results_block(path: Path) -> str:
