@@ -18,7 +18,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 
@@ -57,6 +57,16 @@ def pg_url():
     finally:
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """`url` without its password, and the password: options and parameters refuse a URL that
+    carries one (it goes in PGPASSWORD or a Secret block)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}")), unquote(parts.password)
 
 
 def rows(url: str) -> list[tuple]:
@@ -177,13 +187,16 @@ def test_two_score_runs_share_the_cache_by_url(judge_server, sample_paths, tmp_p
     from flows.cli import app
 
     monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
+    url, password = split_password(pg_url)
+    if password:
+        monkeypatch.setenv("PGPASSWORD", password)  # libpq's own variable
     prompts, candidates = sample_paths
     runner = CliRunner()
 
     def score(out: Path):
         return runner.invoke(app, [
             "score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
-            "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base, "--cache-url", pg_url,
+            "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base, "--cache-url", url,
         ])
 
     first = score(tmp_path / "first")
@@ -197,3 +210,35 @@ def test_two_score_runs_share_the_cache_by_url(judge_server, sample_paths, tmp_p
     assert accounting["judge"]["total"]["calls"] == 0 and accounting["judge"]["total"]["cache_hits"] > 0
     assert len(rows(pg_url)) == paid  # every answer of the double parsed: one row per request
 
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_builds_share_the_call_cache_named_by_the_cache_url_parameter(judge_server, tmp_path, pg_url):
+    """Two builds in different output roots (as on two hosts) with the same `cache_url`: the
+    second pays no judge request. A password in the test URL travels in a Secret block."""
+    from prefect.blocks.system import Secret
+
+    from flows.preference_build import preference_build
+    from tests.test_flow import helpfulness_by_length, params_for, write_inputs
+
+    url, password = split_password(pg_url)
+    secret = None
+    if password:
+        Secret(value=password).save("pg-cache-password-test", overwrite=True)
+        secret = "pg-cache-password-test"
+    double = judge_server.double
+    double.answers = {"helpfulness": helpfulness_by_length}
+    prompts, candidates = write_inputs(tmp_path, n_prompts=2)
+    first = preference_build(params_for(judge_server, tmp_path / "host-a", prompts, candidates,
+                                        cache_url=url, cache_password_secret=secret))
+    paid = double.count()
+    assert paid > 0 and first["judge_accounting"]["total"]["calls"] == paid
+    assert not list((tmp_path / "host-a").rglob("call_cache.sqlite"))
+    second = preference_build(params_for(judge_server, tmp_path / "host-b", prompts, candidates,
+                                         cache_url=url, cache_password_secret=secret))
+    assert double.count() == paid
+    assert second["judge_accounting"]["total"]["calls"] == 0 and second["judge_accounting"]["total"]["cache_hits"] > 0
+    assert second["counts"]["pairs"] == first["counts"]["pairs"] == 2
+    assert len(rows(pg_url)) == paid
+    if password:  # neither build wrote it anywhere
+        assert not [p for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
