@@ -89,6 +89,16 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+_CACHE_URL_HELP = (
+    "PostgreSQL URL of a call cache several hosts share (postgresql://user@host:5432/db; the password comes from "
+    "PGPASSWORD or ~/.pgpass, never the URL). Default: call_cache.sqlite in the output folder."
+)
+
+
+def _cache_url() -> Any:
+    return option(BuildParams, "cache_url", "--cache-url", help=_CACHE_URL_HELP)
+
+
 def _judge_config(model: str, api_base: Optional[str], concurrency: int, rpm: Optional[int], timeout_s: float) -> JudgeConfig:
     return JudgeConfig(model=model, api_base=api_base, concurrency=concurrency, rpm=rpm, timeout_s=timeout_s)
 
@@ -111,6 +121,7 @@ def score(
     qdrant_url: Optional[str] = option(ScoringConfig, "qdrant_url"),
     retrieval_chunk_tokens: int = option(ScoringConfig, "retrieval_chunk_tokens"),
     completeness_chunk_tokens: int = option(ScoringConfig, "completeness_chunk_tokens"),
+    cache_url: Optional[str] = _cache_url(),
 ) -> None:
     """Score candidates with LongReward: writes OUT/scores.parquet and OUT/accounting.json.
 
@@ -119,10 +130,12 @@ def score(
     empty input too), the judge could not be reached for some candidates (run the same command
     again: every answer received is cached), or it refused the credentials; 2 on bad input.
     """
+    from longreward_core.models.call_cache import check_cache_url
     from longreward_core.models.client import AuthenticationFailed
     from longreward_core.pipeline.score import score_files
 
     with _input_errors():
+        cache_path = check_cache_url(cache_url)
         judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout)
         scoring = ScoringConfig(
             retrieval_chunk_tokens=retrieval_chunk_tokens, completeness_chunk_tokens=completeness_chunk_tokens,
@@ -134,7 +147,7 @@ def score(
             task = progress.add_task("score", total=None)
             try:
                 run = score_files(
-                    prompts, candidates, out, judge, scoring,
+                    prompts, candidates, out, judge, scoring, cache_path=cache_path,
                     on_start=lambda n: progress.update(task, total=n),
                     on_scored=lambda _: progress.advance(task),
                 )
@@ -255,6 +268,7 @@ def build(
     min_candidates: int = option(PairConfig, "min_candidates"),
     dask_address: Optional[str] = option(BuildParams, "dask_address"),
     run_date: Optional[str] = option(BuildParams, "run_date", help="YYYY-MM-DD (default: today, UTC)."),
+    cache_url: Optional[str] = _cache_url(),
 ) -> None:
     """Build a DPO preference dataset: shard, sample, score, pair, publish (a Prefect flow)."""
     with _input_errors():
@@ -266,6 +280,7 @@ def build(
             shard_size=shard_size,
             shards_in_flight=shards_in_flight,
             dask_address=dask_address,
+            cache_url=cache_url,
             policy=PolicyConfig(model=policy_model, api_base=policy_api_base, candidates_per_prompt=candidates_per_prompt,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 timeout_s=policy_timeout, max_context_tokens=policy_max_context_tokens,
@@ -405,14 +420,16 @@ def _print_scores(title: str, scores: dict[str, Any]) -> None:
 _PARTIAL_HELP = "Accept a result computed from a subset of the cases (requests refused for good); it is marked partial."
 
 
-def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, **options: Any) -> dict[str, Any]:
+def _evaluate(spec: dict[str, Any], benchmark: str, out: Path, cache_url: Optional[str], **options: Any) -> dict[str, Any]:
     from longreward_core.evaluation.evaluate import (
         EvaluationIncomplete,
         EvaluationPartial,
         evaluate_benchmark,
     )
+    from longreward_core.models.call_cache import check_cache_url
 
     try:
+        options["cache_path"] = check_cache_url(cache_url)
         model = ModelSpec(**spec)
         summary = evaluate_benchmark(model, benchmark, out / model.label, **options)
     except (InputError, ValidationError, ValueError) as exc:
@@ -469,13 +486,14 @@ def longbench(
     timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples per dataset (quick runs)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
+    cache_url: Optional[str] = _cache_url(),
 ) -> None:
     """Generate LongBench answers (resumable) into OUT/<model>/<dataset>.jsonl and score them."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
-    _evaluate(spec, "longbench-e" if e else "longbench", out, data=DataSources(longbench=data),
+    _evaluate(spec, "longbench-e" if e else "longbench", out, cache_url, data=DataSources(longbench=data),
               datasets=_datasets(datasets), limit=limit, allow_partial=allow_partial)
 
 
@@ -488,14 +506,17 @@ def longbench_judge(
     judge_api_base: Optional[str] = option(JudgeConfig, "api_base", "--judge-api-base"),
     judge_timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
+    cache_url: Optional[str] = _cache_url(),
 ) -> None:
     """The paper's judged LongBench (QA 1-3, summaries 1-5) into PRED_DIR/judged_result.json."""
     from longreward_core.evaluation.judging import judge_longbench_dir
+    from longreward_core.models.call_cache import check_cache_url
     from longreward_core.models.client import CALL_CACHE_FILE
 
     with _input_errors():
         judge = JudgeConfig(model=judge_model, api_base=judge_api_base, timeout_s=judge_timeout)
-        run = judge_longbench_dir(pred_dir, judge, pred_dir.parent / CALL_CACHE_FILE, source=data, datasets=_datasets(datasets))
+        cache = check_cache_url(cache_url) or pred_dir.parent / CALL_CACHE_FILE
+        run = judge_longbench_dir(pred_dir, judge, cache, source=data, datasets=_datasets(datasets))
     _print_scores("judged LongBench", run.scores)
     console.print(f"result: {run.result_path}; ratings: {run.ratings_path}")
     if run.unreachable:
@@ -518,13 +539,14 @@ def longbench_v2(
     timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many examples (quick runs)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
+    cache_url: Optional[str] = _cache_url(),
 ) -> None:
     """Answer LongBench v2 (resumable) into OUT/<model>/predictions.jsonl; accuracy in result.json."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
-    _evaluate(spec, "longbench-v2", out, data=DataSources(longbench_v2=data), limit=limit, allow_partial=allow_partial)
+    _evaluate(spec, "longbench-v2", out, cache_url, data=DataSources(longbench_v2=data), limit=limit, allow_partial=allow_partial)
 
 
 @eval_app.command("longbench-chat")
@@ -544,13 +566,14 @@ def longbench_chat(
     timeout: float = option(ModelSpec, "timeout_s", "--timeout"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most this many cases (quick runs)."),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=_PARTIAL_HELP),
+    cache_url: Optional[str] = _cache_url(),
 ) -> None:
     """Answer LongBench-Chat and have the judge rate the answers 1-10 (OUT/<model>/judged_result.json)."""
     from longreward_core.evaluation.evaluate import DataSources
 
     spec = dict(model=model, name=name, backend=backend, api_base=api_base, tokenizer=tokenizer,
                 max_input_tokens=max_input_tokens, concurrency=concurrency, timeout_s=timeout)
-    _evaluate(spec, "longbench-chat", out, data=DataSources(longbench_chat=data), limit=limit,
+    _evaluate(spec, "longbench-chat", out, cache_url, data=DataSources(longbench_chat=data), limit=limit,
               judge=JudgeConfig(model=judge_model, api_base=judge_api_base, timeout_s=judge_timeout), allow_partial=allow_partial)
 
 

@@ -27,8 +27,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows.params import refuse_keys
+from longreward_core.data.form import form_order
 from longreward_core.data.io import atomic_write_bytes
 from longreward_core.evaluation.compare import write_comparison
 from longreward_core.evaluation.evaluate import Benchmark, DataSources
@@ -41,9 +43,12 @@ from tasks.evaluate import evaluate_model
 class EvalParams(BaseModel):
     """Parameters of an evaluation run (the form the Prefect UI shows)."""
 
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
+
     models: list[ModelSpec] = Field(
         min_length=1, description="Models to evaluate, baseline first (e.g. SFT, then DPO): deltas are last - first."
     )
+    output_dir: str = Field("out/eval", description="Root folder: predictions, results, the comparison and the request cache.")
     benchmarks: list[Benchmark] = Field(
         default_factory=lambda: ["longbench", "longbench-v2"], min_length=1,
         description="longbench, longbench-e, longbench-judged (the paper's judge on 12 tasks), longbench-v2, longbench-chat.",
@@ -51,13 +56,21 @@ class EvalParams(BaseModel):
     datasets: list[str] | None = Field(None, description="LongBench datasets to run (default: all of each LongBench benchmark).")
     limit: int | None = Field(None, ge=1, description="At most this many examples per dataset (smoke runs; not comparable with published scores).")
     data: DataSources = Field(default_factory=DataSources, description="Where the benchmark data is read from.")
-    output_dir: str = Field("out/eval", description="Root folder: predictions, results, the comparison and the request cache.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge for longbench-chat and longbench-judged.")
     judge_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key (else the environment).")
+    model_key_secret: str | None = Field(
+        None, description="Prefect Secret block holding the API key of the evaluated models served behind an API "
+        "(else the environment: $LONGREWARD_POLICY_API_KEY or the provider's variable).",
+    )
     allow_partial: bool = Field(
         False, description="Keep a result computed from a subset of the cases (some requests refused for good), marked "
         "partial in the comparison; otherwise that evaluation fails.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys(cls, data: Any) -> Any:
+        return refuse_keys(data, {"models": "model_key_secret", "judge": "judge_key_secret"})
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalParams:
@@ -71,7 +84,7 @@ class EvalParams(BaseModel):
         return self
 
 
-@flow(name="longbench-eval", log_prints=True)
+@flow(name="longbench-eval")  # no log_prints: the run log holds log records only
 def longbench_eval(params: EvalParams) -> dict[str, Any]:
     """Evaluate every model on every benchmark and compare them; returns the comparison's paths
     and the scores (`{model: {benchmark: scores}}`)."""
@@ -85,6 +98,7 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
             state = evaluate_model(
                 model, benchmark, params.output_dir, params.data, params.judge,
                 datasets=params.datasets, limit=params.limit, judge_key_secret=params.judge_key_secret,
+                model_key_secret=params.model_key_secret,
                 allow_partial=params.allow_partial, return_state=True,
             )
             if state.is_completed():

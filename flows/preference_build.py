@@ -12,6 +12,7 @@ judge call.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from prefect.artifacts import (
 from prefect.deployments import run_deployment
 from prefect.filesystems import LocalFileSystem
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -46,7 +48,9 @@ from tasks.score import judge_limit, score_shard
 from tasks.shard import load_and_shard
 
 
-@flow(name="preference-build", log_prints=True)
+# No log_prints: the run log holds log records only. (With it, whatever a library prints lands
+# there: `datasets` fingerprinting a table through dill disassembles a function with print().)
+@flow(name="preference-build")
 def preference_build(params: BuildParams) -> dict[str, Any]:
     """Build a DPO preference dataset; returns the manifest (longreward_core.pipeline.build.build_manifest)
     with `manifest_path` and `dataset_dir`."""
@@ -56,12 +60,12 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     build = params.build_dir()
     cache_path = str(params.cache_path())
     # Task results (the cache records of finished stages) live beside the outputs they point to:
-    # deleting an output root forgets its cached stages too.
-    stored = {"result_storage": _results_block(params.results_path())}
+    # deleting an output root forgets its cached stages too. Or in a block every worker reaches.
+    stored = {"result_storage": _result_storage(params)}
     load_and_shard_task, build_pairs_task = (t.with_options(**stored) for t in (load_and_shard, build_pairs))
     plan = load_and_shard_task(params.prompts, params.candidates, params.shard_size, str(build / "shards"))
     names = [Path(d).name for d in plan.shard_dirs]
-    progress = create_progress_artifact(progress=0.0, description=f"Shards scored of {len(names)}")
+    progress = create_progress_artifact(progress=0.0, description=f"Shards scored of {len(names)} ({_attempt()})")
 
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
@@ -79,14 +83,16 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                         sample_task,
                         parameters={"shard_dir": shard, "shard_name": name, "policy": params.policy,
                                     "cache_path": cache_path, "min_candidates": params.pairs.min_candidates,
-                                    "policy_key_secret": params.policy_key_secret},
+                                    "policy_key_secret": params.policy_key_secret,
+                                    "cache_password_secret": params.cache_password_secret},
                     )
                 )
             score_futures[name] = runner.submit(
                 score_task,
                 parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
                             "cache_path": cache_path, "judge_slots": params.judge_slots,
-                            "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret},
+                            "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret,
+                            "cache_password_secret": params.cache_password_secret},
                 wait_for=upstream,
             )
         by_future = {f.task_run_id: name for name, f in score_futures.items()}
@@ -135,6 +141,26 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     return published
 
 
+def _result_storage(params: BuildParams) -> str:
+    """Slug of the block that stores the stage tasks' results: the one named by the parameters
+    (checked here, so a missing block fails the run before any work), else a LocalFileSystem at
+    `<output_dir>/.prefect-results`."""
+    if not params.result_storage_block:
+        return _results_block(params.results_path())
+    from prefect.blocks.core import Block
+    from prefect.filesystems import WritableFileSystem
+
+    try:
+        block = Block.load(params.result_storage_block)
+    except ValueError as exc:
+        raise ValueError(f"result_storage_block '{params.result_storage_block}' cannot be loaded ({exc}); create "
+                         "it first, e.g. a RemoteFileSystem block whose basepath every worker reaches") from None
+    if not isinstance(block, WritableFileSystem):
+        raise ValueError(f"result_storage_block '{params.result_storage_block}' is a {type(block).__name__}, "
+                         "not a filesystem block results can be written to")
+    return params.result_storage_block
+
+
 def _results_block(path: Path) -> str:
     """Slug of a saved LocalFileSystem block at `path` (Prefect stores results only in saved blocks)."""
     path = path.resolve()
@@ -162,10 +188,17 @@ def _shard_table(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> 
         else:
             rows.append({"shard": name, "status": "failed", "candidates": None, "scored": None, "failed": None,
                          "judge requests": None, "cache hits": None, "reason": failed[name][:200]})
-    create_table_artifact(key="shards", table=rows, description="Shards of this build")
+    create_table_artifact(key="shards", table=rows, description=f"Shards of this build ({_attempt()})")
+
+
+def _attempt() -> str:
+    """Which attempt of the flow run this is: a retried run shows the artifacts of every attempt."""
+    return f"attempt {flow_run.run_count or 1}"
 
 
 def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting) -> None:
+    # The UI cannot reach the worker's disk: the picture travels inside the artifact.
+    image = base64.b64encode(distribution.histogram_png()).decode()
     bins = distribution.histogram
     top = max(bins) or 1
     histogram = "\n".join(f"| {i}-{i + 1} | {n} | {'█' * round(30 * n / top)} |" for i, n in enumerate(bins))
@@ -175,15 +208,16 @@ def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting
     )
     create_markdown_artifact(
         key="rewards",
-        markdown="## Reward histogram\n\n| reward | candidates | |\n|---|---|---|\n" + histogram
+        markdown=f"## Reward histogram ({_attempt()})\n\n![reward histogram](data:image/png;base64,{image})\n\n"
+        + "| reward | candidates | |\n|---|---|---|\n" + histogram
         + "\n\n## Scores by dimension\n\n| dimension | mean | p10 | median | p90 |\n|---|---|---|---|---|\n"
         + by_dimension,
-        description=f"{distribution.scored} scored candidates",
+        description=f"{distribution.scored} scored candidates ({_attempt()})",
     )
     create_table_artifact(
         key="judge-accounting",
         table=[{"dimension": k, **vars(v)} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **vars(accounting.total)}],
-        description="Judge requests, cache hits, tokens, cost, failures",
+        description=f"Judge requests, cache hits, tokens, cost, failures ({_attempt()})",
     )
 
 

@@ -21,6 +21,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from longreward_core.data.io import InputError, file_hash
+from longreward_core.models.call_cache import is_database_url, with_password
 from longreward_core.models.client import AuthenticationFailed
 
 # Retries of a stage task: 10 s, 20 s, 40 s ... each with up to 50% jitter.
@@ -98,3 +99,14 @@ def with_secret_key(config: Any, secret_block: str | None) -> Any:
     from pydantic import SecretStr
 
     return config.model_copy(update={"api_key": SecretStr(Secret.load(secret_block).get())})
+
+
+def with_cache_password(cache_path: str, secret_block: str | None) -> str:
+    """The call cache's location with the database password from a Prefect Secret block (when one
+    is named), resolved inside the task like the keys: the URL that carries it is never a
+    parameter, and the password is registered for redaction from every log record."""
+    if not secret_block or not is_database_url(cache_path):
+        return cache_path
+    from prefect.blocks.system import Secret
+
+    return with_password(cache_path, Secret.load(secret_block).get())

@@ -49,6 +49,7 @@ def evaluate_model(
     limit: int | None = None,
     judge_key_secret: str | None = None,
     allow_partial: bool = False,
+    model_key_secret: str | None = None,
 ) -> dict[str, Any]:
     """The summary of `evaluate_benchmark`, files under `output_dir/<benchmark>/<model>/`.
     Predictions are kept per example and requests are cached in `output_dir/call_cache.sqlite`,
@@ -56,7 +57,7 @@ def evaluate_model(
     A partial result fails the task (EvaluationPartial, not retried: its cases were refused for
     good) unless `allow_partial`."""
     summary = evaluate_benchmark(
-        model, benchmark, benchmark_dir(output_dir, benchmark, model.label),
+        with_secret_key(model, model_key_secret), benchmark, benchmark_dir(output_dir, benchmark, model.label),
         data=data, datasets=datasets, limit=limit, judge=with_secret_key(judge, judge_key_secret),
         cache_path=Path(output_dir) / CALL_CACHE_FILE, allow_partial=allow_partial,
     )

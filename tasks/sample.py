@@ -9,7 +9,12 @@ from prefect import get_run_logger
 
 from longreward_core.pipeline.build import sample_shard
 from longreward_core.pipeline.sampling import PolicyConfig
-from tasks.caching import ShardIncomplete, shard_stage, with_secret_key
+from tasks.caching import (
+    ShardIncomplete,
+    shard_stage,
+    with_cache_password,
+    with_secret_key,
+)
 
 VERSION = 2  # 2: sampling.parquet counts unreachable samples; shards cached short by a policy outage sample again
 
@@ -17,13 +22,14 @@ VERSION = 2  # 2: sampling.parquet counts unreachable samples; shards cached sho
 @shard_stage("sample", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "policy", "policy_key_secret"))
 def sample_candidates(
     shard_dir: str, shard_name: str, policy: PolicyConfig, cache_path: str, min_candidates: int,
-    policy_key_secret: str | None = None,
+    policy_key_secret: str | None = None, cache_password_secret: str | None = None,
 ) -> str:
     """Path of the shard's candidates.parquet. Prompts left with fewer than `min_candidates`
     candidates are reported (they cannot yield a pair), not dropped. Raises ShardIncomplete when
     the policy was unreachable for some samples, so the shard is sampled again rather than cached
     short; a prompt skipped for its length or a request the provider refused is a final outcome."""
-    candidates = sample_shard(shard_dir, with_secret_key(policy, policy_key_secret), cache_path)
+    cache = with_cache_password(cache_path, cache_password_secret)
+    candidates = sample_shard(shard_dir, with_secret_key(policy, policy_key_secret), cache)
     report = pl.read_parquet(Path(shard_dir) / "sampling.parquet")
     logger = get_run_logger()
     short = report.filter(pl.col("sampled") < min_candidates)

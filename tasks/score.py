@@ -18,6 +18,7 @@ from tasks.caching import (
     ServerSetupMissing,
     ShardIncomplete,
     shard_stage,
+    with_cache_password,
     with_secret_key,
 )
 
@@ -38,6 +39,7 @@ def score_shard(
     judge_slots: str | None = None,
     judge_key_secret: str | None = None,
     judge_limit_strict: bool = False,
+    cache_password_secret: str | None = None,
 ) -> dict[str, Any]:
     """Scores and accounting of the shard. When the Prefect global concurrency limit named
     `judge_slots` exists, the shard holds min(judge.concurrency, the limit) of its slots and sends
@@ -59,7 +61,7 @@ def score_shard(
         judge = judge.model_copy(update={"concurrency": held})
         slots = concurrency(judge_slots, occupy=held, strict=judge_limit_strict)
     with slots:
-        run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring, cache_path=cache_path)
+        run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring, cache_path=with_cache_password(cache_path, cache_password_secret))
     summary = run.summary
     logger = get_run_logger()
     total = summary.judge["total"]

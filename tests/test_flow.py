@@ -21,6 +21,12 @@ SCORING = ScoringConfig(retrieval_chunk_tokens=32, completeness_chunk_tokens=256
 TOPICS = ["ALDER", "BIRCH", "CEDAR", "DAMSON", "ELM"]
 
 
+@pytest.fixture(autouse=True)
+def policy_key(monkeypatch):
+    """The policy's key comes from the worker's environment (a key is never a parameter)."""
+    monkeypatch.setenv("LONGREWARD_POLICY_API_KEY", "k")
+
+
 def write_inputs(tmp_path: Path, n_prompts: int = 5, n_candidates: int = 5) -> tuple[Path, Path]:
     prompts, candidates = [], []
     for p, topic in enumerate(TOPICS[:n_prompts]):
@@ -125,7 +131,7 @@ def test_sampling_from_a_policy_server(judge_server, tmp_path):
         "unknown": lambda r: "The mill closed in 1960 after a fire. " * (1 + len(double.requests) % 4),
     }
     prompts, _ = write_inputs(tmp_path, n_prompts=2)
-    policy = dict(model="openai/policy-double", api_base=judge_server.api_base, api_key="k",
+    policy = dict(model="openai/policy-double", api_base=judge_server.api_base,
                   candidates_per_prompt=5, max_context_tokens=256, max_new_tokens=32, allow_truncation=True)
     manifest = preference_build(params_for(judge_server, tmp_path, prompts, None, policy=policy))
     assert manifest["counts"]["candidates"] == 10 and manifest["models"]["policy"] == "openai/policy-double"
@@ -159,7 +165,7 @@ def test_a_shard_the_policy_could_not_reach_is_sampled_again_on_retry(judge_serv
 
     double.fault_rule = policy_faults
     prompts, _ = write_inputs(tmp_path, n_prompts=4)
-    policy = dict(model="openai/policy-double", api_base=judge_server.api_base, api_key="k",
+    policy = dict(model="openai/policy-double", api_base=judge_server.api_base,
                   candidates_per_prompt=5, max_context_tokens=256, max_new_tokens=32, allow_truncation=True,
                   timeout_s=5.0, transport_retries=1, backoff_initial_s=0.01, backoff_max_s=0.05)
     params = params_for(judge_server, tmp_path, prompts, None, policy=policy)
@@ -273,7 +279,7 @@ def test_a_document_longer_than_the_policy_context_is_never_cut_unasked(judge_se
     rows = [json.loads(line) for line in prompts.read_text().splitlines()]
     rows[1]["context"] = rows[1]["context"] * 12
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    policy = dict(model="openai/policy-double", api_base=judge_server.api_base, api_key="k",
+    policy = dict(model="openai/policy-double", api_base=judge_server.api_base,
                   candidates_per_prompt=5, max_new_tokens=32)
     manifest = preference_build(params_for(judge_server, tmp_path, prompts, None, policy=policy))
     report = pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "shards" / "shard-0000" / "sampling.parquet").sort("prompt_id")

@@ -12,13 +12,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import polars as pl
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from longreward_core.data.form import form_order
 from longreward_core.data.records import PAIRS_SCHEMA, Candidate, PreferencePair, Prompt
 
 
 class PairConfig(BaseModel):
     """Rules for turning scored candidates into preference pairs."""
+
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
 
     min_candidates: int = Field(5, ge=2, description="Scored candidates a prompt needs to yield a pair.")
     min_margin: float = Field(0.0, ge=0, description="Chosen reward minus rejected reward must exceed this.")

@@ -26,8 +26,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError, write_quarantine
 from longreward_core.data.records import QuarantinedRow
 from longreward_core.evaluation import v2
@@ -73,8 +74,10 @@ class EvaluationPartial(RuntimeError):
 class DataSources(BaseModel):
     """Where each benchmark's data is read from (empty: the Hugging Face Hub)."""
 
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
+
     longbench: str | None = Field(
-        None, description="Folder of <dataset>.jsonl / <dataset>_e.jsonl files, or LongBench's data.zip; empty: THUDM/LongBench on the Hub."
+        None, description="Folder of `<dataset>.jsonl` / `<dataset>_e.jsonl` files, or LongBench's data.zip; empty: THUDM/LongBench on the Hub."
     )
     longbench_v2: str | None = Field(None, description="LongBench v2's data.json (or a folder holding it); empty: THUDM/LongBench-v2 on the Hub.")
     longbench_chat: str | None = Field(
@@ -132,7 +135,7 @@ def evaluate_benchmark(
     judge = judge or JudgeConfig()
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache_path = Path(cache_path or out.parent / CALL_CACHE_FILE)
+    cache_path = cache_path or out.parent / CALL_CACHE_FILE  # a file path or a database URL
     generator = generator or load_generator(spec, cache_path)
     summary: dict[str, Any] = {"model": spec.label, "benchmark": benchmark, "folder": str(out), "limit": limit}
     input_quarantine: list[QuarantinedRow] = []

@@ -39,7 +39,8 @@ from longreward_core.evaluation.tasks import (
     get_task,
 )
 from longreward_core.models.accounting import RunAccounting
-from longreward_core.models.client import AuthenticationFailed, CallCache, LLMCallFailed
+from longreward_core.models.call_cache import open_call_cache
+from longreward_core.models.client import AuthenticationFailed, LLMCallFailed
 from longreward_core.models.event_loop import run_async
 from longreward_core.reward.judge import Judge, JudgeConfig
 from longreward_core.reward.prompts import render
@@ -160,7 +161,7 @@ def judge_jobs(jobs: list[JudgeJob], judge_config: JudgeConfig, cache_path: str 
 
 
 async def _judge_all(jobs: list[JudgeJob], judge_config: JudgeConfig, cache_path: str | Path, accounting: RunAccounting) -> list[dict[str, Any]]:
-    cache = CallCache(cache_path)
+    cache = open_call_cache(cache_path)
     try:
         judge = Judge(judge_config, cache, accounting)
 

@@ -28,17 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
+from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError, atomic_write_bytes
 from longreward_core.data.records import QuarantinedRow
 from longreward_core.evaluation.data import load_longbench
 from longreward_core.evaluation.tasks import LongBenchTask, get_task
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.call_cache import open_call_cache
 from longreward_core.models.client import (
     POLICY_API_KEY_ENV,
     AuthenticationFailed,
-    CallCache,
     LLMCallFailed,
     LLMClient,
     PolicyClientConfig,
@@ -51,16 +53,18 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class ModelSpec(BaseModel):
     """A model under test. Every field is a CLI option / flow parameter."""
 
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
+
     name: str | None = Field(
         None, description="Label in results and folder names (letters, digits, '.', '_', '-'); default: the last part of `model`."
     )
     model: str = Field(
-        description="litellm model string (backend 'litellm', e.g. 'openai/<served-name>' with api_base), "
+        description="litellm model string (backend 'litellm', e.g. `openai/<served-name>` with api_base), "
         "or a checkpoint folder (backend 'transformers')."
     )
     backend: Literal["litellm", "transformers"] = Field("litellm", description="How answers are generated.")
     api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM).")
-    api_key: SecretStr | None = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
+    api_key: SkipJsonSchema[SecretStr | None] = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
     tokenizer: str | None = Field(
         None,
         description="Tokenizer (Hugging Face name or folder) that counts the input budget for the litellm backend: "
@@ -159,14 +163,14 @@ class LitellmGenerator:
         )
 
         self.spec = spec
-        self.cache_path = Path(cache_path)
+        self.cache_path = cache_path  # a file path or a database URL (open_call_cache)
         self.tokenizer = load_tokenizer(spec.tokenizer)
         self.accounting = RunAccounting(per_purpose={})
 
     def generate(
         self, requests: list[GenerationRequest], on_answer: Callable[[GenerationRequest, str], None]
     ) -> dict[str, LLMCallFailed]:
-        cache = CallCache(self.cache_path)
+        cache = open_call_cache(self.cache_path)
         failures: dict[str, LLMCallFailed] = {}
 
         async def run() -> None:

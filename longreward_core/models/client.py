@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 
 import litellm
 from aiolimiter import AsyncLimiter
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic.json_schema import SkipJsonSchema
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -36,6 +37,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from longreward_core.data.form import form_order
 from longreward_core.models.accounting import CallAccounting, RunAccounting
 
 litellm.suppress_debug_info = True
@@ -129,16 +131,19 @@ def install_log_redaction() -> None:
 class LLMConfig(BaseModel):
     """Which model to call and within which limits. Every field is a CLI option / flow parameter."""
 
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
+
     # The environment variable read when `api_key` is empty (besides the provider's own).
     api_key_env: ClassVar[str | None] = None
 
     model: str = Field(
         EMBEDDED_MODEL,
-        description="litellm model string, e.g. 'openai/gpt-4o', 'openai/<served-name>' with "
+        description="litellm model string, e.g. `openai/gpt-4o`, `openai/<served-name>` with "
         "api_base for vLLM / `transformers serve`, or the embedded offline default.",
     )
     api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server.")
-    api_key: SecretStr | None = Field(
+    # Not in any JSON schema: a run form must not offer a key field (flows take keys from Secret blocks).
+    api_key: SkipJsonSchema[SecretStr | None] = Field(
         None,
         description="API key; by default read from the environment ($LONGREWARD_JUDGE_API_KEY for the judge, "
         "$LONGREWARD_POLICY_API_KEY for the policy and evaluated models) or the provider's own variable "

@@ -41,7 +41,8 @@ from longreward_core.data.records import (
     ScoreSummary,
 )
 from longreward_core.models.accounting import RunAccounting
-from longreward_core.models.client import CallCache, LLMClient
+from longreward_core.models.call_cache import open_call_cache
+from longreward_core.models.client import LLMClient
 from longreward_core.models.event_loop import run_async
 from longreward_core.pipeline.sampling import PolicyConfig, sample_candidates
 from longreward_core.pipeline.score import pairs_files
@@ -116,7 +117,7 @@ def sample_shard(shard_dir: str | Path, policy_config: PolicyConfig, cache_path:
     per-prompt report in `shard_dir/sampling.parquet`."""
     shard = Path(shard_dir)
     prompts = load_prompts(shard / "prompts.parquet").records
-    cache = CallCache(cache_path)
+    cache = open_call_cache(cache_path)
     accounting = RunAccounting(per_purpose={})
 
     async def run() -> tuple[list[Candidate], list[SampleReport]]:
@@ -224,6 +225,26 @@ class RewardDistribution:
     @property
     def scored(self) -> int:
         return sum(self.histogram)
+
+    def histogram_png(self) -> bytes:
+        """The reward histogram as a small PNG (about 10 KB): candidates per unit bin of reward."""
+        import io
+
+        # No pyplot: no global state, safe in any thread.
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(5, 2.6), dpi=90, layout="constrained")
+        axis = figure.subplots()
+        axis.bar([i + 0.5 for i in range(REWARD_BINS)], self.histogram, width=0.9, color="#3b6ea8")
+        axis.set_xlim(0, REWARD_BINS)
+        axis.set_xticks(range(REWARD_BINS + 1))
+        axis.set_xlabel("reward")
+        axis.set_ylabel("candidates")
+        axis.set_title(f"Reward of {self.scored} scored candidates", fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
 
 
 def reward_distribution(scores: pl.DataFrame) -> RewardDistribution:

@@ -17,8 +17,10 @@ import asyncio
 
 import httpx
 import litellm
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic.json_schema import SkipJsonSchema
 
+from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError
 from longreward_core.data.pairs import user_message
 from longreward_core.data.records import Candidate, Prompt, SampleReport
@@ -39,9 +41,11 @@ SAMPLE_TRIES = 3  # requests per candidate until a non-empty answer
 class PolicyConfig(BaseModel):
     """The policy model candidates are sampled from. Every field is a CLI option / flow parameter."""
 
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
+
     model: str = Field(EMBEDDED_MODEL, description="litellm model string of the policy (default: the embedded SmolLM2).")
     api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM, transformers serve).")
-    api_key: SecretStr | None = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
+    api_key: SkipJsonSchema[SecretStr | None] = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
     candidates_per_prompt: int = Field(10, ge=1, description="Candidates sampled per prompt.")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")

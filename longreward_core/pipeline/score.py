@@ -31,7 +31,8 @@ from longreward_core.data.records import (
     ScoreSummary,
 )
 from longreward_core.models.accounting import RunAccounting
-from longreward_core.models.client import CALL_CACHE_FILE, CallCache
+from longreward_core.models.call_cache import open_call_cache
+from longreward_core.models.client import CALL_CACHE_FILE
 from longreward_core.models.event_loop import run_async
 from longreward_core.reward.judge import Judge, JudgeConfig
 from longreward_core.reward.scorer import Scorer, ScoringConfig
@@ -69,7 +70,7 @@ def score_files(
     if on_start is not None:
         on_start(len(candidates.records))
 
-    cache = CallCache(cache_path or out / CALL_CACHE_FILE)
+    cache = open_call_cache(cache_path or out / CALL_CACHE_FILE)
     accounting = RunAccounting()
 
     async def run() -> tuple[list[CandidateScore], int, int, float]:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from longreward_core.data.form import form_order
 from longreward_core.data.records import (
     Candidate,
     CandidateScore,
@@ -46,6 +47,8 @@ from longreward_core.reward.retrieval import ChunkIndex, content_hash
 
 class ScoringConfig(BaseModel):
     """How documents are chunked and searched. Every field is a CLI option / flow parameter."""
+
+    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
 
     retrieval_chunk_tokens: int = Field(128, ge=8, description="Tokens per retrieval chunk (faithfulness).")
     completeness_chunk_tokens: int = Field(4096, ge=64, description="Tokens per key-point extraction chunk.")
