@@ -178,8 +178,10 @@ def test_compose_services_and_volumes(compose_config):
     assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["prefect-services"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
 
-    mounts = {m["source"]: m["target"] for m in services["postgres"]["volumes"]}
-    assert mounts == {"pgdata": "/var/lib/postgresql/data"}
+    mounts = {Path(m["source"]).name: m["target"] for m in services["postgres"]["volumes"]}
+    assert mounts == {"pgdata": "/var/lib/postgresql/data",
+                      "init-call-cache.sql": "/docker-entrypoint-initdb.d/init-call-cache.sql"}
+    assert "CREATE DATABASE longreward" in (ROOT / "infra" / "postgres" / "init-call-cache.sql").read_text()
     assert {m["source"]: m["target"] for m in services["qdrant"]["volumes"]} == {"qdrant": "/qdrant/storage"}
     assert services["qdrant"]["image"].startswith("qdrant/qdrant:")
 
@@ -212,6 +214,7 @@ def test_compose_workers(compose_config):
         pools[name] = command[command.index("--pool") + 1]
         env = worker["environment"]
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        assert env["PGPASSWORD"] == DUMMY_PASSWORD  # the shared call cache's database
         # Passed through from the host by name: no value in the file.
         assert "LONGREWARD_JUDGE_API_KEY" in env and env["LONGREWARD_JUDGE_API_KEY"] is None
         assert {m["source"]: m["target"] for m in worker["volumes"]} == {"results": "/data"}

@@ -17,7 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
+
+from tests.judge_double import JudgeDouble, JudgeServer
+from tests.test_flow import helpfulness_by_length
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
@@ -158,3 +162,33 @@ async def _run_logs(run_id: str) -> list[str]:
 
 def run_logs(run_id: str) -> list[str]:
     return asyncio.run(_run_logs(run_id))
+
+
+SCORING = {"retrieval_chunk_tokens": 32, "completeness_chunk_tokens": 256}
+
+
+@pytest.fixture
+def judge() -> Iterator[JudgeServer]:
+    """The loopback judge double (and policy), its helpfulness rating by response length."""
+    with JudgeServer(JudgeDouble(answers={"helpfulness": helpfulness_by_length})) as server:
+        yield server
+
+
+def judge_for(server: JudgeServer, **overrides: Any) -> dict[str, Any]:
+    settings = {"model": "openai/judge-double", "api_base": server.api_base, "timeout_s": 5.0, "transport_retries": 1,
+                "backoff_initial_s": 0.01, "backoff_max_s": 0.05, "concurrency": 8}
+    return {**settings, **overrides}
+
+
+def build_params(folder: Path, server: JudgeServer, prompts: Path, candidates: Path | None, **overrides: Any) -> dict[str, Any]:
+    """The nightly's whole `params` object for a run (a run's `params` replaces the deployment's)."""
+    params = {
+        "prompts": str(prompts), "candidates": str(candidates) if candidates else None, "output_dir": str(folder / "builds"),
+        "run_date": "2026-11-21", "shard_size": 2, "shards_in_flight": 4, "task_retries": 0,
+        "judge_limit_strict": True, "judge": judge_for(server), "scoring": SCORING,
+    }
+    return {**params, **overrides}
+
+
+def published_pairs(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(folder / "builds" / "2026-11-21" / "pairs.parquet").sort("prompt_id")

@@ -211,34 +211,5 @@ def test_two_score_runs_share_the_cache_by_url(judge_server, sample_paths, tmp_p
     assert len(rows(pg_url)) == paid  # every answer of the double parsed: one row per request
 
 
-
-@pytest.mark.usefixtures("prefect_harness")
-def test_two_builds_share_the_call_cache_named_by_the_cache_url_parameter(judge_server, tmp_path, pg_url):
-    """Two builds in different output roots (as on two hosts) with the same `cache_url`: the
-    second pays no judge request. A password in the test URL travels in a Secret block."""
-    from prefect.blocks.system import Secret
-
-    from flows.preference_build import preference_build
-    from tests.test_flow import helpfulness_by_length, params_for, write_inputs
-
-    url, password = split_password(pg_url)
-    secret = None
-    if password:
-        Secret(value=password).save("pg-cache-password-test", overwrite=True)
-        secret = "pg-cache-password-test"
-    double = judge_server.double
-    double.answers = {"helpfulness": helpfulness_by_length}
-    prompts, candidates = write_inputs(tmp_path, n_prompts=2)
-    first = preference_build(params_for(judge_server, tmp_path / "host-a", prompts, candidates,
-                                        cache_url=url, cache_password_secret=secret))
-    paid = double.count()
-    assert paid > 0 and first["judge_accounting"]["total"]["calls"] == paid
-    assert not list((tmp_path / "host-a").rglob("call_cache.sqlite"))
-    second = preference_build(params_for(judge_server, tmp_path / "host-b", prompts, candidates,
-                                         cache_url=url, cache_password_secret=secret))
-    assert double.count() == paid
-    assert second["judge_accounting"]["total"]["calls"] == 0 and second["judge_accounting"]["total"]["cache_hits"] > 0
-    assert second["counts"]["pairs"] == first["counts"]["pairs"] == 2
-    assert len(rows(pg_url)) == paid
-    if password:  # neither build wrote it anywhere
-        assert not [p for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+# Two builds sharing the cache through the flow's `cache_url`, on two workers of a real stack with
+# the password in a Secret block: tests/stack/test_shared_cache.py.

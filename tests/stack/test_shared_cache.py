@@ -15,8 +15,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.stack.conftest import NIGHTLY, Worker, run_logs, start_run, wait_final, worker_env
-from tests.stack.test_stack import build_params, judge  # noqa: F401 (judge is a fixture)
+from tests.stack.conftest import (
+    NIGHTLY,
+    Worker,
+    build_params,
+    run_logs,
+    start_run,
+    wait_final,
+    worker_env,
+)
 from tests.test_flow import write_inputs
 
 pytestmark = pytest.mark.timeout(600)
@@ -25,7 +32,9 @@ pytestmark = pytest.mark.timeout(600)
 def host_worker(name: str, folder: Path) -> Worker:
     home = folder / name
     home.mkdir()
-    return Worker(name, worker_env(HOME=str(home), LONGREWARD_CACHE=str(home / "cache"), PREFECT_HOME=str(home / "prefect")))
+    env = worker_env(HOME=str(home), LONGREWARD_CACHE=str(home / "cache"), PREFECT_HOME=str(home / "prefect"))
+    env.pop("PGPASSWORD", None)  # the database password comes from the Secret block the run names
+    return Worker(name, env)
 
 
 def run_on(name: str, folder: Path, params: dict) -> tuple[str, object]:
@@ -44,14 +53,19 @@ def test_two_workers_share_the_postgresql_call_cache(deployed, judge, tmp_path):
     first.write_text("".join(rows[0:3]))  # p0 p1 p2
     second.write_text("".join(rows[1:5]))  # p1 p2 p3 p4: p1 and p2 were judged on the first host
     cache_url = os.environ["LONGREWARD_TEST_PG_URL"]
+    password = os.environ["PGPASSWORD"]
+    from prefect.blocks.system import Secret
 
-    params_a = build_params(tmp_path / "host-a", judge, first, candidates, cache_url=cache_url)
+    Secret(value=password).save("stack-cache-password", overwrite=True)
+    shared = {"cache_url": cache_url, "cache_password_secret": "stack-cache-password"}
+
+    params_a = build_params(tmp_path / "host-a", judge, first, candidates, **shared)
     run_a, done_a = run_on("host-a", tmp_path, params_a)
     assert done_a.state.type.value == "COMPLETED", done_a.state.message
     paid_by_a = {r.content for r in judge.double.requests}
     judge.double.reset()
 
-    params_b = build_params(tmp_path / "host-b", judge, second, candidates, cache_url=cache_url)
+    params_b = build_params(tmp_path / "host-b", judge, second, candidates, **shared)
     run_b, done_b = run_on("host-b", tmp_path, params_b)
     assert done_b.state.type.value == "COMPLETED", done_b.state.message
     paid_by_b = [r.content for r in judge.double.requests]
@@ -69,3 +83,6 @@ def test_two_workers_share_the_postgresql_call_cache(deployed, judge, tmp_path):
     manifest = json.loads((tmp_path / "host-b" / "builds" / "2026-11-21" / "manifest.json").read_text())
     assert manifest["judge_accounting"]["total"]["cache_hits"] > 0
     assert not (tmp_path / "host-b" / "builds" / "call_cache.sqlite").exists()
+    # The password reached the workers through the Secret block and was written nowhere.
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert not any(password in line for run in (run_a, run_b) for line in run_logs(run))

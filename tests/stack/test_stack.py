@@ -9,52 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import polars as pl
 import pytest
 
 from tests.conftest import TEST_API_KEY
+from tests.judge_double import Fault, JudgeDouble
 from tests.stack.browser import rendered_dom, screenshot
-from tests.judge_double import Fault, JudgeDouble, JudgeServer
-from tests.stack.conftest import NIGHTLY, prefect, read_run, run_logs, start_run, wait_final
-from tests.test_flow import helpfulness_by_length, write_inputs
+from tests.stack.conftest import (
+    NIGHTLY,
+    build_params,
+    prefect,
+    published_pairs,
+    run_logs,
+    start_run,
+    wait_final,
+)
+from tests.test_flow import write_inputs
 
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "out" / "stack" / "ui"  # kept after the stack is removed
-
-SCORING = {"retrieval_chunk_tokens": 32, "completeness_chunk_tokens": 256}
-
-
-@pytest.fixture
-def judge() -> JudgeServer:
-    with JudgeServer(JudgeDouble(answers={"helpfulness": helpfulness_by_length})) as server:
-        yield server
-
-
-def judge_for(server: JudgeServer, **overrides: Any) -> dict[str, Any]:
-    settings = {"model": "openai/judge-double", "api_base": server.api_base, "timeout_s": 5.0, "transport_retries": 1,
-                "backoff_initial_s": 0.01, "backoff_max_s": 0.05, "concurrency": 8}
-    return {**settings, **overrides}
-
-
-def build_params(folder: Path, server: JudgeServer, prompts: Path, candidates: Path | None, **overrides: Any) -> dict[str, Any]:
-    """The nightly's whole `params` object for a run (a run's `params` replaces the deployment's)."""
-    params = {
-        "prompts": str(prompts), "candidates": str(candidates) if candidates else None, "output_dir": str(folder / "builds"),
-        "run_date": "2026-11-21", "shard_size": 2, "shards_in_flight": 4, "task_retries": 0,
-        "judge_limit_strict": True, "judge": judge_for(server), "scoring": SCORING,
-    }
-    return {**params, **overrides}
-
-
-def published_pairs(folder: Path) -> pl.DataFrame:
-    return pl.read_parquet(folder / "builds" / "2026-11-21" / "pairs.parquet").sort("prompt_id")
-
 
 async def _task_states(run_id: str) -> list[tuple[str, str]]:
     from prefect.client.orchestration import get_client
@@ -87,7 +64,7 @@ def test_a_deployment_run_of_the_nightly_build_completes_and_publishes(worker, j
     accounting_page = rendered_dom(f"/artifacts/artifact/{artifacts['judge-accounting'].id}")
     assert "helpfulness" in accounting_page
     rewards_page = rendered_dom(f"/artifacts/artifact/{artifacts['rewards'].id}")
-    assert "Reward histogram" in rewards_page
+    assert "Reward histogram" in rewards_page and '<img src="data:image/png;base64,' in rewards_page
     for key in ("rewards", "shards"):
         shot = screenshot(f"/artifacts/artifact/{artifacts[key].id}", SCREENSHOTS / f"{key}.png")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -179,7 +156,7 @@ def test_the_scheduler_creates_runs_and_the_worker_completes_one(worker, judge, 
     # run starts while this one is checked.)
     prompts, candidates = write_inputs(tmp_path, n_prompts=2)
     params = build_params(tmp_path, judge, prompts, candidates)
-    first_slot = (datetime.now(timezone.utc) + timedelta(seconds=20)).isoformat()
+    first_slot = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
     prefect("--no-prompt", "deploy", "flows/preference_build.py:preference_build", "--name", "hourly-check",
             "--pool", "cpu", "--interval", "3600", "--anchor-date", first_slot, "--params", json.dumps({"params": params}))
     try:
