@@ -111,6 +111,9 @@ def score(
     qdrant_url: Optional[str] = option(ScoringConfig, "qdrant_url"),
     retrieval_chunk_tokens: int = option(ScoringConfig, "retrieval_chunk_tokens"),
     completeness_chunk_tokens: int = option(ScoringConfig, "completeness_chunk_tokens"),
+    prune: bool = option(ScoringConfig, "prune", "--prune/--no-prune"),
+    min_candidates: int = option(PairConfig, "min_candidates", help="With --prune: the pair rule pruning keeps exact "
+                                 "(use the same or a smaller --min-candidates with `longreward pairs`)."),
 ) -> None:
     """Score candidates with LongReward: writes OUT/scores.parquet and OUT/accounting.json.
 
@@ -126,7 +129,7 @@ def score(
         judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout)
         scoring = ScoringConfig(
             retrieval_chunk_tokens=retrieval_chunk_tokens, completeness_chunk_tokens=completeness_chunk_tokens,
-            qdrant_url=qdrant_url, embedding_model=embedding_model,
+            qdrant_url=qdrant_url, embedding_model=embedding_model, prune=prune,
         )
         with Progress(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -137,6 +140,7 @@ def score(
                     prompts, candidates, out, judge, scoring,
                     on_start=lambda n: progress.update(task, total=n),
                     on_scored=lambda _: progress.advance(task),
+                    pair_config=PairConfig(min_candidates=min_candidates),
                 )
             except AuthenticationFailed as exc:
                 _fail(str(exc), 1)
@@ -162,6 +166,8 @@ def _print_summary(run: ScoreRun) -> None:
         ("candidates", s.candidates),
         ("scored", s.scored),
         ("failed", s.failed),
+        ("pruned (pair decided without them)", s.pruned),
+        ("support checks saved by pruning", s.support_checks_saved),
         ("  refused by the provider (final)", s.rejected),
         ("  judge unreachable (run again)", s.unreachable),
         ("quarantined rows", s.quarantined),
@@ -253,6 +259,7 @@ def build(
     shard_size: int = option(BuildParams, "shard_size"),
     shards_in_flight: int = option(BuildParams, "shards_in_flight"),
     min_candidates: int = option(PairConfig, "min_candidates"),
+    prune: bool = option(ScoringConfig, "prune", "--prune/--no-prune"),
     dask_address: Optional[str] = option(BuildParams, "dask_address"),
     run_date: Optional[str] = option(BuildParams, "run_date", help="YYYY-MM-DD (default: today, UTC)."),
 ) -> None:
@@ -272,6 +279,7 @@ def build(
                                 allow_truncation=policy_allow_truncation),
             judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout),
             pairs=PairConfig(min_candidates=min_candidates),
+            scoring=ScoringConfig(prune=prune),
         )
     _run_build(params)
 

@@ -86,7 +86,8 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                 score_task,
                 parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
                             "cache_path": cache_path, "judge_slots": params.judge_slots,
-                            "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret},
+                            "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret,
+                            "pairs": params.pairs},
                 wait_for=upstream,
             )
         by_future = {f.task_run_id: name for name, f in score_futures.items()}

@@ -34,7 +34,7 @@ from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.client import CALL_CACHE_FILE, CallCache
 from longreward_core.models.event_loop import run_async
 from longreward_core.reward.judge import Judge, JudgeConfig
-from longreward_core.reward.scorer import Scorer, ScoringConfig
+from longreward_core.reward.scorer import PruningStats, Scorer, ScoringConfig
 
 
 @dataclass
@@ -57,8 +57,10 @@ def score_files(
     cache_path: str | Path | None = None,
     on_start: Callable[[int], None] | None = None,
     on_scored: Callable[[CandidateScore], None] | None = None,
+    pair_config: PairConfig | None = None,
 ) -> ScoreRun:
-    """Score candidates from files into `out_dir`; see the module docstring for the outputs."""
+    """Score candidates from files into `out_dir`; see the module docstring for the outputs.
+    `pair_config`: the pair rules that pair pruning (`scoring_config.prune`) decides by."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -72,9 +74,12 @@ def score_files(
     cache = CallCache(cache_path or out / CALL_CACHE_FILE)
     accounting = RunAccounting()
 
+    pruning = PruningStats()
+
     async def run() -> tuple[list[CandidateScore], int, int, float]:
         judge = Judge(judge_config, cache, accounting)
-        scorer = Scorer(judge, scoring_config, index_path=out / "qdrant")
+        scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
+        scorer.pruning = pruning
         try:
             results = await scorer.score(prompts.records, candidates.records, on_scored)
             index = scorer.index
@@ -100,7 +105,9 @@ def score_files(
         prompts=len(prompts.records),
         candidates=len(candidates.records),
         scored=scored.height,
-        failed=frame.height - scored.height,
+        failed=frame.filter(pl.col("status") == "failed").height,
+        pruned=pruning.pruned,
+        support_checks_saved=pruning.support_checks_saved,
         quarantined=len(quarantined),
         unreachable=sum(1 for r in results if r.unreachable),
         rejected=sum(1 for r in results if r.rejected),
