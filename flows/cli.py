@@ -177,6 +177,8 @@ def _print_summary(run: ScoreRun) -> None:
         ("judge cache hits", total["cache_hits"]),
         ("judge tokens (prompt / completion)", f"{total['prompt_tokens']} / {total['completion_tokens']}"),
         ("judge cost (USD, where known)", f"{total['cost_usd']:.4f}"),
+        ("cacheable share of prompt tokens", "-" if total.get("cacheable_share") is None else f"{100 * total['cacheable_share']:.1f}%"),
+        ("prompt tokens cached by the provider", total.get("cached_tokens", 0)),
         ("verdict parse failures (retried)", total["parse_failures"]),
         ("transport errors (retried)", total["transport_errors"]),
         ("chunk embeddings computed", s.chunk_embeddings),

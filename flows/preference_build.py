@@ -183,7 +183,7 @@ def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting
     )
     create_table_artifact(
         key="judge-accounting",
-        table=[{"dimension": k, **vars(v)} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **vars(accounting.total)}],
+        table=[{"dimension": k, **v.to_dict()} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **accounting.total.to_dict()}],
         description="Judge requests, cache hits, tokens, cost, failures",
     )
 

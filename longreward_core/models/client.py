@@ -37,6 +37,7 @@ from tenacity import (
 )
 
 from longreward_core.models.accounting import CallAccounting, RunAccounting
+from longreward_core.models.prefix_share import PrefixShare
 
 litellm.suppress_debug_info = True
 litellm.telemetry = False
@@ -216,6 +217,16 @@ class CallCache:
             self._db.close()
 
 
+def cached_prompt_tokens(usage: Any) -> int:
+    """Prompt tokens the provider served from its cache: OpenAI-style
+    `prompt_tokens_details.cached_tokens`, else Anthropic's `cache_read_input_tokens`."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    if not cached:
+        cached = getattr(usage, "cache_read_input_tokens", None)
+    return int(cached or 0)
+
+
 def _status(exc: BaseException) -> int | None:
     status = getattr(exc, "status_code", None)
     return status if isinstance(status, int) else None
@@ -273,10 +284,14 @@ class LLMClient:
     Create it inside the event loop that uses it (its limiters belong to that loop).
     """
 
-    def __init__(self, config: LLMConfig, cache: CallCache | None, accounting: RunAccounting | None = None):
+    def __init__(
+        self, config: LLMConfig, cache: CallCache | None, accounting: RunAccounting | None = None,
+        prefix_share: PrefixShare | None = None,
+    ):
         self.config = config
         self.cache = cache
         self.accounting = accounting or RunAccounting()
+        self.prefix_share = prefix_share  # counts the cacheable share of the requests sent
         self._semaphore = asyncio.Semaphore(config.concurrency)
         # Capacity 1: requests are spaced evenly (60/rpm s apart), never sent in a burst.
         self._limiter = AsyncLimiter(1, 60 / config.rpm) if config.rpm else None
@@ -434,6 +449,11 @@ class LLMClient:
         acc.prompt_tokens += prompt_tokens
         acc.completion_tokens += completion_tokens
         acc.cost_usd += cost
+        acc.cached_tokens += cached_prompt_tokens(usage)
+        if self.prefix_share is not None:
+            counted, shared = self.prefix_share.observe(cfg.model, messages)
+            acc.tokenized_prompt_tokens += counted
+            acc.cacheable_tokens += shared
         if self.cache is not None and (accept is None or accept(text)):
             text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost)
         return text

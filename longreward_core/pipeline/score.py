@@ -33,6 +33,8 @@ from longreward_core.data.records import (
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.client import CALL_CACHE_FILE, CallCache
 from longreward_core.models.event_loop import run_async
+from longreward_core.models.prefix_share import PrefixShare
+from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.reward.judge import Judge, JudgeConfig
 from longreward_core.reward.scorer import PruningStats, Scorer, ScoringConfig
 
@@ -77,7 +79,7 @@ def score_files(
     pruning = PruningStats()
 
     async def run() -> tuple[list[CandidateScore], int, int, float]:
-        judge = Judge(judge_config, cache, accounting)
+        judge = Judge(judge_config, cache, accounting, PrefixShare(load_tokenizer(scoring_config.tokenizer)))
         scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
         scorer.pruning = pruning
         try:
