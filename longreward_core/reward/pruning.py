@@ -118,11 +118,17 @@ def _may_undercut(c: Contestant, worst_id: str, worst: float) -> bool:
 
 
 def _by_priority(contestants: list[Contestant]) -> list[str]:
-    """Alternating from the top (highest upper bound) and the bottom (lowest lower bound)."""
-    top = sorted(contestants, key=lambda c: (-c.bounds[1], c.candidate_id))
-    bottom = sorted(contestants, key=lambda c: (c.bounds[0], _descending(c.candidate_id)))
-    rank = {c.candidate_id: min(top.index(c), bottom.index(c)) for c in contestants}
-    return sorted(rank, key=lambda cid: (rank[cid], cid))
+    """The likeliest best (highest upper bound) and worst (lowest lower bound) first, then the
+    cheapest to finish (fewest unknown verdicts): those complete the count at the least cost."""
+    if not contestants:
+        return []
+    top = min(contestants, key=lambda c: (-c.bounds[1], c.candidate_id))
+    bottom = min(contestants, key=lambda c: (c.bounds[0], _descending(c.candidate_id)))
+    rest = sorted(
+        (c for c in contestants if c is not top and c is not bottom),
+        key=lambda c: ((c.statements or 0) - len(c.verdicts), c.candidate_id),
+    )
+    return list(dict.fromkeys([top.candidate_id, bottom.candidate_id, *(c.candidate_id for c in rest)]))
 
 
 def _descending(text: str) -> tuple[int, ...]:
