@@ -165,6 +165,9 @@ class JudgeDouble:
     served_models: tuple[str, ...] = ("judge-double", "policy-double")
     max_model_len: int = 32_768
     cache_min_tokens: int = CACHE_MIN  # shorter prompts are never served from the prompt cache
+    # The `n` parameter (several choices in one answer): "serve" it, "refuse" it (HTTP 400, as a
+    # server without it does) or "ignore" it (one choice, as some servers silently do).
+    n_mode: str = "serve"
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -301,7 +304,13 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     self._send(200, b'{"choices": [ this is not json')
                     return
                 request.cached_tokens = double.cached_tokens(payload.get("model", ""), content)
+                n = int(payload.get("n") or 1)
+                if n > 1 and double.n_mode == "refuse":
+                    body = json.dumps({"error": {"message": "n > 1 is not supported by this server", "type": "invalid_request"}})
+                    self._send(400, body.encode())
+                    return
                 text: str | None = double.answer(request)
+                extra = [double.answer(request) for _ in range(n - 1)] if n > 1 and double.n_mode == "serve" else []
                 if fault is not None and fault.kind == "no_verdict":
                     text = "I think it is fine."
                 if fault is not None and fault.kind == "null":
@@ -311,16 +320,21 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     if chat
                     else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
                 )
+                more = [
+                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                    if chat else {"index": i, "text": t, "logprobs": None, "finish_reason": "stop"}
+                    for i, t in enumerate(extra, start=1)
+                ]
                 body = {
                     "id": f"chatcmpl-{index}",
                     "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()),
                     "model": payload.get("model", "judge-double"),
-                    "choices": [choice],
+                    "choices": [choice, *more],
                     "usage": {
                         "prompt_tokens": len(content) // 4,
-                        "completion_tokens": len(text or "") // 4,
-                        "total_tokens": len(content) // 4 + len(text or "") // 4,
+                        "completion_tokens": sum(len(t or "") // 4 for t in [text, *extra]),
+                        "total_tokens": len(content) // 4 + sum(len(t or "") // 4 for t in [text, *extra]),
                         "prompt_tokens_details": {"cached_tokens": request.cached_tokens},
                     },
                 }

@@ -340,6 +340,7 @@ class LLMClient:
         """One cached request's answer text; `attempt` keeps repeated requests apart in the cache.
 
         `purpose` names what the request is for in the accounting (a dimension, `sampling`, ...).
+        `n` > 1 in `sampling` asks for that many choices: the answer is their texts as a JSON list.
         `raw_prompt`: send the single message's content as a plain text completion (the
         server's `/completions`), with no chat template around it. `accept`: only answers it
         accepts are cached (a judge caches only answers whose verdict parses), so a re-run asks
@@ -437,8 +438,9 @@ class LLMClient:
         )
         response = await retrying(send)
         acc.calls += 1
-        choice = response.choices[0]
-        text = (choice.text if raw_prompt else choice.message.content) or ""
+        texts = [(choice.text if raw_prompt else choice.message.content) or "" for choice in response.choices]
+        # Several choices asked for (`n`): the answer is their texts as a JSON list.
+        text = json.dumps(texts, ensure_ascii=False) if params.get("n", 1) > 1 else (texts[0] if texts else "")
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
