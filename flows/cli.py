@@ -112,6 +112,8 @@ def score(
     retrieval_chunk_tokens: int = option(ScoringConfig, "retrieval_chunk_tokens"),
     completeness_chunk_tokens: int = option(ScoringConfig, "completeness_chunk_tokens"),
     prune: bool = option(ScoringConfig, "prune", "--prune/--no-prune"),
+    max_judge_cost_usd: Optional[float] = option(ScoringConfig, "max_judge_cost_usd", "--max-judge-cost-usd"),
+    max_judge_tokens: Optional[int] = option(ScoringConfig, "max_judge_tokens", "--max-judge-tokens"),
     min_candidates: int = option(PairConfig, "min_candidates", help="With --prune: the pair rule pruning keeps exact "
                                  "(use the same or a smaller --min-candidates with `longreward pairs`)."),
 ) -> None:
@@ -120,7 +122,8 @@ def score(
     Exit codes: 0 when every candidate has its outcome (scored, or failed for a reason recorded in
     scores.parquet, such as a request the provider refused); 1 when nothing could be scored (an
     empty input too), the judge could not be reached for some candidates (run the same command
-    again: every answer received is cached), or it refused the credentials; 2 on bad input.
+    again: every answer received is cached), the judge budget was reached (prompts left unscored;
+    run again with a larger budget), or it refused the credentials; 2 on bad input.
     """
     from longreward_core.models.client import AuthenticationFailed
     from longreward_core.pipeline.score import score_files
@@ -130,6 +133,7 @@ def score(
         scoring = ScoringConfig(
             retrieval_chunk_tokens=retrieval_chunk_tokens, completeness_chunk_tokens=completeness_chunk_tokens,
             qdrant_url=qdrant_url, embedding_model=embedding_model, prune=prune,
+            max_judge_cost_usd=max_judge_cost_usd, max_judge_tokens=max_judge_tokens,
         )
         with Progress(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -148,11 +152,20 @@ def score(
     s = run.summary
     if s.candidates == 0:
         _fail(f"nothing to score: no valid candidates in {candidates}" + (f" for the {s.prompts} prompts" if s.prompts else ""), 1)
+    if s.budget_reached:
+        _fail(budget_message(s.budget_reached, s.not_scored_prompts), 1)
     if s.unreachable:
         _fail(f"the judge could not be reached for {s.unreachable} candidates; run the same command again "
               "(every answer received is cached)", 1)
     if s.scored == 0:
         _fail("no candidate could be scored (see the 'error' column of scores.parquet)", 1)
+
+
+def budget_message(reached: str, not_scored: list[str]) -> str:
+    """The 'budget reached' status: what was not scored, and how to go on."""
+    named = ", ".join(not_scored[:20]) + (f", ... ({len(not_scored) - 20} more)" if len(not_scored) > 20 else "")
+    return (f"budget reached: {reached}; {len(not_scored)} prompt(s) not scored: {named}. Run again with a larger "
+            "budget to go on: everything done is cached and no call is repeated")
 
 
 def _print_summary(run: ScoreRun) -> None:
@@ -263,6 +276,8 @@ def build(
     shards_in_flight: int = option(BuildParams, "shards_in_flight"),
     min_candidates: int = option(PairConfig, "min_candidates"),
     prune: bool = option(ScoringConfig, "prune", "--prune/--no-prune"),
+    max_judge_cost_usd: Optional[float] = option(ScoringConfig, "max_judge_cost_usd", "--max-judge-cost-usd"),
+    max_judge_tokens: Optional[int] = option(ScoringConfig, "max_judge_tokens", "--max-judge-tokens"),
     dask_address: Optional[str] = option(BuildParams, "dask_address"),
     run_date: Optional[str] = option(BuildParams, "run_date", help="YYYY-MM-DD (default: today, UTC)."),
 ) -> None:
@@ -283,7 +298,7 @@ def build(
                                 sample_in_one_request=policy_sample_in_one_request),
             judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout),
             pairs=PairConfig(min_candidates=min_candidates),
-            scoring=ScoringConfig(prune=prune),
+            scoring=ScoringConfig(prune=prune, max_judge_cost_usd=max_judge_cost_usd, max_judge_tokens=max_judge_tokens),
         )
     _run_build(params)
 

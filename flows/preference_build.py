@@ -33,6 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import BuildParams
 from longreward_core.data.records import BuildModels
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.reward.scorer import budget_share
 from longreward_core.pipeline.build import (
     RewardDistribution,
     build_manifest,
@@ -67,6 +68,8 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     failed: dict[str, str] = {}
     retried = {"retries": params.task_retries, **stored}
     index_task, sample_task, score_task = (t.with_options(**retried) for t in (index_documents, sample_candidates, score_shard))
+    # The judge budget is split evenly over the shards (each shard's run checks its own share).
+    shard_scoring = budget_share(params.scoring, len(names))
     with _task_runner(params) as runner:
         score_futures = {}
         for shard_dir, name in zip(plan.shard_dirs, names):
@@ -84,7 +87,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                 )
             score_futures[name] = runner.submit(
                 score_task,
-                parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
+                parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": shard_scoring,
                             "cache_path": cache_path, "judge_slots": params.judge_slots,
                             "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret,
                             "pairs": params.pairs},
@@ -107,6 +110,16 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
             logger.error("%s failed: %s", name, reason)
         return Failed(message=f"{len(failed)} of {len(names)} shards failed: {', '.join(sorted(failed))}; "
                               "retry the run: finished shards are cached and no judge call is repeated")
+
+    unscored = {n: results[n]["summary"] for n in names if results[n]["summary"].not_scored_prompts}
+    if unscored:
+        prompts_left = sorted(p for s in unscored.values() for p in s.not_scored_prompts)
+        reached = "; ".join(sorted({f"{n}: {s.budget_reached}" for n, s in unscored.items()}))
+        message = (f"budget reached ({reached}): {len(prompts_left)} prompt(s) not scored: {', '.join(prompts_left[:20])}"
+                   + (" ..." if len(prompts_left) > 20 else "")
+                   + ". Run again with a larger budget: everything done is cached and no judge call is repeated")
+        logger.error("%s", message)
+        return Failed(message=message)
 
     shard_dirs = [str(d) for d in plan.shard_dirs]
     pairs = build_pairs_task(shard_dirs, params.pairs, str(build / "pairs.parquet"))

@@ -247,6 +247,10 @@ class ScoreSummary(BaseModel):
     failed: int = Field(description="Candidates without a reward (some dimension failed).")
     pruned: int = Field(0, description="Candidates left unscored by pair pruning (they can be neither chosen nor rejected).")
     support_checks_saved: int = Field(0, description="Support checks (logical judge calls) pair pruning did not make.")
+    budget_reached: str | None = Field(None, description="Which judge budget was reached, when prompts were left unscored.")
+    not_scored_prompts: list[str] = Field(
+        default_factory=list, description="Prompts not started because the judge budget was reached (no rows in scores)."
+    )
     quarantined: int = Field(description="Input rows refused, with their reason in quarantine.parquet.")
     unreachable: int = Field(description="Failed candidates whose judge could not be reached: work to retry.")
     rejected: int = Field(

@@ -37,6 +37,7 @@ from tenacity import (
 )
 
 from longreward_core.models.accounting import CallAccounting, RunAccounting
+from longreward_core.models.budget import Budget
 from longreward_core.models.prefix_share import PrefixShare
 
 litellm.suppress_debug_info = True
@@ -286,12 +287,13 @@ class LLMClient:
 
     def __init__(
         self, config: LLMConfig, cache: CallCache | None, accounting: RunAccounting | None = None,
-        prefix_share: PrefixShare | None = None,
+        prefix_share: PrefixShare | None = None, budget: Budget | None = None,
     ):
         self.config = config
         self.cache = cache
         self.accounting = accounting or RunAccounting()
         self.prefix_share = prefix_share  # counts the cacheable share of the requests sent
+        self.budget = budget  # charged with every answer used, cached or not
         self._semaphore = asyncio.Semaphore(config.concurrency)
         # Capacity 1: requests are spaced evenly (60/rpm s apart), never sent in a burst.
         self._limiter = AsyncLimiter(1, 60 / config.rpm) if config.rpm else None
@@ -323,6 +325,8 @@ class LLMClient:
         if self.cache is None:
             return None
         hit = self.cache.get(self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)[0])
+        if hit and self.budget is not None:
+            self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
         return hit[0] if hit else None
 
     async def complete(
@@ -357,6 +361,8 @@ class LLMClient:
         key, params = self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             acc.cache_hits += 1
+            if self.budget is not None:
+                self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
             return hit[0]
         if (pending := self._in_flight.get(key)) is not None:
             acc.coalesced += 1
@@ -452,6 +458,8 @@ class LLMClient:
         acc.completion_tokens += completion_tokens
         acc.cost_usd += cost
         acc.cached_tokens += cached_prompt_tokens(usage)
+        if self.budget is not None:
+            self.budget.spend(prompt_tokens + completion_tokens, cost)
         if self.prefix_share is not None:
             counted, shared = self.prefix_share.observe(cfg.model, messages)
             acc.tokenized_prompt_tokens += counted

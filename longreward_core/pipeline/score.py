@@ -31,6 +31,7 @@ from longreward_core.data.records import (
     ScoreSummary,
 )
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.budget import Budget
 from longreward_core.models.client import CALL_CACHE_FILE, CallCache
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.prefix_share import PrefixShare
@@ -77,13 +78,16 @@ def score_files(
     accounting = RunAccounting()
 
     pruning = PruningStats()
+    budget = Budget(scoring_config.max_judge_cost_usd, scoring_config.max_judge_tokens)
+    not_scored: list[str] = []
 
     async def run() -> tuple[list[CandidateScore], int, int, float]:
-        judge = Judge(judge_config, cache, accounting, PrefixShare(load_tokenizer(scoring_config.tokenizer)))
+        judge = Judge(judge_config, cache, accounting, PrefixShare(load_tokenizer(scoring_config.tokenizer)), budget)
         scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
         scorer.pruning = pruning
         try:
             results = await scorer.score(prompts.records, candidates.records, on_scored)
+            not_scored.extend(scorer.not_scored)
             index = scorer.index
             embedder = index.embedder
             return results, index.chunks_embedded, embedder.computed - index.chunks_embedded, embedder.busy_seconds
@@ -110,6 +114,8 @@ def score_files(
         failed=frame.filter(pl.col("status") == "failed").height,
         pruned=pruning.pruned,
         support_checks_saved=pruning.support_checks_saved,
+        budget_reached=budget.reached if not_scored else None,
+        not_scored_prompts=sorted(not_scored),
         quarantined=len(quarantined),
         unreachable=sum(1 for r in results if r.unreachable),
         rejected=sum(1 for r in results if r.rejected),

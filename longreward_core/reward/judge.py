@@ -19,6 +19,7 @@ from longreward_core.models.client import (
     LLMClient,
     LLMConfig,
 )
+from longreward_core.models.budget import Budget
 from longreward_core.models.prefix_share import PrefixShare
 from longreward_core.reward.prompts import with_cache_breakpoint
 from longreward_core.reward.verdicts import VerdictFormat, VerdictParseError
@@ -52,10 +53,10 @@ class Judge:
 
     def __init__(
         self, config: JudgeConfig, cache: CallCache | None, accounting: RunAccounting | None = None,
-        prefix_share: PrefixShare | None = None,
+        prefix_share: PrefixShare | None = None, budget: Budget | None = None,
     ):
         self.config = config
-        self.client = LLMClient(config, cache, accounting, prefix_share)
+        self.client = LLMClient(config, cache, accounting, prefix_share, budget)
 
     @property
     def accounting(self) -> RunAccounting:

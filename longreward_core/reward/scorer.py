@@ -59,11 +59,26 @@ class ScoringConfig(BaseModel):
     embedding_api_base: str | None = Field(None, description="Base URL for a litellm embedding model.")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; None: local mode in the output folder.")
     prompts_in_flight: int = Field(16, ge=1, description="Prompts scored at the same time.")
+    max_judge_cost_usd: float | None = Field(
+        None, gt=0, description="Judge budget in USD (where litellm knows the price): once reached, no new prompt is "
+        "started; a re-run with a larger budget goes on without asking anything again."
+    )
+    max_judge_tokens: int | None = Field(
+        None, ge=1, description="Judge budget in prompt + completion tokens, as --max-judge-cost-usd."
+    )
     prune: bool = Field(
         False,
         description="Exact pair pruning: make only the support checks that can still change a prompt's pair "
         "(same pairs as the full schedule; candidates left undecided get status 'pruned').",
     )
+
+
+def budget_share(config: ScoringConfig, parts: int) -> ScoringConfig:
+    """`config` with its judge budget split evenly over `parts` runs (the shards of a build)."""
+    return config.model_copy(update={
+        "max_judge_cost_usd": config.max_judge_cost_usd / parts if config.max_judge_cost_usd is not None else None,
+        "max_judge_tokens": max(1, config.max_judge_tokens // parts) if config.max_judge_tokens is not None else None,
+    })
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,7 @@ class Scorer:
         self.config = config
         self.pairs = pairs or PairConfig()  # the pair rules pruning decides by
         self.pruning = PruningStats()
+        self.not_scored: list[str] = []  # prompts not started because the judge budget was reached
         self.index = open_chunk_index(config, index_path)
         self._documents: dict[str, PreparedDocument] = {}
 
@@ -156,8 +172,13 @@ class Scorer:
             by_prompt[c.prompt_id].append(c)
         window = asyncio.Semaphore(self.config.prompts_in_flight)
 
+        budget = self.judge.client.budget
+
         async def one_prompt(prompt: Prompt) -> list[CandidateScore]:
             async with window:
+                if budget is not None and budget.reached:
+                    self.not_scored.append(prompt.id)
+                    return []
                 return await self._score_prompt(prompt, by_prompt[prompt.id], on_scored)
 
         per_prompt = await asyncio.gather(*(one_prompt(p) for p in prompts if by_prompt.get(p.id)))
