@@ -97,3 +97,24 @@ def test_cache_breakpoint_splits_at_the_template_text() -> None:
     assert first["cache_control"] == {"type": "ephemeral"} and "cache_control" not in rest
     assert first["text"] + rest["text"] == messages[0]["content"]
     assert first["text"].startswith("[Task: grade HELPFULNESS]") and "Why?" not in first["text"] and "Why?" in rest["text"]
+
+
+def test_every_judge_template_puts_shared_text_first_and_per_candidate_text_last() -> None:
+    """Prefix-cache layout: instructions and examples (shared by every prompt of a template) open
+    the template, then the per-prompt slots, then the per-candidate ones."""
+    import re
+
+    from longreward_core.reward.prompts import DIMENSION_PROMPTS, LANGUAGES, load_template
+
+    per_prompt, per_candidate = {"question", "chunk", "key_points"}, {"response", "evidence", "statement"}
+    names = sorted({p.name.split(".")[0] for p in DIMENSION_PROMPTS.iterdir() if p.name.endswith(".txt")})
+    assert len(names) == 6
+    for name in names:
+        for language in LANGUAGES:
+            template = load_template(name, language)
+            slots = re.findall(r"\{\{(\w+)\}\}", template)
+            assert set(slots) <= per_prompt | per_candidate, (name, slots)
+            kinds = [0 if s in per_prompt else 1 for s in slots]
+            assert kinds == sorted(kinds), (name, language, slots)
+            # The shared opening is most of the template: what a provider's cache can reuse.
+            assert template.index("{{") > 0.6 * len(template), name
