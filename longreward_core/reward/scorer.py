@@ -171,7 +171,6 @@ class Scorer:
         for c in candidates:
             by_prompt[c.prompt_id].append(c)
         window = asyncio.Semaphore(self.config.prompts_in_flight)
-
         budget = self.judge.client.budget
 
         async def one_prompt(prompt: Prompt) -> list[CandidateScore]:
@@ -265,11 +264,11 @@ class Scorer:
                 raise type(exc)(f"key-point extraction failed: {exc}", transport=exc.transport) from None
             return await completeness.score_completeness(self.judge, language, q, points, response)
 
-        async def statements_of(response: str) -> DimensionResult:
+        async def statements_of(response: str) -> tuple[DimensionResult, list[str]]:
             found = await faithfulness.extract_statements(self.judge, language, q, response)
             return DimensionResult(score=10.0 if not found else None, statements=len(found)), found
 
-        async def first_wave(c: Candidate) -> tuple[list[DimensionResult], list[str] | None]:
+        async def first_wave(c: Candidate) -> tuple[list[DimensionResult], tuple[DimensionResult, list[str] | None]]:
             r = c.response
             results = await asyncio.gather(
                 _as_result(helpfulness.score_helpfulness(self.judge, language, q, r)),
