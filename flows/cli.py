@@ -121,6 +121,11 @@ def score(
     qdrant_url: Optional[str] = option(ScoringConfig, "qdrant_url"),
     retrieval_chunk_tokens: int = option(ScoringConfig, "retrieval_chunk_tokens"),
     completeness_chunk_tokens: int = option(ScoringConfig, "completeness_chunk_tokens"),
+    prune: bool = option(ScoringConfig, "prune", "--prune/--no-prune"),
+    max_judge_cost_usd: Optional[float] = option(ScoringConfig, "max_judge_cost_usd", "--max-judge-cost-usd"),
+    max_judge_tokens: Optional[int] = option(ScoringConfig, "max_judge_tokens", "--max-judge-tokens"),
+    min_candidates: int = option(PairConfig, "min_candidates", help="With --prune: the pair rule pruning keeps exact "
+                                 "(use the same or a smaller --min-candidates with `longreward pairs`)."),
     cache_url: Optional[str] = _cache_url(),
 ) -> None:
     """Score candidates with LongReward: writes OUT/scores.parquet and OUT/accounting.json.
@@ -128,7 +133,8 @@ def score(
     Exit codes: 0 when every candidate has its outcome (scored, or failed for a reason recorded in
     scores.parquet, such as a request the provider refused); 1 when nothing could be scored (an
     empty input too), the judge could not be reached for some candidates (run the same command
-    again: every answer received is cached), or it refused the credentials; 2 on bad input.
+    again: every answer received is cached), the judge budget was reached (prompts left unscored;
+    run again with a larger budget), or it refused the credentials; 2 on bad input.
     """
     from longreward_core.models.call_cache import check_cache_url
     from longreward_core.models.client import AuthenticationFailed
@@ -139,7 +145,8 @@ def score(
         judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout)
         scoring = ScoringConfig(
             retrieval_chunk_tokens=retrieval_chunk_tokens, completeness_chunk_tokens=completeness_chunk_tokens,
-            qdrant_url=qdrant_url, embedding_model=embedding_model,
+            qdrant_url=qdrant_url, embedding_model=embedding_model, prune=prune,
+            max_judge_cost_usd=max_judge_cost_usd, max_judge_tokens=max_judge_tokens,
         )
         with Progress(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -150,6 +157,7 @@ def score(
                     prompts, candidates, out, judge, scoring, cache_path=cache_path,
                     on_start=lambda n: progress.update(task, total=n),
                     on_scored=lambda _: progress.advance(task),
+                    pair_config=PairConfig(min_candidates=min_candidates),
                 )
             except AuthenticationFailed as exc:
                 _fail(str(exc), 1)
@@ -157,11 +165,20 @@ def score(
     s = run.summary
     if s.candidates == 0:
         _fail(f"nothing to score: no valid candidates in {candidates}" + (f" for the {s.prompts} prompts" if s.prompts else ""), 1)
+    if s.budget_reached:
+        _fail(budget_message(s.budget_reached, s.not_scored_prompts), 1)
     if s.unreachable:
         _fail(f"the judge could not be reached for {s.unreachable} candidates; run the same command again "
               "(every answer received is cached)", 1)
     if s.scored == 0:
         _fail("no candidate could be scored (see the 'error' column of scores.parquet)", 1)
+
+
+def budget_message(reached: str, not_scored: list[str]) -> str:
+    """The 'budget reached' status: what was not scored, and how to go on."""
+    named = ", ".join(not_scored[:20]) + (f", ... ({len(not_scored) - 20} more)" if len(not_scored) > 20 else "")
+    return (f"budget reached: {reached}; {len(not_scored)} prompt(s) not scored: {named}. Run again with a larger "
+            "budget to go on: everything done is cached and no call is repeated")
 
 
 def _print_summary(run: ScoreRun) -> None:
@@ -175,6 +192,8 @@ def _print_summary(run: ScoreRun) -> None:
         ("candidates", s.candidates),
         ("scored", s.scored),
         ("failed", s.failed),
+        ("pruned (pair decided without them)", s.pruned),
+        ("support checks saved by pruning", s.support_checks_saved),
         ("  refused by the provider (final)", s.rejected),
         ("  judge unreachable (run again)", s.unreachable),
         ("quarantined rows", s.quarantined),
@@ -184,6 +203,8 @@ def _print_summary(run: ScoreRun) -> None:
         ("judge cache hits", total["cache_hits"]),
         ("judge tokens (prompt / completion)", f"{total['prompt_tokens']} / {total['completion_tokens']}"),
         ("judge cost (USD, where known)", f"{total['cost_usd']:.4f}"),
+        ("cacheable share of prompt tokens", "-" if total.get("cacheable_share") is None else f"{100 * total['cacheable_share']:.1f}%"),
+        ("prompt tokens cached by the provider", total.get("cached_tokens", 0)),
         ("verdict parse failures (retried)", total["parse_failures"]),
         ("transport errors (retried)", total["transport_errors"]),
         ("chunk embeddings computed", s.chunk_embeddings),
@@ -263,9 +284,13 @@ def build(
     policy_timeout: float = option(PolicyConfig, "timeout_s", "--policy-timeout"),
     policy_max_context_tokens: Optional[int] = option(PolicyConfig, "max_context_tokens", "--policy-max-context-tokens"),
     policy_allow_truncation: bool = option(PolicyConfig, "allow_truncation", "--policy-allow-truncation"),
+    policy_sample_in_one_request: bool = option(PolicyConfig, "sample_in_one_request", "--policy-sample-in-one-request"),
     shard_size: int = option(BuildParams, "shard_size"),
     shards_in_flight: int = option(BuildParams, "shards_in_flight"),
     min_candidates: int = option(PairConfig, "min_candidates"),
+    prune: bool = option(ScoringConfig, "prune", "--prune/--no-prune"),
+    max_judge_cost_usd: Optional[float] = option(ScoringConfig, "max_judge_cost_usd", "--max-judge-cost-usd"),
+    max_judge_tokens: Optional[int] = option(ScoringConfig, "max_judge_tokens", "--max-judge-tokens"),
     dask_address: Optional[str] = option(BuildParams, "dask_address"),
     run_date: Optional[str] = option(BuildParams, "run_date", help="YYYY-MM-DD (default: today, UTC)."),
     cache_url: Optional[str] = _cache_url(),
@@ -284,9 +309,11 @@ def build(
             policy=PolicyConfig(model=policy_model, api_base=policy_api_base, candidates_per_prompt=candidates_per_prompt,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 timeout_s=policy_timeout, max_context_tokens=policy_max_context_tokens,
-                                allow_truncation=policy_allow_truncation),
+                                allow_truncation=policy_allow_truncation,
+                                sample_in_one_request=policy_sample_in_one_request),
             judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout),
             pairs=PairConfig(min_candidates=min_candidates),
+            scoring=ScoringConfig(prune=prune, max_judge_cost_usd=max_judge_cost_usd, max_judge_tokens=max_judge_tokens),
         )
     _run_build(params)
 

@@ -35,6 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import BuildParams
 from longreward_core.data.records import BuildModels
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.reward.scorer import budget_share
 from longreward_core.pipeline.build import (
     RewardDistribution,
     build_manifest,
@@ -71,6 +72,8 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     failed: dict[str, str] = {}
     retried = {"retries": params.task_retries, **stored}
     index_task, sample_task, score_task = (t.with_options(**retried) for t in (index_documents, sample_candidates, score_shard))
+    # The judge budget is split evenly over the shards (each shard's run checks its own share).
+    shard_scoring = budget_share(params.scoring, len(names))
     with _task_runner(params) as runner:
         score_futures = {}
         for shard_dir, name in zip(plan.shard_dirs, names):
@@ -89,10 +92,11 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                 )
             score_futures[name] = runner.submit(
                 score_task,
-                parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": params.scoring,
+                parameters={"shard_dir": shard, "shard_name": name, "judge": params.judge, "scoring": shard_scoring,
                             "cache_path": cache_path, "judge_slots": params.judge_slots,
                             "judge_limit_strict": params.judge_limit_strict, "judge_key_secret": params.judge_key_secret,
-                            "cache_password_secret": params.cache_password_secret},
+                            "cache_password_secret": params.cache_password_secret,
+                            "pairs": params.pairs},
                 wait_for=upstream,
             )
         by_future = {f.task_run_id: name for name, f in score_futures.items()}
@@ -112,6 +116,16 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
             logger.error("%s failed: %s", name, reason)
         return Failed(message=f"{len(failed)} of {len(names)} shards failed: {', '.join(sorted(failed))}; "
                               "retry the run: finished shards are cached and no judge call is repeated")
+
+    unscored = {n: results[n]["summary"] for n in names if results[n]["summary"].not_scored_prompts}
+    if unscored:
+        prompts_left = sorted(p for s in unscored.values() for p in s.not_scored_prompts)
+        reached = "; ".join(sorted({f"{n}: {s.budget_reached}" for n, s in unscored.items()}))
+        message = (f"budget reached ({reached}): {len(prompts_left)} prompt(s) not scored: {', '.join(prompts_left[:20])}"
+                   + (" ..." if len(prompts_left) > 20 else "")
+                   + ". Run again with a larger budget: everything done is cached and no judge call is repeated")
+        logger.error("%s", message)
+        return Failed(message=message)
 
     shard_dirs = [str(d) for d in plan.shard_dirs]
     pairs = build_pairs_task(shard_dirs, params.pairs, str(build / "pairs.parquet"))
@@ -216,7 +230,7 @@ def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting
     )
     create_table_artifact(
         key="judge-accounting",
-        table=[{"dimension": k, **vars(v)} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **vars(accounting.total)}],
+        table=[{"dimension": k, **v.to_dict()} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **accounting.total.to_dict()}],
         description=f"Judge requests, cache hits, tokens, cost, failures ({_attempt()})",
     )
 

@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
+from longreward_core.data.pairs import PairConfig
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
@@ -22,13 +23,13 @@ from tasks.caching import (
     with_secret_key,
 )
 
-VERSION = 2  # 2: the summary is a ScoreSummary
+VERSION = 3  # 2: the summary is a ScoreSummary; 3: pair pruning (the pair rules are part of the key)
 
 
 @shard_stage(
     "score", VERSION,
     lambda p: [Path(p["shard_dir"]) / "prompts.parquet", Path(p["shard_dir"]) / "candidates.parquet"],
-    config=("shard_dir", "judge", "scoring", "judge_key_secret"),
+    config=("shard_dir", "judge", "scoring", "pairs", "judge_key_secret"),
 )
 def score_shard(
     shard_dir: str,
@@ -40,6 +41,7 @@ def score_shard(
     judge_key_secret: str | None = None,
     judge_limit_strict: bool = False,
     cache_password_secret: str | None = None,
+    pairs: PairConfig | None = None,
 ) -> dict[str, Any]:
     """Scores and accounting of the shard. When the Prefect global concurrency limit named
     `judge_slots` exists, the shard holds min(judge.concurrency, the limit) of its slots and sends
@@ -61,7 +63,8 @@ def score_shard(
         judge = judge.model_copy(update={"concurrency": held})
         slots = concurrency(judge_slots, occupy=held, strict=judge_limit_strict)
     with slots:
-        run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring, cache_path=with_cache_password(cache_path, cache_password_secret))
+        run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring,
+                          cache_path=with_cache_password(cache_path, cache_password_secret), pair_config=pairs)
     summary = run.summary
     logger = get_run_logger()
     total = summary.judge["total"]

@@ -16,6 +16,10 @@ Default answers follow the task, so scores depend on the content:
 Prompts that open with no task line (a model under test answering a benchmark) are task
 "unknown", or "completion" when sent to the plain `/completions` endpoint; script their answers
 with `answers`.
+
+Usage counts 4 characters as a token and reports a prompt cache as OpenAI does
+(`prompt_tokens_details.cached_tokens`): the prefix a prompt shares with an earlier prompt to the
+same model, in whole 128-token blocks, for prompts of 1024 tokens or more.
 """
 
 from __future__ import annotations
@@ -72,6 +76,18 @@ class Request:
     temperature: float | None
     content: str
     at: float
+    cached_tokens: int = 0
+    cache_control: bool = False  # the prompt carried an Anthropic cache_control breakpoint
+
+
+CACHE_BLOCK, CACHE_MIN = 128, 1024  # OpenAI's prompt caching: 128-token steps from 1024 tokens
+
+
+def message_text(content: Any) -> str:
+    """A message's text, given as a string or as text parts."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
 
 
 @dataclass
@@ -148,9 +164,29 @@ class JudgeDouble:
     # What `GET /v1/models` reports, as vLLM does: served names and their context window.
     served_models: tuple[str, ...] = ("judge-double", "policy-double")
     max_model_len: int = 32_768
+    cache_min_tokens: int = CACHE_MIN  # shorter prompts are never served from the prompt cache
+    # The `n` parameter (several choices in one answer): "serve" it, "refuse" it (HTTP 400, as a
+    # server without it does) or "ignore" it (one choice, as some servers silently do).
+    n_mode: str = "serve"
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._prompts: dict[str, list[str]] = {}  # per model, earlier prompts in sorted order
+
+    def cached_tokens(self, model: str, content: str) -> int:
+        """Tokens of `content` a provider's prefix cache serves: the longest prefix shared with an
+        earlier prompt to `model`, in whole blocks (then remembers `content`)."""
+        import bisect
+        import os
+
+        with self._lock:
+            seen = self._prompts.setdefault(model, [])
+            at = bisect.bisect_left(seen, content)
+            shared = max((len(os.path.commonprefix([content, seen[i]])) for i in (at - 1, at) if 0 <= i < len(seen)), default=0)
+            seen.insert(at, content)
+        if len(content) // 4 < self.cache_min_tokens:
+            return 0
+        return (shared // 4) // CACHE_BLOCK * CACHE_BLOCK
 
     # -- scripted judge -------------------------------------------------------------------
     def answer(self, request: Request) -> str:
@@ -234,8 +270,10 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
             if not self.path.endswith("/completions"):
                 self._send(404, b'{"error": {"message": "not found"}}')
                 return
-            content = payload["messages"][-1]["content"] if chat else payload["prompt"]
-            request = Request(task_of(content) if chat else "completion", payload.get("temperature"), content, time.monotonic())
+            raw = payload["messages"][-1]["content"] if chat else payload["prompt"]
+            content = message_text(raw)
+            request = Request(task_of(content) if chat else "completion", payload.get("temperature"), content, time.monotonic(),
+                              cache_control=isinstance(raw, list) and any("cache_control" in p for p in raw))
             with double._lock:
                 double.requests.append(request)
                 index = len(double.requests) - 1
@@ -265,7 +303,14 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                 if fault is not None and fault.kind == "broken_body":
                     self._send(200, b'{"choices": [ this is not json')
                     return
+                request.cached_tokens = double.cached_tokens(payload.get("model", ""), content)
+                n = int(payload.get("n") or 1)
+                if n > 1 and double.n_mode == "refuse":
+                    body = json.dumps({"error": {"message": "n > 1 is not supported by this server", "type": "invalid_request"}})
+                    self._send(400, body.encode())
+                    return
                 text: str | None = double.answer(request)
+                extra = [double.answer(request) for _ in range(n - 1)] if n > 1 and double.n_mode == "serve" else []
                 if fault is not None and fault.kind == "no_verdict":
                     text = "I think it is fine."
                 if fault is not None and fault.kind == "null":
@@ -275,16 +320,22 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     if chat
                     else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
                 )
+                more = [
+                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                    if chat else {"index": i, "text": t, "logprobs": None, "finish_reason": "stop"}
+                    for i, t in enumerate(extra, start=1)
+                ]
                 body = {
                     "id": f"chatcmpl-{index}",
                     "object": "chat.completion" if chat else "text_completion",
                     "created": int(time.time()),
                     "model": payload.get("model", "judge-double"),
-                    "choices": [choice],
+                    "choices": [choice, *more],
                     "usage": {
                         "prompt_tokens": len(content) // 4,
-                        "completion_tokens": len(text or "") // 4,
-                        "total_tokens": len(content) // 4 + len(text or "") // 4,
+                        "completion_tokens": sum(len(t or "") // 4 for t in [text, *extra]),
+                        "total_tokens": len(content) // 4 + sum(len(t or "") // 4 for t in [text, *extra]),
+                        "prompt_tokens_details": {"cached_tokens": request.cached_tokens},
                     },
                 }
                 try:

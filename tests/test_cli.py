@@ -109,3 +109,31 @@ def test_score_exit_codes_say_when_nothing_was_scored(judge_server, sample_paths
     result = _score(judge_server, prompts, candidates, tmp_path / "unauthorised")
     assert result.exit_code == 1 and "refused the credentials (HTTP 401)" in result.output
     assert TEST_API_KEY not in result.output
+
+
+def test_score_with_prune_publishes_the_same_pairs(judge_server, sample_paths, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
+    judge_server.double.answers = {"helpfulness": lambda r: f"Rating: [[{min(10, len(slot(r.content, 'response')) // 40)}]]"}
+    prompts, candidates = sample_paths
+    published = {}
+    for flag in ("--no-prune", "--prune"):
+        out = tmp_path / flag
+        result = runner.invoke(
+            app,
+            ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
+             "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base, flag,
+             "--min-candidates", "2"],
+        )
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(
+            app, ["pairs", "--scores", str(out / "scores.parquet"), "--prompts", str(prompts),
+                  "--candidates", str(candidates), "--out", str(out / "pairs.parquet"), "--min-candidates", "2"],
+        )
+        assert result.exit_code == 0, result.output
+        published[flag] = pl.read_parquet(out / "pairs.parquet").sort("prompt_id").to_dicts()
+    assert published["--prune"] == published["--no-prune"] and len(published["--prune"]) == 2
+    accounting = json.loads((tmp_path / "--prune" / "accounting.json").read_text())
+    # The sample's candidates make one to three statements each: too few checks for pruning to
+    # save any here (tests/test_pruning.py measures the savings); the counts are reported.
+    assert accounting["scored"] + accounting["failed"] + accounting["pruned"] == 12
+    assert "support_checks_saved" in accounting

@@ -301,3 +301,32 @@ def test_an_unknown_policy_context_is_a_clear_error(tmp_path):
     with pytest.raises(ContextUnknown, match="set policy.max_context_tokens"):
         asyncio.run(policy_context(PolicyConfig(model="openai/no-such-model-anywhere")))
     assert asyncio.run(policy_context(PolicyConfig(model="openai/x", max_context_tokens=4096))) == 4096
+
+
+def test_a_pruned_build_under_a_budget_stops_names_the_rest_and_goes_on(judge_server, tmp_path):
+    """Pruning publishes the same pairs; a judge budget (split over the shards) leaves prompts
+    unscored with a clear status, and a re-run with a larger budget asks only for those."""
+    double = judge_server.double
+    double.answers = {"helpfulness": helpfulness_by_length}
+    prompts, candidates = write_inputs(tmp_path)
+    scoring = SCORING.model_copy(update={"prune": True, "prompts_in_flight": 1, "max_judge_tokens": 3})
+    params = params_for(judge_server, tmp_path, prompts, candidates, scoring=scoring, pairs={"min_candidates": 2})
+
+    state = preference_build(params, return_state=True)
+    assert state.is_failed()
+    message = " ".join(state.message.split())
+    # Three shards (2, 2, 1 prompts), one token each: each starts its first prompt only.
+    assert "budget reached" in message and "2 prompt(s) not scored: p1, p3" in message
+    first = {r.content for r in double.requests}
+
+    double.reset()
+    params = params.model_copy(update={"scoring": scoring.model_copy(update={"max_judge_tokens": 10**9})})
+    manifest = preference_build(params)
+    assert not first & {r.content for r in double.requests}  # nothing asked again
+    pairs = pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "pairs.parquet").sort("prompt_id")
+    assert pairs["chosen_id"].to_list() == [f"p{p}-0" for p in range(5)]
+    assert pairs["rejected_id"].to_list() == [f"p{p}-4" for p in range(5)]
+    counts = manifest["counts"]
+    # Every statement here is supported, so no middle candidate's interval clears the worst one's
+    # reward before it is complete: nothing is pruned (tests/test_pruning.py measures savings).
+    assert counts["scored"] + counts["failed"] + counts["pruned"] == 25 and counts["support_checks_saved"] >= 0

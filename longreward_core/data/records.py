@@ -67,6 +67,11 @@ class CandidateScore(BaseModel):
     logicality: DimensionResult
     faithfulness: DimensionResult
     completeness: DimensionResult
+    # Pair pruning left this candidate unscored: it can be neither chosen nor rejected. Its known
+    # scores are kept and its reward lies in [reward_low, reward_high].
+    pruned: bool = False
+    reward_low: float | None = None
+    reward_high: float | None = None
 
     @property
     def reward(self) -> float | None:
@@ -77,7 +82,9 @@ class CandidateScore(BaseModel):
 
     @property
     def status(self) -> str:
-        return "scored" if self.reward is not None else "failed"
+        if self.reward is not None:
+            return "scored"
+        return "pruned" if self.pruned else "failed"
 
     @property
     def unreachable(self) -> bool:
@@ -106,6 +113,8 @@ class CandidateScore(BaseModel):
         row["reward"] = self.reward
         row["status"] = self.status
         row["error"] = self.error
+        row["reward_low"] = self.reward_low
+        row["reward_high"] = self.reward_high
         return row
 
 
@@ -126,8 +135,10 @@ SCORES_SCHEMA = pl.Schema(
         "completeness": pl.Float64,
         "faithfulness_statements": pl.Int64,
         "reward": pl.Float64,
-        "status": pl.String,  # "scored" | "failed"
+        "status": pl.String,  # "scored" | "failed" | "pruned" (left unscored by pair pruning)
         "error": pl.String,  # "<dimension>: <reason>; ..." when failed
+        "reward_low": pl.Float64,  # pruned: the reward's interval given the scores known
+        "reward_high": pl.Float64,
     }
 )
 
@@ -234,6 +245,12 @@ class ScoreSummary(BaseModel):
     candidates: int = Field(description="Valid candidates read (each is scored).")
     scored: int = Field(description="Candidates with a reward.")
     failed: int = Field(description="Candidates without a reward (some dimension failed).")
+    pruned: int = Field(0, description="Candidates left unscored by pair pruning (they can be neither chosen nor rejected).")
+    support_checks_saved: int = Field(0, description="Support checks (logical judge calls) pair pruning did not make.")
+    budget_reached: str | None = Field(None, description="Which judge budget was reached, when prompts were left unscored.")
+    not_scored_prompts: list[str] = Field(
+        default_factory=list, description="Prompts not started because the judge budget was reached (no rows in scores)."
+    )
     quarantined: int = Field(description="Input rows refused, with their reason in quarantine.parquet.")
     unreachable: int = Field(description="Failed candidates whose judge could not be reached: work to retry.")
     rejected: int = Field(
@@ -305,6 +322,8 @@ class BuildCounts(BaseModel):
     candidates: int = Field(description="Candidates scored over all shards.")
     scored: int = Field(description="Candidates with a reward.")
     failed: int = Field(description="Candidates without a reward.")
+    pruned: int = Field(0, description="Candidates left unscored by pair pruning.")
+    support_checks_saved: int = Field(0, description="Support checks (logical judge calls) pair pruning did not make.")
     rejected: int = Field(0, description="Failed candidates whose request the provider refused for good (see the shards' scores).")
     pairs: int
     prompts_without_pair: dict[str, int] = Field(description="Prompts that yielded no pair, by reason.")

@@ -17,7 +17,10 @@ class CallAccounting:
     coalesced: int = 0  # requests answered by an identical request already in flight
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0  # 0 where litellm does not know the model's price
+    cost_usd: float = 0.0  # 0 where litellm does not know the model's price; at cached prices where reported
+    cached_tokens: int = 0  # prompt tokens the provider reports served from its prompt cache
+    tokenized_prompt_tokens: int = 0  # prompt tokens in the configured tokenizer (where counted)
+    cacheable_tokens: int = 0  # of those, the prefix shared with an earlier request to the same model
     parse_failures: int = 0  # judge answers without a parseable verdict (judging purposes only)
     transport_errors: int = 0  # 429 / 5xx / timeouts / connection errors, each retried or fatal
     rejected: int = 0  # requests the provider refused for good (4xx: context length, content filter, ...)
@@ -26,6 +29,17 @@ class CallAccounting:
     def add(self, other: CallAccounting) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def cacheable_share(self) -> float | None:
+        """Share of the prompt tokens a provider's prefix cache could serve (None: nothing counted)."""
+        return self.cacheable_tokens / self.tokenized_prompt_tokens if self.tokenized_prompt_tokens else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cacheable_share": self.cacheable_share}
+
+
+_FIELDS = tuple(f.name for f in fields(CallAccounting))
 
 
 @dataclass
@@ -52,14 +66,14 @@ class RunAccounting:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "total": asdict(self.total),
-            "per_purpose": {k: asdict(v) for k, v in self.per_purpose.items()},
+            "total": self.total.to_dict(),
+            "per_purpose": {k: v.to_dict() for k, v in self.per_purpose.items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunAccounting:
         return cls(
             per_purpose={
-                k: CallAccounting(**v) for k, v in data.get("per_purpose", {}).items()
+                k: CallAccounting(**{f: v[f] for f in _FIELDS if f in v}) for k, v in data.get("per_purpose", {}).items()
             }
         )

@@ -39,6 +39,8 @@ from tenacity import (
 
 from longreward_core.data.form import form_order
 from longreward_core.models.accounting import CallAccounting, RunAccounting
+from longreward_core.models.budget import Budget
+from longreward_core.models.prefix_share import PrefixShare
 
 litellm.suppress_debug_info = True
 litellm.telemetry = False
@@ -221,6 +223,16 @@ class CallCache:
             self._db.close()
 
 
+def cached_prompt_tokens(usage: Any) -> int:
+    """Prompt tokens the provider served from its cache: OpenAI-style
+    `prompt_tokens_details.cached_tokens`, else Anthropic's `cache_read_input_tokens`."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    if not cached:
+        cached = getattr(usage, "cache_read_input_tokens", None)
+    return int(cached or 0)
+
+
 def _status(exc: BaseException) -> int | None:
     status = getattr(exc, "status_code", None)
     return status if isinstance(status, int) else None
@@ -278,10 +290,15 @@ class LLMClient:
     Create it inside the event loop that uses it (its limiters belong to that loop).
     """
 
-    def __init__(self, config: LLMConfig, cache: CallCache | None, accounting: RunAccounting | None = None):
+    def __init__(
+        self, config: LLMConfig, cache: CallCache | None, accounting: RunAccounting | None = None,
+        prefix_share: PrefixShare | None = None, budget: Budget | None = None,
+    ):
         self.config = config
         self.cache = cache
         self.accounting = accounting or RunAccounting()
+        self.prefix_share = prefix_share  # counts the cacheable share of the requests sent
+        self.budget = budget  # charged with every answer used, cached or not
         self._semaphore = asyncio.Semaphore(config.concurrency)
         # Capacity 1: requests are spaced evenly (60/rpm s apart), never sent in a burst.
         self._limiter = AsyncLimiter(1, 60 / config.rpm) if config.rpm else None
@@ -313,6 +330,8 @@ class LLMClient:
         if self.cache is None:
             return None
         hit = self.cache.get(self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)[0])
+        if hit and self.budget is not None:
+            self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
         return hit[0] if hit else None
 
     async def complete(
@@ -330,6 +349,7 @@ class LLMClient:
         """One cached request's answer text; `attempt` keeps repeated requests apart in the cache.
 
         `purpose` names what the request is for in the accounting (a dimension, `sampling`, ...).
+        `n` > 1 in `sampling` asks for that many choices: the answer is their texts as a JSON list.
         `raw_prompt`: send the single message's content as a plain text completion (the
         server's `/completions`), with no chat template around it. `accept`: only answers it
         accepts are cached (a judge caches only answers whose verdict parses), so a re-run asks
@@ -346,6 +366,8 @@ class LLMClient:
         key, params = self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             acc.cache_hits += 1
+            if self.budget is not None:
+                self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
             return hit[0]
         if (pending := self._in_flight.get(key)) is not None:
             acc.coalesced += 1
@@ -427,8 +449,9 @@ class LLMClient:
         )
         response = await retrying(send)
         acc.calls += 1
-        choice = response.choices[0]
-        text = (choice.text if raw_prompt else choice.message.content) or ""
+        texts = [(choice.text if raw_prompt else choice.message.content) or "" for choice in response.choices]
+        # Several choices asked for (`n`): the answer is their texts as a JSON list.
+        text = json.dumps(texts, ensure_ascii=False) if params.get("n", 1) > 1 else (texts[0] if texts else "")
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -439,6 +462,13 @@ class LLMClient:
         acc.prompt_tokens += prompt_tokens
         acc.completion_tokens += completion_tokens
         acc.cost_usd += cost
+        acc.cached_tokens += cached_prompt_tokens(usage)
+        if self.budget is not None:
+            self.budget.spend(prompt_tokens + completion_tokens, cost)
+        if self.prefix_share is not None:
+            counted, shared = self.prefix_share.observe(cfg.model, messages)
+            acc.tokenized_prompt_tokens += counted
+            acc.cacheable_tokens += shared
         if self.cache is not None and (accept is None or accept(text)):
             text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost)
         return text

@@ -179,6 +179,8 @@ def build_manifest(
             candidates=sum(s.candidates for s in shard_summaries),
             scored=sum(s.scored for s in shard_summaries),
             failed=sum(s.failed for s in shard_summaries),
+            pruned=sum(s.pruned for s in shard_summaries),
+            support_checks_saved=sum(s.support_checks_saved for s in shard_summaries),
             rejected=sum(s.rejected for s in shard_summaries),
             pairs=pairs,
             prompts_without_pair=prompts_without_pair,

@@ -14,6 +14,7 @@ middle (head + tail tokens), and the cut is reported.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import litellm
@@ -31,6 +32,7 @@ from longreward_core.models.client import (
     LLMCallFailed,
     LLMClient,
     PolicyClientConfig,
+    RequestRejected,
 )
 from longreward_core.models.smollm2 import SMOLLM2_CONTEXT_TOKENS
 from longreward_core.models.tokenizers import load_tokenizer
@@ -59,6 +61,11 @@ class PolicyConfig(BaseModel):
         False, description="Cut documents longer than the context in the middle (head + tail) instead of skipping their prompt."
     )
     tokenizer: str | None = Field(None, description="Tokenizer for the context budget; None: the embedded model's.")
+    sample_in_one_request: bool = Field(
+        False,
+        description="Ask for a prompt's candidates in one request (the `n` parameter of vLLM and OpenAI), so its document "
+        "is sent and prefilled once; where the server refuses `n` or returns fewer choices, one request per candidate.",
+    )
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute at most.")
     timeout_s: float = Field(300.0, gt=0, description="Hard limit on one request, seconds.")
@@ -170,7 +177,16 @@ async def sample_candidates(
                     return Candidate(prompt_id=prompt.id, candidate_id=f"{prompt.id}-{k}", response=text.strip())
             return "empty response"
 
-        results = await asyncio.gather(*(one_sample(k) for k in range(config.candidates_per_prompt)))
+        n = config.candidates_per_prompt
+        batch = await one_request(messages, n) if config.sample_in_one_request and n > 1 and not n_refused else None
+        if batch is not None:  # empty choices are asked for again, one request each
+            results = await asyncio.gather(*(
+                asyncio.sleep(0, Candidate(prompt_id=prompt.id, candidate_id=f"{prompt.id}-{k}", response=text.strip()))
+                if text.strip() else one_sample(k)
+                for k, text in enumerate(batch)
+            ))
+        else:
+            results = await asyncio.gather(*(one_sample(k) for k in range(n)))
         candidates = [r for r in results if isinstance(r, Candidate)]
         errors = sorted({str(r) for r in results if not isinstance(r, Candidate)})
         report = SampleReport(
@@ -179,6 +195,27 @@ async def sample_candidates(
             unreachable=sum(1 for r in results if isinstance(r, LLMCallFailed) and r.transport),
         )
         return candidates, report
+
+    n_refused = False  # set once the server refuses `n`: every later prompt goes one request per candidate
+
+    async def one_request(messages: list[dict[str, str]], n: int) -> list[str] | None:
+        """All n samples from one request; None when the server does not give them (then one each)."""
+        nonlocal n_refused
+        try:
+            text = await client.complete(
+                "sampling", messages, config.temperature, 0, top_p=config.top_p, n=n,
+                accept=lambda answer: len(json.loads(answer)) == n,
+            )
+        except AuthenticationFailed:
+            raise
+        except LLMCallFailed as exc:
+            n_refused = n_refused or isinstance(exc, RequestRejected)
+            return None
+        texts = json.loads(text)
+        if len(texts) != n:  # a server that ignores `n` answers with one choice
+            n_refused = True
+            return None
+        return texts
 
     per_prompt = await asyncio.gather(*(one_prompt(p) for p in prompts))
     return [c for cands, _ in per_prompt for c in cands], [r for _, r in per_prompt]

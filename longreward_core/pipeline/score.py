@@ -31,11 +31,14 @@ from longreward_core.data.records import (
     ScoreSummary,
 )
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.budget import Budget
 from longreward_core.models.call_cache import open_call_cache
 from longreward_core.models.client import CALL_CACHE_FILE
 from longreward_core.models.event_loop import run_async
+from longreward_core.models.prefix_share import PrefixShare
+from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.reward.judge import Judge, JudgeConfig
-from longreward_core.reward.scorer import Scorer, ScoringConfig
+from longreward_core.reward.scorer import PruningStats, Scorer, ScoringConfig
 
 
 @dataclass
@@ -58,8 +61,10 @@ def score_files(
     cache_path: str | Path | None = None,
     on_start: Callable[[int], None] | None = None,
     on_scored: Callable[[CandidateScore], None] | None = None,
+    pair_config: PairConfig | None = None,
 ) -> ScoreRun:
-    """Score candidates from files into `out_dir`; see the module docstring for the outputs."""
+    """Score candidates from files into `out_dir`; see the module docstring for the outputs.
+    `pair_config`: the pair rules that pair pruning (`scoring_config.prune`) decides by."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -73,11 +78,17 @@ def score_files(
     cache = open_call_cache(cache_path or out / CALL_CACHE_FILE)
     accounting = RunAccounting()
 
+    pruning = PruningStats()
+    budget = Budget(scoring_config.max_judge_cost_usd, scoring_config.max_judge_tokens)
+    not_scored: list[str] = []
+
     async def run() -> tuple[list[CandidateScore], int, int, float]:
-        judge = Judge(judge_config, cache, accounting)
-        scorer = Scorer(judge, scoring_config, index_path=out / "qdrant")
+        judge = Judge(judge_config, cache, accounting, PrefixShare(load_tokenizer(scoring_config.tokenizer)), budget)
+        scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
+        scorer.pruning = pruning
         try:
             results = await scorer.score(prompts.records, candidates.records, on_scored)
+            not_scored.extend(scorer.not_scored)
             index = scorer.index
             embedder = index.embedder
             return results, index.chunks_embedded, embedder.computed - index.chunks_embedded, embedder.busy_seconds
@@ -101,7 +112,11 @@ def score_files(
         prompts=len(prompts.records),
         candidates=len(candidates.records),
         scored=scored.height,
-        failed=frame.height - scored.height,
+        failed=frame.filter(pl.col("status") == "failed").height,
+        pruned=pruning.pruned,
+        support_checks_saved=pruning.support_checks_saved,
+        budget_reached=budget.reached if not_scored else None,
+        not_scored_prompts=sorted(not_scored),
         quarantined=len(quarantined),
         unreachable=sum(1 for r in results if r.unreachable),
         rejected=sum(1 for r in results if r.rejected),

@@ -19,6 +19,9 @@ from longreward_core.models.client import (
     LLMClient,
     LLMConfig,
 )
+from longreward_core.models.budget import Budget
+from longreward_core.models.prefix_share import PrefixShare
+from longreward_core.reward.prompts import with_cache_breakpoint
 from longreward_core.reward.verdicts import VerdictFormat, VerdictParseError
 
 T = TypeVar("T")
@@ -37,15 +40,23 @@ class JudgeConfig(LLMConfig):
     max_attempts: int = Field(5, ge=1, description="Requests per judge call until a verdict parses.")
     temperature: float = Field(0.0, ge=0, le=2, description="Temperature of the first attempt.")
     retry_temperature: float = Field(0.95, ge=0, le=2, description="Temperature of later attempts.")
+    cache_control: bool = Field(
+        False,
+        description="Mark the end of each prompt's shared instructions as an Anthropic cache_control breakpoint "
+        "(for Anthropic models; other providers cache prefixes without it).",
+    )
 
 
 class Judge:
     """Asks the judge model for verdicts; requests go through an `LLMClient` (cache, retries,
     limits, accounting per dimension). Create it inside the event loop that uses it."""
 
-    def __init__(self, config: JudgeConfig, cache: CallCache | None, accounting: RunAccounting | None = None):
+    def __init__(
+        self, config: JudgeConfig, cache: CallCache | None, accounting: RunAccounting | None = None,
+        prefix_share: PrefixShare | None = None, budget: Budget | None = None,
+    ):
         self.config = config
-        self.client = LLMClient(config, cache, accounting)
+        self.client = LLMClient(config, cache, accounting, prefix_share, budget)
 
     @property
     def accounting(self) -> RunAccounting:
@@ -59,6 +70,8 @@ class Judge:
         verdict, so it reproduces the run without asking again."""
         acc = self.accounting.purpose(dimension)
         cfg = self.config
+        if cfg.cache_control:
+            messages = with_cache_breakpoint(messages)
         constraint = verdict.constraint() if cfg.is_embedded else None
         temperatures = [cfg.temperature if attempt == 0 else cfg.retry_temperature for attempt in range(cfg.max_attempts)]
         for attempt, temperature in enumerate(temperatures):

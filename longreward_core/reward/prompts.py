@@ -13,6 +13,7 @@ import functools
 import re
 from importlib import resources
 from importlib.abc import Traversable
+from typing import Any
 
 LANGUAGES = ("en", "zh")
 DIMENSION_PROMPTS = resources.files("longreward_core.reward.dimensions")
@@ -54,4 +55,30 @@ def render(name: str, language: str, folder: Traversable = DIMENSION_PROMPTS, **
         raise KeyError(f"template {name}.{language} takes slots {sorted(wanted)}, got {sorted(slots)}")
     # One pass, so a slot value that happens to contain '{{x}}' is never substituted again.
     text = _SLOT.sub(lambda m: neutralise(slots[m.group(1)]), template)
+    first_slot = _SLOT.search(template)
+    if first_slot is not None:
+        _shared_prefixes.add(template[: first_slot.start()])
     return [{"role": "user", "content": text}]
+
+
+# The text before the first slot of every template rendered: instructions and examples that every
+# prompt of the template shares word for word.
+_shared_prefixes: set[str] = set()
+
+
+def with_cache_breakpoint(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with the last one's shared instructions (a rendered template's text before its
+    first slot) as a text part marked with an Anthropic `cache_control` breakpoint; unchanged when
+    no template prefix matches."""
+    last = messages[-1]
+    content = last.get("content")
+    if not isinstance(content, str):
+        return messages
+    prefix = max((p for p in _shared_prefixes if content.startswith(p)), key=len, default="")
+    if not prefix:
+        return messages
+    parts = [
+        {"type": "text", "text": prefix, "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": content[len(prefix):]},
+    ]
+    return [*messages[:-1], {**last, "content": parts}]

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from longreward_core.data.form import form_order
+from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import (
     Candidate,
     CandidateScore,
@@ -41,6 +42,7 @@ from longreward_core.reward.dimensions import (
     logicality,
 )
 from longreward_core.reward.judge import Judge
+from longreward_core.reward.pruning import PairRace, check_support_pruned
 from longreward_core.reward.prompts import detect_language
 from longreward_core.reward.retrieval import ChunkIndex, content_hash
 
@@ -60,6 +62,26 @@ class ScoringConfig(BaseModel):
     embedding_api_base: str | None = Field(None, description="Base URL for a litellm embedding model.")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; None: local mode in the output folder.")
     prompts_in_flight: int = Field(16, ge=1, description="Prompts scored at the same time.")
+    max_judge_cost_usd: float | None = Field(
+        None, gt=0, description="Judge budget in USD (where litellm knows the price): once reached, no new prompt is "
+        "started; a re-run with a larger budget goes on without asking anything again."
+    )
+    max_judge_tokens: int | None = Field(
+        None, ge=1, description="Judge budget in prompt + completion tokens, as --max-judge-cost-usd."
+    )
+    prune: bool = Field(
+        False,
+        description="Exact pair pruning: make only the support checks that can still change a prompt's pair "
+        "(same pairs as the full schedule; candidates left undecided get status 'pruned').",
+    )
+
+
+def budget_share(config: ScoringConfig, parts: int) -> ScoringConfig:
+    """`config` with its judge budget split evenly over `parts` runs (the shards of a build)."""
+    return config.model_copy(update={
+        "max_judge_cost_usd": config.max_judge_cost_usd / parts if config.max_judge_cost_usd is not None else None,
+        "max_judge_tokens": max(1, config.max_judge_tokens // parts) if config.max_judge_tokens is not None else None,
+    })
 
 
 @dataclass(frozen=True)
@@ -121,9 +143,14 @@ def open_chunk_index(config: ScoringConfig, path: str | Path | None) -> ChunkInd
 class Scorer:
     """Scores candidates with LongReward; owns the chunk index for the duration of a run."""
 
-    def __init__(self, judge: Judge, config: ScoringConfig, index_path: str | Path | None = None):
+    def __init__(
+        self, judge: Judge, config: ScoringConfig, index_path: str | Path | None = None, pairs: PairConfig | None = None
+    ):
         self.judge = judge
         self.config = config
+        self.pairs = pairs or PairConfig()  # the pair rules pruning decides by
+        self.pruning = PruningStats()
+        self.not_scored: list[str] = []  # prompts not started because the judge budget was reached
         self.index = open_chunk_index(config, index_path)
         self._documents: dict[str, PreparedDocument] = {}
 
@@ -147,9 +174,13 @@ class Scorer:
         for c in candidates:
             by_prompt[c.prompt_id].append(c)
         window = asyncio.Semaphore(self.config.prompts_in_flight)
+        budget = self.judge.client.budget
 
         async def one_prompt(prompt: Prompt) -> list[CandidateScore]:
             async with window:
+                if budget is not None and budget.reached:
+                    self.not_scored.append(prompt.id)
+                    return []
                 return await self._score_prompt(prompt, by_prompt[prompt.id], on_scored)
 
         per_prompt = await asyncio.gather(*(one_prompt(p) for p in prompts if by_prompt.get(p.id)))
@@ -175,6 +206,14 @@ class Scorer:
             return [doc.evidence(h) for h in hits]
 
         checks = faithfulness.SupportChecks(self.judge, retrieve, language)
+        if self.config.prune:
+            try:
+                return await self._score_pruned(prompt, candidates, language, key_points, checks, on_scored)
+            finally:
+                for task in (indexed, key_points):
+                    if not task.done():
+                        task.cancel()
+                await asyncio.gather(indexed, key_points, checks.close(), return_exceptions=True)
 
         async def completeness_of(response: str) -> float:
             try:
@@ -213,8 +252,107 @@ class Scorer:
             # Retrieve exceptions of shared tasks nobody awaited (e.g. every candidate failed early).
             await asyncio.gather(indexed, key_points, checks.close(), return_exceptions=True)
 
+    async def _score_pruned(
+        self, prompt: Prompt, candidates: list[Candidate], language: str, key_points: asyncio.Future[str],
+        checks: faithfulness.SupportChecks, on_scored: Callable[[CandidateScore], None] | None,
+    ) -> list[CandidateScore]:
+        """Pair pruning (`reward.pruning`): every dimension but the support checks for every
+        candidate, then only the support checks that can still change the prompt's pair."""
+        q = prompt.query
+
+        async def completeness_of(response: str) -> float:
+            try:
+                points = await key_points
+            except LLMCallFailed as exc:
+                raise type(exc)(f"key-point extraction failed: {exc}", transport=exc.transport) from None
+            return await completeness.score_completeness(self.judge, language, q, points, response)
+
+        async def statements_of(response: str) -> tuple[DimensionResult, list[str]]:
+            found = await faithfulness.extract_statements(self.judge, language, q, response)
+            return DimensionResult(score=10.0 if not found else None, statements=len(found)), found
+
+        async def first_wave(c: Candidate) -> tuple[list[DimensionResult], tuple[DimensionResult, list[str] | None]]:
+            r = c.response
+            results = await asyncio.gather(
+                _as_result(helpfulness.score_helpfulness(self.judge, language, q, r)),
+                _as_result(logicality.score_logicality(self.judge, language, q, r)),
+                _as_result(completeness_of(r)),
+                _statements_result(statements_of(r)),
+            )
+            return list(results[:3]), results[3]
+
+        waves = await asyncio.gather(*(first_wave(c) for c in candidates))
+        race = PairRace([c.candidate_id for c in candidates], self.pairs)
+        statements: dict[str, list[str]] = {}
+        faith: dict[str, DimensionResult] = {}
+        for c, (cheap, (extracted, found)) in zip(candidates, waves, strict=True):
+            contestant = race[c.candidate_id]
+            for name, result in zip(("helpfulness", "logicality", "completeness"), cheap, strict=True):
+                contestant.scores[name] = result.score
+                contestant.failed |= not result.ok
+            faith[c.candidate_id] = extracted
+            if extracted.error is not None:
+                contestant.failed = True
+            elif found is not None:
+                contestant.statements = len(found)
+                if not found:
+                    contestant.scores["faithfulness"] = 10.0
+                elif not contestant.failed:
+                    statements[c.candidate_id] = found
+        outcome = await check_support_pruned(race, statements, checks)
+        self.pruning.support_checks_saved += outcome.checks_saved
+        scores = []
+        for c, (cheap, _) in zip(candidates, waves, strict=True):
+            contestant = race[c.candidate_id]
+            f = faith[c.candidate_id]
+            if c.candidate_id in outcome.failures:
+                f = await _as_result(_raise(outcome.failures[c.candidate_id]))
+                f.statements = contestant.statements
+            elif contestant.scores["faithfulness"] is not None:
+                f = DimensionResult(score=contestant.scores["faithfulness"], statements=contestant.statements)
+            pruned = contestant.open
+            low, high = contestant.bounds if pruned else (None, None)
+            score = CandidateScore(
+                prompt_id=prompt.id, candidate_id=c.candidate_id, language=language,
+                helpfulness=cheap[0], logicality=cheap[1], faithfulness=f, completeness=cheap[2],
+                pruned=pruned, reward_low=low, reward_high=high,
+            )
+            self.pruning.pruned += pruned
+            if on_scored is not None:
+                on_scored(score)
+            scores.append(score)
+        return scores
+
     def close(self) -> None:
         self.index.close()
+
+
+@dataclass
+class PruningStats:
+    """What pair pruning left out over a run."""
+
+    pruned: int = 0  # candidates left unscored
+    support_checks_saved: int = 0  # distinct statements never graded
+
+
+async def _raise(exc: Exception) -> float:
+    raise exc
+
+
+async def _statements_result(work: Awaitable[tuple[DimensionResult, list[str]]]) -> tuple[DimensionResult, list[str] | None]:
+    """The statement extraction's outcome: (a partial faithfulness result, the statements), or
+    (its failure, None). Refused credentials escape, as in `_as_result`."""
+    found: list[list[str]] = []
+
+    async def extraction() -> DimensionResult:
+        result, statements = await work
+        found.append(statements)
+        return result
+
+    result = await _as_result(extraction())
+    if result.error is not None:
+        return result, None
+    return result, found[0]
 
 
 async def _as_result(work: Awaitable[float | DimensionResult]) -> DimensionResult:

@@ -89,13 +89,17 @@ class SupportChecks:
 
     async def supports(self, statements: list[str]) -> list[float]:
         """1 / 0.5 / 0 per statement (raises LLMCallFailed when a verdict cannot be had)."""
+        return list(await asyncio.gather(*self.start(statements)))
+
+    def start(self, statements: list[str]) -> list[asyncio.Future[float]]:
+        """The checks of `statements`, started where new (their evidence retrieved in one batch)."""
         fresh = list(dict.fromkeys(s for s in statements if s not in self._checks))
         if fresh:
             # Registered before any await, so a candidate arriving meanwhile waits for these.
             evidence = asyncio.ensure_future(self._retrieve(fresh))
             for i, statement in enumerate(fresh):
                 self._checks[statement] = asyncio.ensure_future(self._grade(statement, evidence, i))
-        return list(await asyncio.gather(*(self._checks[s] for s in statements)))
+        return [self._checks[s] for s in statements]
 
     async def _grade(self, statement: str, evidence: asyncio.Future[list[str]], index: int) -> float:
         excerpts = (await evidence)[index]

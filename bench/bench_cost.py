@@ -1,0 +1,180 @@
+"""Judge bill benchmark: the full schedule against exact pair pruning, side by side in one run.
+
+P prompts x N candidates against the loopback judge (tests/judge_double.py, in this process). Each
+document is a few thousand tokens of sentences; each candidate makes 4-12 statements, each one a
+document sentence (supported) with a probability equal to the candidate's grounding, else an
+altered sentence (a wrong year and sum: not supported). Grounding is drawn per candidate (mixed
+quality), and the judge's helpfulness / logicality / completeness ratings follow it with noise, so
+rewards vary as a document-grounded judge's would. Both runs score the same inputs against the
+same judge, each with an empty call cache (the chunk index is shared: it costs no judge call).
+
+Reported per mode: judge calls, support calls, prompt / cached / completion tokens, the cacheable
+share (tokens of the configured tokenizer: the longest prefix each request shares with an earlier
+one to the same model), the bill at list prices uncached and at cached prices (as litellm prices
+the double's reported cached tokens), USD per published pair; and whether both modes published the
+same pairs.
+
+    .venv/bin/python bench/bench_cost.py [--prompts 20] [--candidates 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import litellm  # noqa: E402
+
+from longreward_core.data.pairs import PairConfig  # noqa: E402
+from longreward_core.pipeline.score import pairs_files, score_files  # noqa: E402
+from longreward_core.reward.judge import JudgeConfig  # noqa: E402
+from longreward_core.reward.scorer import ScoringConfig  # noqa: E402
+from tests.judge_double import JudgeDouble, JudgeServer, _normal, slot  # noqa: E402
+
+# List prices of gpt-4.1-mini as in litellm's bundled price table (USD per token).
+PRICES = {"input_cost_per_token": 4e-7, "cache_read_input_token_cost": 1e-7, "output_cost_per_token": 1.6e-6}
+PRICED_MODEL = "judge-double-bench"
+# A real judge writes a short analysis before its verdict; the double's answers carry one of this length.
+ANALYSIS = "Analysis: " + ("the response is weighed against the question and the material given; " * 6).strip()
+
+WORDS = (
+    "river station pump council budget flood culvert reservoir engineer valve pipe survey report "
+    "winter summer repair contract tender inspection pressure capacity turbine motor cable road "
+    "bridge village harbour archive library school museum market railway canal mill quarry"
+).split()
+
+
+def write_inputs(folder: Path, n_prompts: int, n_candidates: int, sentences: int, seed: int = 11):
+    rng = random.Random(seed)
+    prompts, candidates, grounding = [], [], {}
+    for p in range(n_prompts):
+        doc = []
+        for i in range(sentences):
+            w = rng.sample(WORDS, 4)
+            doc.append(f"In {1900 + rng.randrange(120)} the {w[0]} near the {w[1]} was linked to the {w[2]} "
+                       f"and the {w[3]}, costing {rng.randrange(10, 999)} thousand euros (item {p}.{i}).")
+        prompts.append({"id": f"p{p:03d}", "context": " ".join(doc), "query": f"What happened to the {rng.choice(WORDS)}?"})
+        for k in range(n_candidates):
+            quality = rng.betavariate(2, 2)  # mixed quality: most in the middle, some very good or bad
+            statements = []
+            for s in rng.sample(doc, rng.randint(4, 12)):
+                if rng.random() < quality:
+                    statements.append(s)
+                else:  # the same sentence with a wrong year and sum: not in the document
+                    statements.append(s.replace("In 1", "In 2", 1).replace("costing ", "costing 1", 1))
+            response = " ".join(statements)
+            candidates.append({"prompt_id": f"p{p:03d}", "candidate_id": f"p{p:03d}-{k}", "response": response})
+            grounding[_normal(response)] = quality
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    (folder / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in candidates))
+    return folder / "prompts.jsonl", folder / "candidates.jsonl", grounding
+
+
+def scripted_judge(grounding: dict[str, float]) -> JudgeDouble:
+    def rating(request) -> str:
+        response = slot(request.content, "response")
+        quality = grounding.get(_normal(response), 0.5)
+        noise = (zlib.crc32((request.task + response).encode()) % 5 - 2) / 2  # -1 .. +1, deterministic
+        return f"{ANALYSIS}\nRating: [[{max(0, min(10, round(1 + 8 * quality + noise)))}]]"
+
+    def support(request) -> str:
+        statement, evidence = slot(request.content, "statement"), slot(request.content, "document_excerpts")
+        verdict = "[[Fully supported]]" if _normal(statement) in _normal(evidence) else "[[No support]]"
+        return f"{ANALYSIS}\n{verdict}"
+
+    return JudgeDouble(answers={"helpfulness": rating, "logicality": rating, "completeness": rating, "support": support})
+
+
+def bill(total: dict) -> float:
+    return total["prompt_tokens"] * PRICES["input_cost_per_token"] + total["completion_tokens"] * PRICES["output_cost_per_token"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--candidates", type=int, default=10)
+    parser.add_argument("--sentences", type=int, default=160, help="sentences per document (~35 tokens each)")
+    parser.add_argument("--min-candidates", type=int, default=PairConfig().min_candidates)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cost.json")
+    args = parser.parse_args()
+    litellm.register_model({PRICED_MODEL: {**PRICES, "litellm_provider": "openai", "mode": "chat", "max_tokens": 4096}})
+
+    work = Path(tempfile.mkdtemp(prefix="longreward-cost-"))
+    result: dict = {}
+    try:
+        prompts, candidates, grounding = write_inputs(work, args.prompts, args.candidates, args.sentences)
+        pair_config = PairConfig(min_candidates=args.min_candidates)
+        modes = {}
+        with JudgeServer(scripted_judge(grounding)) as server:
+            judge = JudgeConfig(model=f"openai/{PRICED_MODEL}", api_base=server.api_base, api_key="bench", concurrency=16)
+            for mode in ("full", "pruned"):
+                server.double.reset()
+                server.double._prompts.clear()  # each mode meets a cold provider cache
+                t0 = time.perf_counter()
+                run = score_files(prompts, candidates, work / "out", judge, ScoringConfig(prune=mode == "pruned"),
+                                  cache_path=work / f"cache-{mode}.sqlite", pair_config=pair_config)
+                wall = time.perf_counter() - t0
+                pairs = pairs_files(run.scores_path, prompts, candidates, work / f"pairs-{mode}.parquet", pair_config)
+                s, total = run.summary, run.summary.judge["total"]
+                modes[mode] = {
+                    "judge_calls": total["calls"],
+                    "support_calls": server.double.count("support"),
+                    "judge_calls_per_prompt": total["calls"] / args.prompts,
+                    "prompt_tokens": total["prompt_tokens"],
+                    "provider_cached_tokens": total["cached_tokens"],
+                    "completion_tokens": total["completion_tokens"],
+                    "cacheable_share": round(total["cacheable_share"], 4),
+                    "cacheable_share_per_dimension": {
+                        d: round(v["cacheable_share"], 4) for d, v in s.judge["per_purpose"].items() if v["cacheable_share"] is not None
+                    },
+                    "usd_uncached": round(bill(total), 6),
+                    "usd_at_cached_prices": round(total["cost_usd"], 6),
+                    "pairs": len(pairs.pairs),
+                    "prompts_without_pair": dict(pairs.skipped),
+                    "scored": s.scored, "pruned": s.pruned, "failed": s.failed,
+                    "support_checks_saved": s.support_checks_saved,
+                    "wall_seconds": round(wall, 2),
+                    "_pairs": sorted((p.prompt_id, p.chosen_id, p.rejected_id, p.chosen_reward, p.rejected_reward) for p in pairs.pairs),
+                }
+        full, pruned = modes["full"], modes["pruned"]
+        same = full.pop("_pairs") == pruned.pop("_pairs") and full["prompts_without_pair"] == pruned["prompts_without_pair"]
+        for m in (full, pruned):
+            m["usd_per_pair_uncached"] = round(m["usd_uncached"] / m["pairs"], 6) if m["pairs"] else None
+            m["usd_per_pair_at_cached_prices"] = round(m["usd_at_cached_prices"] / m["pairs"], 6) if m["pairs"] else None
+        result = {
+            "date": date.today().isoformat(),
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "prices_usd_per_million_tokens": {k: round(v * 1e6, 4) for k, v in PRICES.items()},
+            "full": full,
+            "pruned": pruned,
+            "pairs_identical": same,
+            "support_calls_saved_share": round(1 - pruned["support_calls"] / full["support_calls"], 4),
+            "pruned_cached_bill_over_full_uncached_bill": round(pruned["usd_at_cached_prices"] / full["usd_uncached"], 4),
+            "targets": {
+                "pairs identical in 100% of prompts": same,
+                ">= 25% fewer support calls": 1 - pruned["support_calls"] / full["support_calls"] >= 0.25,
+                ">= 60% cacheable share (pruned run)": pruned["cacheable_share"] >= 0.60,
+                "bill at cached prices <= 0.5x the full uncached bill": pruned["usd_at_cached_prices"] <= 0.5 * full["usd_uncached"],
+            },
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
