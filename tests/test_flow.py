@@ -49,6 +49,14 @@ def helpfulness_by_length(request) -> str:
     return f"Rating: [[{min(10, 2 * len(sentences(slot(request.content, 'response'))))}]]"
 
 
+def cedar_logicality_outage(double) -> dict[str, bool]:
+    """Fail every logicality request about the CEDAR prompt (shard-0001 at 2 prompts a shard) with
+    a 503 while the returned switch is on."""
+    outage = {"on": True}
+    double.fault_rule = lambda r, i: Fault("status", 503) if outage["on"] and r.task == "logicality" and "CEDAR" in r.content else None
+    return outage
+
+
 def params_for(server, tmp_path: Path, prompts: Path, candidates: Path | None, **overrides) -> BuildParams:
     settings = dict(
         prompts=str(prompts), candidates=str(candidates) if candidates else None, output_dir=str(tmp_path / "builds"),
@@ -83,8 +91,7 @@ def test_failed_shard_is_named_and_a_retry_reruns_only_it(judge_server, tmp_path
     shard, and the retry makes exactly the missing calls, with no lost or duplicated rows."""
     double = judge_server.double
     double.answers = {"helpfulness": helpfulness_by_length}
-    outage = {"on": True}
-    double.fault_rule = lambda r, i: Fault("status", 503) if outage["on"] and r.task == "logicality" and "CEDAR" in r.content else None
+    outage = cedar_logicality_outage(double)
     prompts, candidates = write_inputs(tmp_path)
     params = params_for(judge_server, tmp_path, prompts, candidates)
 

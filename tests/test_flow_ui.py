@@ -22,8 +22,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.states import Scheduled
 
 from flows.preference_build import preference_build
-from tests.judge_double import Fault
-from tests.test_flow import helpfulness_by_length, params_for, write_inputs
+from tests.test_flow import cedar_logicality_outage, helpfulness_by_length, params_for, write_inputs
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -67,8 +66,7 @@ def test_a_retried_run_labels_each_attempts_artifacts(judge_server, tmp_path):
 
     double = judge_server.double
     double.answers = {"helpfulness": helpfulness_by_length}
-    outage = {"on": True}
-    double.fault_rule = lambda r, i: Fault("status", 503) if outage["on"] and r.task == "logicality" and "CEDAR" in r.content else None
+    outage = cedar_logicality_outage(double)
     prompts, candidates = write_inputs(tmp_path)
     params = params_for(judge_server, tmp_path, prompts, candidates)
 

@@ -26,7 +26,7 @@ from tests.stack.conftest import (
     start_run,
     wait_final,
 )
-from tests.test_flow import write_inputs
+from tests.test_flow import cedar_logicality_outage, write_inputs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -104,8 +104,7 @@ def test_a_policy_outage_fails_sampling_and_a_retry_publishes(worker, judge, tmp
 
 def test_a_judge_outage_on_one_shard_is_retried_paying_only_what_never_succeeded(worker, judge, tmp_path):
     double = judge.double
-    outage = {"on": True}
-    double.fault_rule = lambda r, i: Fault("status", 503) if outage["on"] and r.task == "logicality" and "CEDAR" in r.content else None
+    outage = cedar_logicality_outage(double)
     prompts, candidates = write_inputs(tmp_path, n_prompts=5)
     run_id = start_run(NIGHTLY, build_params(tmp_path, judge, prompts, candidates))
     run = wait_final(run_id, worker=worker)
