@@ -189,6 +189,29 @@ def test_middle_candidates_are_pruned_and_extremes_scored() -> None:
     assert pairs_of(pruned, table, config) == pairs_of(full_scores(pool, table), table, config)
 
 
+def test_while_the_count_is_short_only_the_leaders_and_the_cheapest_are_checked() -> None:
+    # min_candidates 3: the leading contenders for best (b) and worst (w) and the cheapest other
+    # (m1) complete the count; m2, as middling but with six statements, is never started, since
+    # the completed three leave it unable to change the pair.
+    pool = [1.0, 0.0, 1.0, 0.0, 1.0] + [1.0, 0.0] * 3
+    table = [
+        {"id": "b", "ratings": [9.0, 9.0, 9.0], "extraction_fails": False, "statements": [0, 1]},
+        {"id": "w", "ratings": [1.0, 1.0, 1.0], "extraction_fails": False, "statements": [2, 3]},
+        {"id": "m1", "ratings": [5.0, 5.0, 5.0], "extraction_fails": False, "statements": [4]},
+        {"id": "m2", "ratings": [5.0, 5.0, 5.0], "extraction_fails": False, "statements": list(range(5, 11))},
+    ]
+    config = PairConfig(min_candidates=3)
+    race = PairRace([row["id"] for row in table], config)
+    for row in table:
+        race[row["id"]].scores.update(zip(("helpfulness", "logicality", "completeness"), row["ratings"], strict=True))
+        race[row["id"]].statements = len(row["statements"])
+    assert race.needed()[:2] == ["b", "w"] and race.to_check() == ["b", "w", "m1"]
+    pruned, race, checks, saved = pruned_scores(pool, table, config)
+    assert {s.candidate_id: s.status for s in pruned} == {"b": "scored", "w": "scored", "m1": "scored", "m2": "pruned"}
+    assert sorted(checks.asked) == ["s0", "s1", "s2", "s3", "s4"] and saved == 6
+    assert pairs_of(pruned, table, config) == pairs_of(full_scores(pool, table), table, config)
+
+
 def test_a_failing_check_reopens_another_candidate() -> None:
     # c2 would be best, but its second statement fails: the pair is then decided by c1, which a
     # pruned run must score although it was behind c2.

@@ -15,6 +15,12 @@ would have answered, failures included. A candidate may be left unscored only wh
   below the worst of them under the deterministic tie-break (so best and worst are scored); or
 - fewer than `min_candidates` candidates can still be scored (the prompt gets no pair either way).
 A candidate that fails is out of the race, and the others are reconsidered (reopened) from there.
+
+Which checks come first decides the bill, not the pair: a pair needs `min_candidates` complete
+candidates, among them the best and the worst, and every completed candidate narrows what the
+open ones can still change. So until the count is reached only the leading contenders for best
+and worst and the cheapest candidates that complete the count are checked (`PairRace.to_check`),
+a leader's statements before the next candidate's; then whatever is still needed.
 """
 
 from __future__ import annotations
@@ -94,17 +100,42 @@ class PairRace:
         return self.contestants[candidate_id]
 
     def needed(self) -> list[str]:
-        """The open candidates whose scores can still change the pair, most decisive first (the
-        highest upper bound and the lowest lower bound lead); empty once the pair is decided."""
-        complete = [(c.candidate_id, c.bounds[0]) for c in self.contestants.values() if c.complete]
+        """The open candidates whose scores can still change the pair, the ones to check first
+        first (`_by_priority`); empty once the pair is decided."""
+        complete = self._complete()
         open_ = [c for c in self.contestants.values() if c.open]
         if len(complete) + len(open_) < self.config.min_candidates:
             return []  # no pair whatever the open ones score: nothing left to learn
         if len(complete) >= self.config.min_candidates:
-            best_id, best = min(complete, key=lambda g: (-g[1], g[0]))
-            worst_id, worst = max(complete, key=lambda g: (-g[1], g[0]))
+            best_id, best = _best(complete)
+            worst_id, worst = _worst(complete)
             open_ = [c for c in open_ if _may_beat(c, best_id, best) or _may_undercut(c, worst_id, worst)]
-        return _by_priority(open_)
+        return _by_priority(open_, complete)
+
+    def to_check(self) -> list[str]:
+        """The needed candidates to check now, in order. Until `min_candidates` are complete, only
+        the leading contenders for best and worst and the cheapest candidates that complete the
+        count: starting others would pay for checks that the count, once reached, may make useless
+        (every completed candidate narrows what the open ones can still change)."""
+        needed = self.needed()
+        missing = self.config.min_candidates - len(self._complete())
+        if missing <= 0:
+            return needed
+        leaders = len(_leaders([self.contestants[cid] for cid in needed], self._complete()))
+        return needed[: max(leaders, missing)]
+
+    def _complete(self) -> list[tuple[str, float]]:
+        return [(c.candidate_id, c.bounds[0]) for c in self.contestants.values() if c.complete]
+
+
+def _best(complete: list[tuple[str, float]]) -> tuple[str, float]:
+    """The complete candidate the pair rule would choose (highest reward, then smallest id)."""
+    return min(complete, key=lambda g: (-g[1], g[0]))
+
+
+def _worst(complete: list[tuple[str, float]]) -> tuple[str, float]:
+    """The complete candidate the pair rule would reject (lowest reward, then largest id)."""
+    return max(complete, key=lambda g: (-g[1], g[0]))
 
 
 def _may_beat(c: Contestant, best_id: str, best: float) -> bool:
@@ -117,18 +148,35 @@ def _may_undercut(c: Contestant, worst_id: str, worst: float) -> bool:
     return low < worst or (low == worst and c.candidate_id > worst_id)
 
 
-def _by_priority(contestants: list[Contestant]) -> list[str]:
-    """The likeliest best (highest upper bound) and worst (lowest lower bound) first, then the
-    cheapest to finish (fewest unknown verdicts): those complete the count at the least cost."""
-    if not contestants:
-        return []
-    top = min(contestants, key=lambda c: (-c.bounds[1], c.candidate_id))
-    bottom = min(contestants, key=lambda c: (c.bounds[0], _descending(c.candidate_id)))
+def _leaders(contestants: list[Contestant], complete: list[tuple[str, float]]) -> list[Contestant]:
+    """The open candidate likeliest to become best (the highest upper bound among those that may
+    beat the best complete one) and the one likeliest to become worst (the lowest lower bound among
+    those that may fall below the worst complete one); with none complete, among all."""
+    ups = downs = contestants
+    if complete:
+        best_id, best = _best(complete)
+        worst_id, worst = _worst(complete)
+        ups = [c for c in contestants if _may_beat(c, best_id, best)]
+        downs = [c for c in contestants if _may_undercut(c, worst_id, worst)]
+    leaders = []
+    if ups:
+        leaders.append(min(ups, key=lambda c: (-c.bounds[1], c.candidate_id)))
+    if downs:
+        bottom = min(downs, key=lambda c: (c.bounds[0], _descending(c.candidate_id)))
+        if bottom not in leaders:
+            leaders.append(bottom)
+    return leaders
+
+
+def _by_priority(contestants: list[Contestant], complete: list[tuple[str, float]]) -> list[str]:
+    """The leading contenders for best and worst first (`_leaders`), then the cheapest to finish
+    (fewest unknown verdicts): those complete the count at the least cost."""
+    leaders = _leaders(contestants, complete)
     rest = sorted(
-        (c for c in contestants if c is not top and c is not bottom),
+        (c for c in contestants if c not in leaders),
         key=lambda c: ((c.statements or 0) - len(c.verdicts), c.candidate_id),
     )
-    return list(dict.fromkeys([top.candidate_id, bottom.candidate_id, *(c.candidate_id for c in rest)]))
+    return [c.candidate_id for c in [*leaders, *rest]]
 
 
 def _descending(text: str) -> tuple[int, ...]:
@@ -177,18 +225,17 @@ async def check_support_pruned(race: PairRace, statements: dict[str, list[str]],
 
 
 def _round(race: PairRace, statements: dict[str, list[str]], asked: set[str]) -> list[str]:
-    """The next round's statements: one per needed candidate in priority order, then more, up to
-    CHECKS_PER_ROUND."""
-    queues = [
-        [t for i, t in enumerate(statements[cid]) if i not in race[cid].verdicts and t not in asked]
-        for cid in race.needed()
-        if cid in statements
-    ]
-    picks: list[str] = []
-    depth = 0
-    while len(picks) < CHECKS_PER_ROUND and any(len(q) > depth for q in queues):
-        for queue in queues:
-            if len(queue) > depth and queue[depth] not in picks and len(picks) < CHECKS_PER_ROUND:
-                picks.append(queue[depth])
-        depth += 1
-    return picks
+    """The next round's statements, up to CHECKS_PER_ROUND: the unknown ones of the candidates
+    `race.to_check()` names, the first candidate's before the next one's (a leader's checks
+    decide the most); all needed candidates where those have none left."""
+    for candidates in (race.to_check(), race.needed()):
+        picks: list[str] = []
+        for cid in candidates:
+            for i, text in enumerate(statements.get(cid, ())):
+                if len(picks) == CHECKS_PER_ROUND:
+                    return picks
+                if i not in race[cid].verdicts and text not in asked and text not in picks:
+                    picks.append(text)
+        if picks:
+            return picks
+    return []
