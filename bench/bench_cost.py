@@ -14,7 +14,7 @@ one to the same model), the bill at list prices uncached and at cached prices (a
 the double's reported cached tokens), USD per published pair; and whether both modes published the
 same pairs.
 
-    .venv/bin/python bench/bench_cost.py [--prompts 20] [--candidates 10]
+    .venv/bin/python bench/bench_cost.py [--prompts 20] [--candidates 10] [--seed 11]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--sentences", type=int, default=160, help="sentences per document (~35 tokens each)")
     parser.add_argument("--min-candidates", type=int, default=PairConfig().min_candidates)
+    parser.add_argument("--seed", type=int, default=11, help="draws the documents, candidates and their grounding")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cost.json")
     args = parser.parse_args()
     litellm.register_model({PRICED_MODEL: {**PRICES, "litellm_provider": "openai", "mode": "chat", "max_tokens": 4096}})
@@ -113,7 +114,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="longreward-cost-"))
     result: dict = {}
     try:
-        prompts, candidates, grounding = write_inputs(work, args.prompts, args.candidates, args.sentences)
+        prompts, candidates, grounding = write_inputs(work, args.prompts, args.candidates, args.sentences, args.seed)
         pair_config = PairConfig(min_candidates=args.min_candidates)
         modes = {}
         with JudgeServer(scripted_judge(grounding)) as server:
