@@ -330,6 +330,11 @@ class LLMClient:
 
             register_embedded_provider()
 
+    @property
+    def route(self) -> str:
+        """How requests are sent: 'direct' (the OpenAI SDK) or 'litellm'."""
+        return "direct" if self._direct is not None else "litellm"
+
     def _key(
         self, messages: list[dict[str, str]], temperature: float, attempt: int, constraint: dict[str, Any] | None,
         raw_prompt: bool, sampling: dict[str, Any],
