@@ -141,3 +141,29 @@ def test_refused_credentials_stop_every_later_request(judge_server, route, statu
     assert isinstance(refused, AuthenticationFailed) and again is refused
     assert f"HTTP {status}" in str(refused) and TEST_API_KEY not in str(refused)
     assert judge_server.double.count() == 1 and acc.failed_calls == 2
+
+
+def test_the_shipped_price_table_gives_litellms_prices():
+    """Before litellm is imported, the direct route reads the price table litellm ships."""
+    from longreward_core.models.direct import shipped_prices
+
+    for served in ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-nano"):
+        ours, theirs = shipped_prices(f"openai/{served}", served), litellm.get_model_info(f"openai/{served}")
+        for price in ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost"):
+            assert ours[price] == theirs[price] and ours[price] > 0, (served, price)
+    assert shipped_prices("openai/judge-double", "judge-double") is None
+
+
+def test_the_score_command_starts_without_litellm_or_the_openai_sdk():
+    """Importing the command line loads neither litellm nor the OpenAI SDK nor transformers: they
+    are imported by the first request (or tokenizer) that needs them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, flows.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'litellm', 'openai', 'transformers', 'prefect'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -26,8 +27,6 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-import litellm
-import openai
 from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.json_schema import SkipJsonSchema
@@ -44,8 +43,19 @@ from longreward_core.models.budget import Budget
 from longreward_core.models.direct import DirectRoute, direct_model
 from longreward_core.models.prefix_share import PrefixShare
 
-litellm.suppress_debug_info = True
-litellm.telemetry = False
+
+
+def litellm_module() -> Any:
+    """litellm, imported on first use (about 2 s: a run whose models all take the direct route
+    never pays it) and set up quietly (no debug banner, no telemetry)."""
+    import litellm
+
+    if not getattr(litellm, "_longreward_configured", False):
+        litellm.suppress_debug_info = True
+        litellm.telemetry = False
+        litellm._longreward_configured = True
+    return litellm
+
 
 EMBEDDED_MODEL = "embedded/smollm2-135m-instruct"
 JUDGE_API_KEY_ENV = "LONGREWARD_JUDGE_API_KEY"
@@ -244,7 +254,10 @@ def _is_transient(exc: BaseException) -> bool:
     """Faults worth retrying: timeouts, connection errors, 408, 409, 429, 5xx."""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError)):
         return True
-    if isinstance(exc, (litellm.Timeout, litellm.APIConnectionError, litellm.RateLimitError, openai.APIConnectionError)):
+    # litellm's Timeout and APIConnectionError are the OpenAI SDK's; its RateLimitError carries 429.
+    # (No OpenAI SDK error exists before the SDK is imported.)
+    openai = sys.modules.get("openai")
+    if openai is not None and isinstance(exc, openai.APIConnectionError):
         return True
     status = _status(exc)
     return status is not None and (status in (408, 409, 429) or status >= 500)
@@ -275,7 +288,7 @@ def _retry_after(exc: BaseException) -> float | None:
 def _litellm_cost(response: Any) -> float:
     """A litellm response's cost in USD (0 where litellm knows no price for the model)."""
     try:
-        return float(litellm.completion_cost(completion_response=response) or 0.0)
+        return float(litellm_module().completion_cost(completion_response=response) or 0.0)
     except Exception:
         return 0.0
 
@@ -458,6 +471,7 @@ class LLMClient:
                         model=cfg.model, api_base=cfg.api_base, api_key=self._api_key, timeout=cfg.timeout_s,
                         num_retries=0, max_retries=0, **params,
                     )
+                    litellm = litellm_module()
                     call = (
                         litellm.atext_completion(prompt=messages[0]["content"], **common)
                         if raw_prompt

@@ -22,14 +22,19 @@ Models litellm rewrites requests for (the o-series and GPT-5 families, whose `ma
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.util
 import json
 import os
 import re
+import sys
 import weakref
+from pathlib import Path
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+if TYPE_CHECKING:
+    import openai
 
 # Served names whose requests litellm translates (max_tokens -> max_completion_tokens, no temperature).
 _TRANSLATED = re.compile(r"^(o\d|gpt-5)", re.IGNORECASE)
@@ -53,7 +58,7 @@ class UnreadableResponse(RuntimeError):
 
 # One SDK client (one connection pool) per event loop, server and key, shared by every LLMClient
 # of that loop; it is closed when the loop shuts its async generators down (asyncio.run does).
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], openai.AsyncOpenAI]] = (
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], "openai.AsyncOpenAI"]] = (
     weakref.WeakKeyDictionary()
 )
 _keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[AsyncGenerator[None, None]]] = (
@@ -71,7 +76,10 @@ async def _closed_with_the_loop(clients: dict[tuple[str, str], openai.AsyncOpenA
 
 
 async def sdk_client(api_base: str, api_key: str) -> openai.AsyncOpenAI:
-    """The running loop's OpenAI SDK client for this server and key (made on first use)."""
+    """The running loop's OpenAI SDK client for this server and key (made on first use; the SDK
+    is imported then, not with this module)."""
+    import openai
+
     loop = asyncio.get_running_loop()
     clients = _clients.get(loop)
     if clients is None:
@@ -83,6 +91,42 @@ async def sdk_client(api_base: str, api_key: str) -> openai.AsyncOpenAI:
     if client is None:
         client = clients[(api_base, api_key)] = openai.AsyncOpenAI(api_key=api_key, base_url=api_base, max_retries=0)
     return client
+
+
+def model_prices(model: str, served: str) -> dict[str, Any] | None:
+    """litellm's price entry for `openai/<served>`: from litellm itself once it is imported (it
+    then also knows models registered at run time), else from the price table it ships, read
+    without importing litellm (as litellm reads it with LITELLM_LOCAL_MODEL_COST_MAP=True)."""
+    if "litellm" in sys.modules or os.environ.get("LITELLM_LOCAL_MODEL_COST_MAP", "").lower() != "true":
+        import litellm
+
+        try:
+            return dict(litellm.get_model_info(model))
+        except Exception:  # litellm knows no price for this model: cost is reported as 0
+            return None
+    return shipped_prices(model, served)
+
+
+def shipped_prices(model: str, served: str) -> dict[str, Any] | None:
+    """The entry of `openai/<served>` in the price table shipped with litellm (None: not there)."""
+    table = _bundled_prices()
+    for name in (model, served):
+        entry = table.get(name)
+        if entry and entry.get("litellm_provider") == "openai":
+            return entry
+    return None
+
+
+@functools.cache
+def _bundled_prices() -> dict[str, Any]:
+    spec = importlib.util.find_spec("litellm")
+    folder = Path(spec.origin).parent if spec and spec.origin else None
+    if folder is None or not (folder / _PRICE_FILE).exists():
+        return {}
+    return json.loads((folder / _PRICE_FILE).read_text(encoding="utf-8"))
+
+
+_PRICE_FILE = "model_prices_and_context_window_backup.json"
 
 
 class DirectRoute:
@@ -97,6 +141,8 @@ class DirectRoute:
     async def send(self, messages: list[dict[str, Any]], params: dict[str, Any], raw_prompt: bool) -> Any:
         """The server's response (choices and usage as the OpenAI SDK reads them)."""
         client = await sdk_client(self._api_base, self._api_key)
+        import openai
+
         try:
             if raw_prompt:
                 return await client.completions.create(
@@ -128,12 +174,7 @@ class DirectRoute:
 
     def _price_table(self) -> dict[str, Any] | None:
         if self._prices is False:
-            import litellm
-
-            try:
-                info = litellm.get_model_info(self.model)
-            except Exception:  # litellm knows no price for this model: cost is reported as 0
-                info = None
+            info = model_prices(self.model, self.served)
             if not info or info.get("input_cost_per_token") is None:
                 self._prices = None
             else:
