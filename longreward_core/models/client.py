@@ -286,7 +286,12 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 def _litellm_cost(response: Any) -> float:
-    """A litellm response's cost in USD (0 where litellm knows no price for the model)."""
+    """A litellm response's cost in USD (0 where litellm knows no price for the model): the one
+    litellm computed for its own logging when it did, else computed here."""
+    hidden = getattr(response, "_hidden_params", None)
+    known = hidden.get("response_cost") if isinstance(hidden, dict) else None
+    if isinstance(known, (int, float)) and not isinstance(known, bool):
+        return float(known)
     try:
         return float(litellm_module().completion_cost(completion_response=response) or 0.0)
     except Exception:
