@@ -89,7 +89,11 @@ async def sdk_client(api_base: str, api_key: str) -> openai.AsyncOpenAI:
         await keeper.__anext__()  # started in the loop: the loop finalizes it at shutdown
     client = clients.get((api_base, api_key))
     if client is None:
-        client = clients[(api_base, api_key)] = openai.AsyncOpenAI(api_key=api_key, base_url=api_base, max_retries=0)
+        # The SDK's default HTTP client, made here: the SDK's own would, when collected after its
+        # loop closed, schedule its closing on whichever loop runs then (and fail there).
+        client = clients[(api_base, api_key)] = openai.AsyncOpenAI(
+            api_key=api_key, base_url=api_base, max_retries=0, http_client=openai.DefaultAsyncHttpxClient(),
+        )
     return client
 
 
