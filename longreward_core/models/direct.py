@@ -147,14 +147,17 @@ class DirectRoute:
         client = await sdk_client(self._api_base, self._api_key)
         import openai
 
+        from openai.types import Completion
+        from openai.types.chat import ChatCompletion
+
+        # The body goes as it is (as litellm sends it): the SDK's typed `create` would first walk
+        # every message through its TypedDict transform, a sixth of the route's CPU, to the same JSON.
+        if raw_prompt:
+            path, body, answer = "/completions", {"model": self.served, "prompt": messages[0]["content"]}, Completion
+        else:
+            path, body, answer = "/chat/completions", {"model": self.served, "messages": messages}, ChatCompletion
         try:
-            if raw_prompt:
-                return await client.completions.create(
-                    model=self.served, prompt=messages[0]["content"], timeout=self._timeout_s, **params
-                )
-            return await client.chat.completions.create(
-                model=self.served, messages=messages, timeout=self._timeout_s, **params
-            )
+            return await client.post(path, cast_to=answer, body={**body, **params}, options={"timeout": self._timeout_s})
         except (openai.APIResponseValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UnreadableResponse(f"unreadable answer body: {exc}") from None
 
