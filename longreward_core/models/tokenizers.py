@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, not at start-up
+    from transformers import PreTrainedTokenizerBase
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,7 +17,6 @@ import asyncio
 import json
 
 import httpx
-import litellm
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.json_schema import SkipJsonSchema
 
@@ -33,6 +32,7 @@ from longreward_core.models.client import (
     LLMClient,
     PolicyClientConfig,
     RequestRejected,
+    litellm_module,
 )
 from longreward_core.models.smollm2 import SMOLLM2_CONTEXT_TOKENS
 from longreward_core.models.tokenizers import load_tokenizer
@@ -98,7 +98,7 @@ async def policy_context(config: PolicyConfig) -> int:
         if served:
             return served
     try:
-        known = litellm.get_model_info(config.model).get("max_input_tokens")
+        known = litellm_module().get_model_info(config.model).get("max_input_tokens")
     except Exception:  # litellm raises for models it does not know
         known = None
     if known:

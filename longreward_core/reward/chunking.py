@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, not at start-up
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
