@@ -154,3 +154,25 @@ print("torch imported:", "torch" in sys.modules, "sentence_transformers imported
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torch imported: False sentence_transformers imported: False" in done.stdout
+
+
+def test_a_freshly_indexed_document_ranks_as_its_read_back_vectors_would(tmp_path, exported):
+    from longreward_core.models.tokenizers import load_tokenizer
+    from longreward_core.reward.chunking import chunk_document
+    from longreward_core.reward.retrieval import ChunkIndex
+
+    text = " ".join(TEXTS[:2] + TEXTS[4:]) * 3  # repeated passages: equal chunks tie on similarity
+    chunks = chunk_document(text, load_tokenizer(None), 32)
+    fresh = ChunkIndex(OnnxEmbedder(), path=tmp_path / "q")
+    try:
+        assert fresh.index_document("doc", "c", chunks) == len(chunks)
+        kept = fresh._vectors[("doc", "c")]
+        fresh._vectors.clear()
+        read_back = fresh._document_vectors("doc", "c")
+        np.testing.assert_array_equal(kept[0], read_back[0])
+        np.testing.assert_array_equal(kept[1], read_back[1])  # bit for bit, in the same order
+        from_read_back = fresh.query("doc", "c", TEXTS, 5)
+        fresh._vectors[("doc", "c")] = kept
+        assert fresh.query("doc", "c", TEXTS, 5) == from_read_back
+    finally:
+        fresh.close()
