@@ -47,7 +47,7 @@ class ChunkIndex:
         self._document_locks: dict[tuple[str, str], threading.Lock] = {}
         self.chunks_embedded = 0  # document chunks embedded by this index (not queries)
         self._vectors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self.max_cached_documents = 256
+        self.max_cached_documents = 64  # well above the prompts scored at the same time
 
     def _ensure_collection(self, dimension: int) -> None:
         if self._dimension is not None:
