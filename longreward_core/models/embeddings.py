@@ -79,7 +79,9 @@ class OnnxEmbedder:
     length, so a batch pads little.
     """
 
-    batch_size = 32
+    # Small batches cost less CPU per text here (17 ms per 100-token chunk at 4-8 texts a batch,
+    # 20-23 ms at 32-128 on these cores: a batch's activations stay in cache), and pad less.
+    batch_size = 8
 
     def __init__(self, model_path: str | Path | None = None, name: str = EMBEDDED_EMBEDDING):
         self.name = name
