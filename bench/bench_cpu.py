@@ -8,8 +8,8 @@ sentences; each candidate 4-12 statements, each a document sentence or an altere
 Per backend of the embedded MiniLM (`LONGREWARD_EMBEDDING_BACKEND`: "torch" is sentence-transformers,
 the former default; "onnx" is ONNX Runtime, the default now) and input size:
 - CPU seconds (user + sys) of the score process per candidate, from `os.wait4` on that process
-  (the judge double's CPU is not counted);
-- its peak RSS (ru_maxrss);
+  in a small launcher process (the judge double's CPU is not counted);
+- its peak RSS (ru_maxrss; the launcher keeps this process's RSS out of it);
 - the wall time, and at `--latency` (500 ms) with concurrency 16 and 64 the wall time against the
   floor max(critical path, calls x latency / concurrency).
 Retrieval agreement: for every distinct statement of the bench (the double's statement extraction:
@@ -82,6 +82,20 @@ class Judge:
         self.process.wait()
 
 
+# Starts the command from a small process and reports its rusage. A child's ru_maxrss starts from
+# its parent's RSS at fork (Linux keeps the larger across exec), so forking from this process,
+# which loads both embedding models for the agreement check, would report this process's memory.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(process.pid, 0)
+wall = time.perf_counter() - started
+print(json.dumps({"user": usage.ru_utime, "sys": usage.ru_stime, "maxrss_kb": usage.ru_maxrss, "wall": wall}))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def score(backend: str, prompts: Path, candidates: Path, out: Path, api_base: str, concurrency: int) -> dict:
     """One `longreward score` process: its CPU seconds, peak RSS and wall time (from wait4)."""
     script = Path(sys.executable).with_name("longreward")
@@ -89,24 +103,22 @@ def score(backend: str, prompts: Path, candidates: Path, out: Path, api_base: st
     env = dict(os.environ, PYTHONPATH=str(ROOT), LITELLM_LOCAL_MODEL_COST_MAP="True", HF_HUB_OFFLINE="1",
                LONGREWARD_JUDGE_API_KEY="bench", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env[EMBEDDING_BACKEND_ENV] = backend
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command + ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
-                   "--judge-model", "openai/judge-double", "--judge-api-base", api_base, "--concurrency", str(concurrency)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER] + command
+        + ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
+           "--judge-model", "openai/judge-double", "--judge-api-base", api_base, "--concurrency", str(concurrency)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
     )
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"longreward score ({backend}) exited {process.returncode}: {process.stderr.read()[-2000:]!r}")
+    if done.returncode != 0:
+        raise RuntimeError(f"longreward score ({backend}) exited {done.returncode}: {done.stderr[-2000:]!r}")
+    usage = json.loads(done.stdout.strip().splitlines()[-1])
     summary = json.loads((out / "accounting.json").read_text())
     return {
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
-        "user_seconds": round(usage.ru_utime, 2),
-        "sys_seconds": round(usage.ru_stime, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),
-        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(usage["user"] + usage["sys"], 2),
+        "user_seconds": round(usage["user"], 2),
+        "sys_seconds": round(usage["sys"], 2),
+        "peak_rss_mb": round(usage["maxrss_kb"] / 1024),
+        "wall_seconds": round(usage["wall"], 2),
         "judge_calls": summary["judge"]["total"]["calls"],
         "candidates": summary["candidates"],
         "scored": summary["scored"],
