@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from longreward_core.models.embeddings import SentenceTransformerEmbedder  # noqa: E402
+from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder  # noqa: E402
 from longreward_core.models.tokenizers import load_tokenizer  # noqa: E402
 from longreward_core.pipeline.score import score_files  # noqa: E402
 from longreward_core.reward.chunking import chunk_document
@@ -87,7 +87,7 @@ def main() -> None:
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(None)
-    SentenceTransformerEmbedder()  # loads the shared model once
+    make_embedder(EMBEDDED_EMBEDDING)  # loads the shared model once (the backend scoring uses)
     startup_s = time.perf_counter() - started
 
     work = Path(tempfile.mkdtemp(prefix="longreward-bench-"))

@@ -118,3 +118,21 @@ def test_every_judge_template_puts_shared_text_first_and_per_candidate_text_last
             assert kinds == sorted(kinds), (name, language, slots)
             # The shared opening is most of the template: what a provider's cache can reuse.
             assert template.index("{{") > 0.6 * len(template), name
+
+
+class SmallVocabularyTokenizer(CharTokenizer):
+    """A vocabulary that fits 2 bytes a token, then a token past it (the keys widen to 4 bytes)."""
+
+    def __len__(self) -> int:
+        return 1000
+
+
+def test_two_bytes_a_token_when_the_vocabulary_fits_with_the_same_counts() -> None:
+    narrow, wide = PrefixShare(SmallVocabularyTokenizer()), PrefixShare(CharTokenizer())
+    assert narrow._dtype == ">u2" and wide._dtype == ">u4"
+    rng = random.Random(1)
+    for i in range(200):
+        text = "".join(rng.choice("xyz\u0101" if i < 120 else "xyz\U0001f600") for _ in range(rng.randint(0, 12)))
+        messages = [{"role": "user", "content": text}]
+        assert narrow.observe("m", messages) == wide.observe("m", messages)
+    assert narrow._dtype == ">u4"  # widened at the first token past 65,535

@@ -11,13 +11,18 @@ if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, not a
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
-    """A fast tokenizer by name or path; None means the embedded model's (from its GGUF file)."""
-    from transformers import AutoTokenizer
+    """A fast tokenizer by name or path; None means the embedded model's (from its GGUF file).
 
+    The embedded model's is loaded as the plain fast tokenizer it is (the class AutoTokenizer
+    picks for it), which keeps torch out of the process: AutoTokenizer imports it."""
     if name is None:
+        from transformers import PreTrainedTokenizerFast
+
         from longreward_core.models.smollm2 import embedded_tokenizer_dir
 
-        name = str(embedded_tokenizer_dir())
+        return PreTrainedTokenizerFast.from_pretrained(str(embedded_tokenizer_dir()))
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(name)
 
 

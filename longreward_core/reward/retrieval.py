@@ -4,7 +4,9 @@ Each document's retrieval chunks are embedded and stored once: point ids are der
 document's content hash and the chunk's span, so indexing the same document again (another
 candidate, another prompt with the same context, a re-run) embeds nothing. A document's chunk
 vectors are read back from Qdrant once (filtered to that document and chunking) and each
-statement is ranked against them exactly; hits are returned in document order.
+statement is ranked against them exactly; hits are returned in document order. In local mode a
+document embedded by this index keeps its fresh vectors instead, as local mode would return them
+(normalised in float32, in point-id order), so ranking is the same without the read-back.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from qdrant_client import QdrantClient, models
 from longreward_core.models.embeddings import Embedder
 from longreward_core.reward.chunking import ChunkSpan
 
+_LOCAL_MODE_EPSILON = 1.1920929e-7  # qdrant_client.local: a vector with a smaller norm is stored as it is
 _POINT_NAMESPACE = uuid.UUID("6f1c2b8e-8d0a-4c57-9a43-2f7f3b1d9e10")
 
 
@@ -44,7 +47,7 @@ class ChunkIndex:
         self._document_locks: dict[tuple[str, str], threading.Lock] = {}
         self.chunks_embedded = 0  # document chunks embedded by this index (not queries)
         self._vectors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self.max_cached_documents = 256
+        self.max_cached_documents = 64  # well above the prompts scored at the same time
 
     def _ensure_collection(self, dimension: int) -> None:
         if self._dimension is not None:
@@ -87,6 +90,8 @@ class ChunkIndex:
             vectors = self.embedder.embed([chunks[i].text for i in missing])
             with self._lock:
                 self._ensure_collection(vectors.shape[1])
+                if not self.server and len(missing) == len(chunks):
+                    self._keep_vectors((doc_id, chunking), ids, [c.index for c in chunks], vectors)
                 self.client.upsert(
                     self.collection,
                     points=[
@@ -102,6 +107,16 @@ class ChunkIndex:
             self._indexed.add((doc_id, chunking))
             self.chunks_embedded += len(missing)
         return len(missing)
+
+    def _keep_vectors(self, key: tuple[str, str], ids: list[str], indices: list[int], vectors: np.ndarray) -> None:
+        """A freshly embedded document's vectors as a local-mode read-back would give them:
+        each normalised in float32 as local mode stores it, in the order its scroll returns."""
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        stored = [np.asarray(vectors[i], dtype=np.float32) for i in order]
+        stored = [v / n if (n := np.linalg.norm(v)) > _LOCAL_MODE_EPSILON else v for v in stored]
+        self._vectors[key] = (np.asarray([indices[i] for i in order]), np.asarray(stored, dtype=np.float32))
+        while len(self._vectors) > self.max_cached_documents:
+            self._vectors.pop(next(iter(self._vectors)))
 
     def _document_vectors(self, doc_id: str, chunking: str) -> tuple[np.ndarray, np.ndarray]:
         """The document's chunk indices and vectors, read from Qdrant once with a document filter."""

@@ -10,7 +10,7 @@ reason and the candidate gets no reward; the run goes on.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -176,12 +176,21 @@ class Scorer:
         window = asyncio.Semaphore(self.config.prompts_in_flight)
         budget = self.judge.client.budget
 
+        in_flight: Counter[str] = Counter()  # prompts being scored per document
+
         async def one_prompt(prompt: Prompt) -> list[CandidateScore]:
             async with window:
                 if budget is not None and budget.reached:
                     self.not_scored.append(prompt.id)
                     return []
-                return await self._score_prompt(prompt, by_prompt[prompt.id], on_scored)
+                doc_id = content_hash(prompt.context)
+                in_flight[doc_id] += 1
+                try:
+                    return await self._score_prompt(prompt, by_prompt[prompt.id], on_scored)
+                finally:  # the prepared document is let go once no prompt in flight uses it
+                    in_flight[doc_id] -= 1
+                    if not in_flight[doc_id]:
+                        self._documents.pop(doc_id, None)
 
         per_prompt = await asyncio.gather(*(one_prompt(p) for p in prompts if by_prompt.get(p.id)))
         scored = {s.candidate_id: s for group in per_prompt for s in group}
