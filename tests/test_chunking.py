@@ -192,3 +192,28 @@ def test_chunks_respect_size_when_characters_fit(tokenizer, size: int) -> None:
     assert max_tokens_per_char(tokenizer, CHINESE) <= size  # a compliant chunking exists
     chunks = chunk_document(CHINESE, tokenizer, size)
     assert max(c.n_tokens for c in chunks) <= size
+
+
+RACE = """
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from longreward_core.models.tokenizers import load_tokenizer
+barrier = threading.Barrier(8)
+def load(_):
+    barrier.wait()
+    return load_tokenizer(None)
+with ThreadPoolExecutor(8) as pool:
+    print(len({id(t) for t in pool.map(load, range(8))}))
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_shards_starting_together_load_the_tokenizer_once_without_an_import_race(attempt):
+    """A fresh process (transformers not imported yet) whose threads all ask for the tokenizer at
+    once, as a build's shard tasks do: every thread gets the one tokenizer, none an ImportError."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1"

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, not at start-up
     from transformers import PreTrainedTokenizerBase
 
 
-@functools.lru_cache(maxsize=8)
+_load_lock = threading.Lock()
+
+
 def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     """A fast tokenizer by name or path; None means the embedded model's (from its GGUF file).
 
     The embedded model's is loaded as the plain fast tokenizer it is (the class AutoTokenizer
-    picks for it), which keeps torch out of the process: AutoTokenizer imports it."""
+    picks for it), which keeps torch out of the process: AutoTokenizer imports it.
+
+    Loaded once per name, one load at a time: transformers is imported here on first use, and
+    its lazy module is not safe to import from two threads at once (shards' tasks start
+    together), which fails one of them with an ImportError."""
+    with _load_lock:
+        return _load_tokenizer(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(name: str | None) -> PreTrainedTokenizerBase:
     if name is None:
         from transformers import PreTrainedTokenizerFast
 
