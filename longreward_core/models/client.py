@@ -44,7 +44,6 @@ from longreward_core.models.direct import DirectRoute, direct_model
 from longreward_core.models.prefix_share import PrefixShare
 
 
-
 def litellm_module() -> Any:
     """litellm, imported on first use (about 2 s: a run whose models all take the direct route
     never pays it) and set up quietly (no debug banner, no telemetry)."""

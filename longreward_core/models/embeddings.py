@@ -219,10 +219,10 @@ class LiteLLMEmbedder:
         self._api_base = api_base
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        import litellm
+        from longreward_core.models.client import litellm_module
 
         started = time.perf_counter()
-        response = litellm.embedding(model=self.name, input=texts, api_base=self._api_base)
+        response = litellm_module().embedding(model=self.name, input=texts, api_base=self._api_base)
         self.busy_seconds += time.perf_counter() - started
         self.computed += len(texts)
         vectors = np.asarray([item["embedding"] for item in response.data], dtype=np.float32)

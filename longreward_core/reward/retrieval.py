@@ -114,7 +114,12 @@ class ChunkIndex:
         order = sorted(range(len(ids)), key=lambda i: ids[i])
         stored = [np.asarray(vectors[i], dtype=np.float32) for i in order]
         stored = [v / n if (n := np.linalg.norm(v)) > _LOCAL_MODE_EPSILON else v for v in stored]
-        self._vectors[key] = (np.asarray([indices[i] for i in order]), np.asarray(stored, dtype=np.float32))
+        self._remember_vectors(key, np.asarray([indices[i] for i in order]), np.asarray(stored, dtype=np.float32))
+
+    def _remember_vectors(self, key: tuple[str, str], indices: np.ndarray, vectors: np.ndarray) -> None:
+        """Keep a document's chunk indices and vectors, dropping the oldest past max_cached_documents
+        (the caller holds the lock)."""
+        self._vectors[key] = (indices, vectors)
         while len(self._vectors) > self.max_cached_documents:
             self._vectors.pop(next(iter(self._vectors)))
 
@@ -139,9 +144,7 @@ class ChunkIndex:
                     vectors += [p.vector for p in points]
                     if offset is None:
                         break
-                self._vectors[key] = (np.asarray(indices), np.asarray(vectors, dtype=np.float32))
-                while len(self._vectors) > self.max_cached_documents:
-                    self._vectors.pop(next(iter(self._vectors)))
+                self._remember_vectors(key, np.asarray(indices), np.asarray(vectors, dtype=np.float32))
             return self._vectors[key]
 
     def query(self, doc_id: str, chunking: str, texts: list[str], top_k: int) -> list[list[int]]:
