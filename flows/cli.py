@@ -335,7 +335,7 @@ def demo(
         output_dir=str(out),
         shard_size=1,
         shards_in_flight=2,
-        policy=PolicyConfig(candidates_per_prompt=5, max_new_tokens=64, concurrency=1),
+        policy=PolicyConfig(candidates_per_prompt=5, max_new_tokens=64, concurrency=1, sample_in_one_request=True),
         judge=JudgeConfig(concurrency=1),
     ))
     if train:

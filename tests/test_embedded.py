@@ -54,3 +54,66 @@ def test_decoding_stops_only_at_a_verdict_the_parser_reads():
         assert _has_verdict(text, verdict.constraint()) is stops, text
         if stops:
             verdict.parse(text)
+
+
+def test_the_growing_cache_gives_the_same_logits_as_transformers_dynamic_cache():
+    """Decoding into spare room (with the copy and crop the prefix cache does) changes no number."""
+    import copy
+
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from longreward_core.models.embedded import _ROOM_TOKENS, _growing_cache_class
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config).eval()
+    prompt = torch.randint(0, 97, (1, 40))
+
+    def decode(cache: object) -> torch.Tensor:
+        logits = []
+        with torch.no_grad():
+            out = model(input_ids=prompt, cache=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+            for i in range(_ROOM_TOKENS + 60):  # past the first room, so it grows once
+                if i == 30:
+                    cache = copy.deepcopy(cache)
+                    cache.crop(-7)
+                step = model(input_ids=torch.tensor([[i % 97]]), cache=cache, use_cache=True)
+                logits.append(step.logits[0, -1])
+        return torch.stack(logits)
+
+    assert torch.equal(decode(DynamicCache()), decode(_growing_cache_class()()))
+
+
+def test_the_embedded_dtype_is_chosen_by_the_environment_or_the_cpu(monkeypatch):
+    import pytest
+
+    from longreward_core.models.embedded import DTYPE_ENV, embedded_dtype
+
+    monkeypatch.setenv(DTYPE_ENV, "float32")
+    assert embedded_dtype() == "float32"
+    monkeypatch.setenv(DTYPE_ENV, "BFloat16")
+    assert embedded_dtype() == "bfloat16"
+    monkeypatch.setenv(DTYPE_ENV, "float16")
+    with pytest.raises(ValueError, match=f"{DTYPE_ENV}='float16': expected float32 or bfloat16"):
+        embedded_dtype()
+    monkeypatch.delenv(DTYPE_ENV)
+    assert embedded_dtype() in ("float32", "bfloat16")
+
+
+def test_the_embedded_model_answers_n_choices_in_one_request():
+    """The policy's `n` (sample_in_one_request): n samples decoded side by side, each its own text."""
+    import asyncio
+
+    from longreward_core.models.accounting import RunAccounting
+    from longreward_core.models.client import LLMClient, PolicyClientConfig
+
+    client = LLMClient(PolicyClientConfig(model="embedded/smollm2", max_tokens=16, concurrency=1), None, RunAccounting())
+    messages = [{"role": "user", "content": "Name a river."}]
+    answer = asyncio.run(client.complete("sampling", messages, 1.0, 0, top_p=0.95, n=3))
+    texts = json.loads(answer)
+    assert len(texts) == 3 and all(isinstance(t, str) and t.strip() for t in texts)
+    usage = client.accounting.per_purpose["sampling"]
+    assert usage.calls == 1 and 3 <= usage.completion_tokens <= 48

