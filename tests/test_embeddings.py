@@ -176,3 +176,32 @@ def test_a_freshly_indexed_document_ranks_as_its_read_back_vectors_would(tmp_pat
         assert fresh.query("doc", "c", TEXTS, 5) == from_read_back
     finally:
         fresh.close()
+
+
+def test_the_onnx_export_holds_the_process_load_lock(tmp_path, monkeypatch):
+    """The export builds a torch model: a model loaded in another thread meanwhile (the embedded
+    SmolLM2 in bfloat16) would change torch's default dtype under it, and it under that model."""
+    import threading
+
+    from longreward_core.models import embeddings
+    from longreward_core.models.loading import LOAD_LOCK
+
+    monkeypatch.setenv("LONGREWARD_CACHE", str(tmp_path))
+    held: list[bool] = []
+
+    def try_to_load() -> None:
+        free = LOAD_LOCK.acquire(blocking=False)
+        if free:
+            LOAD_LOCK.release()
+        held.append(not free)
+
+    def export(source, out):
+        other = threading.Thread(target=try_to_load)
+        other.start()
+        other.join()
+        out.write_bytes(b"graph")
+
+    monkeypatch.setattr(embeddings, "export_onnx", export)
+    path = embeddings.onnx_model_path()
+    assert path.read_bytes() == b"graph" and path.parent.parent == tmp_path
+    assert held == [True]

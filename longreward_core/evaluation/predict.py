@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from longreward_core.models.client import (
     PolicyClientConfig,
 )
 from longreward_core.models.event_loop import run_async
+from longreward_core.models.loading import LOAD_LOCK
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -254,7 +254,6 @@ class TransformersGenerator:
 
 
 _loaded: dict[str, Any] = {}
-_load_lock = threading.Lock()
 
 
 def load_generator(spec: ModelSpec, cache_path: str | Path) -> Generator:
@@ -263,7 +262,7 @@ def load_generator(spec: ModelSpec, cache_path: str | Path) -> Generator:
     if spec.backend == "litellm":
         return LitellmGenerator(spec, cache_path)
     key = json.dumps([spec.model, spec.device])
-    with _load_lock:
+    with LOAD_LOCK:
         if key not in _loaded:
             _loaded.clear()
             _release_gpu_memory()

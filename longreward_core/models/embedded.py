@@ -32,6 +32,7 @@ from typing import Any
 import litellm
 from litellm import CustomLLM
 
+from longreward_core.models.loading import LOAD_LOCK
 from longreward_core.models.smollm2 import embedded_checkpoint
 from longreward_core.models.tokenizers import common_prefix
 
@@ -57,12 +58,9 @@ def embedded_stats() -> dict[str, Any]:
     return asdict(_stats)
 
 
-_load_lock = threading.Lock()
-
-
 def _load() -> tuple[Any, Any]:
     """The tokenizer and model, loaded once per process even when shards start together."""
-    with _load_lock:
+    with LOAD_LOCK:
         return _load_once()
 
 
@@ -93,7 +91,11 @@ def _load_once() -> tuple[Any, Any]:
     transformers.utils.logging.disable_progress_bar()
     checkpoint = str(embedded_checkpoint())
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, embedded_dtype()))
+    dtype = getattr(torch, embedded_dtype())
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    mixed = sorted({str(p.dtype) for p in model.parameters()} - {str(dtype)})
+    if mixed:  # a load outside LOAD_LOCK changed torch's default dtype while this one ran
+        raise RuntimeError(f"the embedded model loaded with {', '.join(mixed)} weights besides {dtype}")
     model.eval()
     return tokenizer, model
 

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
+from longreward_core.models.loading import LOAD_LOCK
+
 EMBEDDED_EMBEDDING = "embedded/all-MiniLM-L6-v2"
 EMBEDDING_BACKEND_ENV = "LONGREWARD_EMBEDDING_BACKEND"  # "onnx" (default) or "torch" for the embedded model
 MAX_SEQ_LENGTH = 256  # tokens per text, as the packaged model's sentence_bert_config.json
@@ -52,12 +54,9 @@ class SentenceTransformerEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
 
-_load_lock = threading.Lock()
-
-
 def _sentence_transformer(path: str):
     """Loaded once per process, shared by every embedder (also when shards start together)."""
-    with _load_lock:
+    with LOAD_LOCK:
         return _load_sentence_transformer(path)
 
 
@@ -140,7 +139,8 @@ def onnx_model_path(model_path: str | Path | None = None, *, refresh: bool = Fal
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        export_onnx(source, Path(tmp))
+        with LOAD_LOCK:  # builds the torch model: no other load may change the default dtype meanwhile
+            export_onnx(source, Path(tmp))
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -186,7 +186,7 @@ def export_onnx(model_path: Path, out: Path) -> None:
 @functools.cache
 def _onnx_runtime(model_path: str):
     """The session, tokenizer and input names, loaded once per process."""
-    with _load_lock:
+    with LOAD_LOCK:
         import onnxruntime
         from tokenizers import Tokenizer
 

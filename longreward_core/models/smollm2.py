@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from longreward_core.data.io import cache_dir
+from longreward_core.models.loading import LOAD_LOCK
 
 SMOLLM2_CONTEXT_TOKENS = 8192  # the model's window (max_position_embeddings)
 
@@ -38,7 +39,8 @@ def _derived(name: str, write: Callable[[Path], None]) -> Path:
     if target.is_dir():
         return target
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    write(staging)
+    with LOAD_LOCK:  # it loads models: see loading.LOAD_LOCK
+        write(staging)
     try:
         staging.rename(target)
     except OSError:

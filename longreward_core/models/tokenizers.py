@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import threading
 from typing import TYPE_CHECKING
+
+from longreward_core.models.loading import LOAD_LOCK
 
 if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, not at start-up
     from transformers import PreTrainedTokenizerBase
 
-
-_load_lock = threading.Lock()
 
 
 def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
@@ -19,10 +18,8 @@ def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     The embedded model's is loaded as the plain fast tokenizer it is (the class AutoTokenizer
     picks for it), which keeps torch out of the process: AutoTokenizer imports it.
 
-    Loaded once per name, one load at a time: transformers is imported here on first use, and
-    its lazy module is not safe to import from two threads at once (shards' tasks start
-    together), which fails one of them with an ImportError."""
-    with _load_lock:
+    Loaded once per name, under the process's load lock (`loading.LOAD_LOCK`)."""
+    with LOAD_LOCK:
         return _load_tokenizer(name)
 
 
