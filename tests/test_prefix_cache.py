@@ -136,3 +136,18 @@ def test_two_bytes_a_token_when_the_vocabulary_fits_with_the_same_counts() -> No
         messages = [{"role": "user", "content": text}]
         assert narrow.observe("m", messages) == wide.observe("m", messages)
     assert narrow._dtype == ">u4"  # widened at the first token past 65,535
+
+
+def test_only_the_most_recent_window_of_prompts_is_kept() -> None:
+    """Memory stays bounded: a prompt shares nothing with one that left the window."""
+    share = PrefixShare(SmallVocabularyTokenizer(), window_bytes=3 * 2 * 25)  # three 25-token prompts
+    first = [{"role": "user", "content": "a" * 20}]  # "user\n" + 20 characters: 25 tokens
+    assert share.observe("m", first) == (25, 0)
+    for filler in "bc":
+        share.observe("m", [{"role": "system", "content": filler * 18}])
+    assert share.observe("m", first) == (25, 25)  # the first is still among the last three
+    for filler in "def":
+        share.observe("m", [{"role": "system", "content": filler * 18}])
+    assert share.observe("m", first) == (25, 0)  # both copies have left the window
+    assert share._bytes <= share.window_bytes and len(share._order) == 3
+    assert sum(map(len, share._seen.values())) == 3

@@ -8,13 +8,16 @@ own block sizes and evict), independent of whether the provider reports anything
 
 Earlier prompts are kept per model as big-endian token bytes in sorted order, so the longest
 shared prefix with any of them is the longer of the shared prefixes with the two sorted neighbours.
-Tokens take 2 bytes each when the tokenizer's vocabulary fits (the embedded model's does), else 4:
-a run keeps every prompt it sent, so this halves the memory that grows with the run.
+Tokens take 2 bytes each when the tokenizer's vocabulary fits (the embedded model's does), else 4.
+"Earlier" is the most recent `window_bytes` of prompts (64 MB: about 32M tokens, 200 prompts x 10
+candidates of the scoring bench, minutes of judge traffic, while providers keep a prefix for
+minutes): the oldest go first, so memory stays bounded however long the run.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import threading
 from typing import Any
 
@@ -46,9 +49,12 @@ def _shared(a: bytes, b: bytes, dtype: str = ">u4") -> int:
 class PrefixShare:
     """Counts, request by request, prompt tokens and the tokens shared with an earlier request."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, window_bytes: int = 64 << 20):
         self._tokenizer = tokenizer
         self._seen: dict[str, list[bytes]] = {}
+        self._order: collections.deque[tuple[str, bytes]] = collections.deque()  # oldest first
+        self._bytes = 0
+        self.window_bytes = window_bytes
         self._lock = threading.Lock()
         vocabulary = len(tokenizer) if hasattr(tokenizer, "__len__") else None
         self._dtype = ">u2" if vocabulary is not None and vocabulary <= 1 << 16 else ">u4"
@@ -64,11 +70,24 @@ class PrefixShare:
             at = bisect.bisect_left(seen, key)
             shared = max((_shared(key, seen[i], self._dtype) for i in (at - 1, at) if 0 <= i < len(seen)), default=0)
             seen.insert(at, key)
+            self._order.append((model, key))
+            self._bytes += len(key)
+            while self._bytes > self.window_bytes and len(self._order) > 1:
+                self._forget_oldest()
         return len(ids), shared
+
+    def _forget_oldest(self) -> None:
+        model, key = self._order.popleft()
+        seen = self._seen[model]
+        del seen[bisect.bisect_left(seen, key)]  # an equal key, if several: the same bytes
+        self._bytes -= len(key)
 
     def _widen(self) -> None:
         """Keep 4 bytes a token from now on (the sorted order stays: both are big-endian)."""
-        self._seen = {
-            model: [np.frombuffer(k, dtype=">u2").astype(">u4").tobytes() for k in keys] for model, keys in self._seen.items()
-        }
+        def wide(key: bytes) -> bytes:
+            return np.frombuffer(key, dtype=">u2").astype(">u4").tobytes()
+
+        self._seen = {model: [wide(k) for k in keys] for model, keys in self._seen.items()}
+        self._order = collections.deque((model, wide(k)) for model, k in self._order)
+        self._bytes *= 2
         self._dtype = ">u4"
