@@ -117,3 +117,47 @@ def test_the_embedded_model_answers_n_choices_in_one_request():
     assert len(texts) == 3 and all(isinstance(t, str) and t.strip() for t in texts)
     usage = client.accounting.per_purpose["sampling"]
     assert usage.calls == 1 and 3 <= usage.completion_tokens <= 48
+
+
+def test_drafted_decoding_picks_the_same_tokens_as_one_token_at_a_time(monkeypatch):
+    """Prompt-lookup drafts change how many forwards run, not the tokens chosen (greedy here)."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from longreward_core.models import embedded
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config).eval()
+
+    class Tokenizer:
+        eos_token_id = -1  # never chosen
+
+        def decode(self, tokens, skip_special_tokens=True):
+            return " ".join(map(str, tokens))
+
+    forwards = []
+    original_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.append(k["input_ids"].shape[1]) or original_forward(*a, **k))
+    monkeypatch.setattr(embedded, "_prefixes", embedded._PrefixCache())
+    phrase = [7, 3, 9, 21, 4, 16, 30, 2, 11, 5]
+    prompt = phrase * 6 + [7, 3, 9]  # the model is likely to continue the phrase: drafts get taken
+
+    def one_at_a_time(max_new):
+        cache, ids, chosen = DynamicCache(), torch.tensor([prompt]), []
+        with torch.no_grad():
+            for _ in range(max_new):
+                logits = original_forward(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+                chosen.append(int(torch.argmax(logits)))
+                ids = torch.tensor([[chosen[-1]]])
+        return chosen
+
+    drafted = embedded._decode(model, Tokenizer(), prompt, 40, 0.0)
+    assert drafted == one_at_a_time(40)
+    assert len(forwards) < 1 + 40 and max(forwards[1:]) > 1  # fewer forwards than tokens: drafts were taken
+    # The remembered cache holds exactly the prompt and the answer (drafts not taken were cropped).
+    assert embedded._prefixes.entries[0][1].get_seq_length() == len(prompt) + 40
+    stopped = embedded._decode(model, Tokenizer(), prompt, 40, 0.0, stop=lambda text: len(text.split()) >= 5)
+    assert stopped == drafted[:5]
+    assert embedded._prefixes.entries[0][1].get_seq_length() == len(prompt) + 5

@@ -41,6 +41,8 @@ ANALYSIS_TOKENS = 16  # free text before the verdict; small, since the model is 
 LIST_TOKENS = 64  # budget for a list answer after its prefix
 MAX_PROMPT_TOKENS = 7_000  # SmolLM2 has an 8k window; longer prompts keep head and tail
 DTYPE_ENV = "LONGREWARD_EMBEDDED_DTYPE"
+DRAFT_NGRAM = 3  # tokens looked up to draft what follows
+DRAFT_TOKENS = 8  # drafted tokens checked by one forward
 
 
 @dataclass
@@ -215,6 +217,29 @@ def _next_token(logits: Any, temperature: float, allowed: list[int] | None = Non
     return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1)])
 
 
+class _Drafts:
+    """Prompt-lookup drafts: the tokens that followed the latest earlier occurrence of the last
+    DRAFT_NGRAM tokens, in the prompt or the answer so far. A judge's answer quotes its input
+    (statements, sentences of the response), so a drafted run of tokens is often what the model
+    picks; one forward then checks them all, for about the cost of one token on the CPU."""
+
+    def __init__(self, ids: list[int]):
+        self.context = list(ids)
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
+        self.indexed = DRAFT_NGRAM
+
+    def append(self, token: int) -> None:
+        self.context.append(token)
+
+    def draft(self, limit: int) -> list[int]:
+        end = len(self.context)
+        for after in range(self.indexed, end):  # n-grams ending before the last position
+            self.after[tuple(self.context[after - DRAFT_NGRAM:after])] = after
+        self.indexed = max(self.indexed, end)
+        start = self.after.get(tuple(self.context[-DRAFT_NGRAM:]))
+        return self.context[start:start + min(limit, DRAFT_TOKENS)] if start is not None and limit > 0 else []
+
+
 def _decode(
     model: Any,
     tokenizer: Any,
@@ -223,17 +248,38 @@ def _decode(
     temperature: float,
     stop: Any = None,
 ) -> list[int]:
-    """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache."""
+    """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache.
+
+    Each forward also runs a draft of the next tokens (`_Drafts`); while the chosen tokens match
+    it, their logits are already computed. Tokens are still chosen one by one from the model's
+    logits, so drafts change the cost, not what is sampled."""
+    import torch
+
     logits, cache = _prefixes.forward(model, ids)
+    drafts = _Drafts(ids)
     new: list[int] = []
-    for _ in range(max_new):
+    queued: list[tuple[int, Any]] = []  # drafted tokens already in the cache, with the logits after each
+    while len(new) < max_new:
         token = _next_token(logits, temperature)
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
-        logits = _step(model, token, cache)
+        drafts.append(token)
+        if queued and queued[0][0] == token:
+            logits = queued.pop(0)[1]
+        else:
+            if queued:  # drafted tokens not taken leave the cache
+                cache.crop(-len(queued))
+            draft = drafts.draft(max_new - len(new))
+            with torch.no_grad():
+                rows = model(
+                    input_ids=torch.tensor([[token, *draft]]), cache=cache, use_cache=True, logits_to_keep=len(draft) + 1
+                ).logits[0].float()
+            logits, queued = rows[0], list(zip(draft, rows[1:]))
         if stop is not None and stop(tokenizer.decode(new, skip_special_tokens=True)):
             break
+    if queued:
+        cache.crop(-len(queued))
     _prefixes.remember(ids + new, cache)
     return new
 
