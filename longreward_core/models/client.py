@@ -32,8 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.json_schema import SkipJsonSchema
 from tenacity import (
     AsyncRetrying,
+    Retrying,
     retry_if_exception,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -194,7 +196,12 @@ class CallCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Switching to WAL takes the file's write lock and does not wait for it: shards opening the
+        # same new cache from several processes at once get "database is locked"; wait and retry.
+        Retrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0), stop=stop_after_delay(60), reraise=True,
+        )(self._db.execute, "PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, text TEXT NOT NULL,"
