@@ -122,7 +122,7 @@ def _growing_cache_class() -> Any:
             n = self.get_seq_length()
             end = n + key_states.shape[-2]
             keys, values = self.room
-            if keys.shape[:-2] != key_states.shape[:-2] or keys.shape[-2] < end:  # grow (every _ROOM_TOKENS tokens) or new batch
+            if keys.shape[:-2] != key_states.shape[:-2] or keys.shape[-2] < end:  # a new batch, or full
                 shape = (*key_states.shape[:-2], end + _ROOM_TOKENS, key_states.shape[-1])
                 keys, values = key_states.new_empty(shape), value_states.new_empty(shape)
                 if n:
@@ -252,7 +252,8 @@ def _decode(
 
     Each forward also runs a draft of the next tokens (`_Drafts`); while the chosen tokens match
     it, their logits are already computed. Tokens are still chosen one by one from the model's
-    logits, so drafts change the cost, not what is sampled."""
+    logits; a drafted position's logits come from a forward of several tokens, the same up to
+    floating-point rounding (the test finds the same tokens as one-token-at-a-time decoding)."""
     import torch
 
     logits, cache = _prefixes.forward(model, ids)
