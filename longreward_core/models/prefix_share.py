@@ -84,6 +84,7 @@ class PrefixShare:
 
     def _widen(self) -> None:
         """Keep 4 bytes a token from now on (the sorted order stays: both are big-endian)."""
+
         def wide(key: bytes) -> bytes:
             return np.frombuffer(key, dtype=">u2").astype(">u4").tobytes()
 

@@ -11,7 +11,6 @@ if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded, not a
     from transformers import PreTrainedTokenizerBase
 
 
-
 def load_tokenizer(name: str | None = None) -> PreTrainedTokenizerBase:
     """A fast tokenizer by name or path; None means the embedded model's (from its GGUF file).
 
