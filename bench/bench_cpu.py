@@ -129,22 +129,24 @@ def score(backend: str, prompts: Path, candidates: Path, out: Path, api_base: st
 
 
 def chunk_vectors(qdrant_folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every document's chunk indices and vectors as a run stored them."""
+    """Every document's chunk indices and vectors as a run stored them (one local store per
+    document, `documents/<id[:2]>/<id>`)."""
     from qdrant_client import QdrantClient
 
-    client = QdrantClient(path=str(qdrant_folder))
-    try:
-        (collection,) = [c.name for c in client.get_collections().collections]
-        by_doc: dict[str, list[tuple[int, list[float]]]] = {}
-        offset = None
-        while True:
-            points, offset = client.scroll(collection, limit=4096, offset=offset, with_payload=True, with_vectors=True)
-            for p in points:
-                by_doc.setdefault(p.payload["doc_id"], []).append((int(p.payload["index"]), p.vector))
-            if offset is None:
-                break
-    finally:
-        client.close()
+    by_doc: dict[str, list[tuple[int, list[float]]]] = {}
+    for store in sorted((qdrant_folder / "documents").glob("*/*")):
+        client = QdrantClient(path=str(store))
+        try:
+            (collection,) = [c.name for c in client.get_collections().collections]
+            offset = None
+            while True:
+                points, offset = client.scroll(collection, limit=4096, offset=offset, with_payload=True, with_vectors=True)
+                for p in points:
+                    by_doc.setdefault(p.payload["doc_id"], []).append((int(p.payload["index"]), p.vector))
+                if offset is None:
+                    break
+        finally:
+            client.close()
     return {d: (np.asarray([i for i, _ in v]), np.asarray([x for _, x in v], dtype=np.float32)) for d, v in by_doc.items()}
 
 

@@ -178,6 +178,40 @@ def test_a_freshly_indexed_document_ranks_as_its_read_back_vectors_would(tmp_pat
         fresh.close()
 
 
+def test_each_document_has_its_own_local_store_closed_between_uses(tmp_path, exported):
+    """Local mode keeps an open folder's points in memory: a document's store is open only while
+    it is written or read, so a run's memory does not grow with its documents."""
+    from qdrant_client import QdrantClient
+
+    from longreward_core.models.tokenizers import load_tokenizer
+    from longreward_core.reward.chunking import chunk_document
+    from longreward_core.reward.retrieval import ChunkIndex
+
+    documents = {"a" * 64: " ".join(TEXTS[:3]), "b" * 64: " ".join(TEXTS[3:])}
+    chunks = {doc: chunk_document(text, load_tokenizer(None), 16) for doc, text in documents.items()}
+    first = ChunkIndex(OnnxEmbedder(), path=tmp_path / "q")
+    try:
+        for doc, spans in chunks.items():
+            assert first.index_document(doc, "c", spans) == len(spans)
+        hits = {doc: first.query(doc, "c", TEXTS, 2) for doc in documents}
+        for doc, spans in chunks.items():  # the store is closed: another client may open its folder
+            store = QdrantClient(path=str(tmp_path / "q" / "documents" / doc[:2] / doc))
+            try:
+                assert store.count(first.collection).count == len(spans)
+            finally:
+                store.close()
+    finally:
+        first.close()
+    again = ChunkIndex(OnnxEmbedder(), path=tmp_path / "q")
+    try:
+        assert all(again.index_document(doc, "c", spans) == 0 for doc, spans in chunks.items())
+        assert {doc: again.query(doc, "c", TEXTS, 2) for doc in documents} == hits
+    finally:
+        again.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        again.index_document("c" * 64, "c", chunks["a" * 64])
+
+
 def test_the_onnx_export_holds_the_process_load_lock(tmp_path, monkeypatch):
     """The export builds a torch model: a model loaded in another thread meanwhile (the embedded
     SmolLM2 in bfloat16) would change torch's default dtype under it, and it under that model."""

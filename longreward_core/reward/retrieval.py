@@ -5,15 +5,22 @@ document's content hash and the chunk's span, so indexing the same document agai
 candidate, another prompt with the same context, a re-run) embeds nothing. A document's chunk
 vectors are read back from Qdrant once (filtered to that document and chunking) and each
 statement is ranked against them exactly; hits are returned in document order. In local mode a
-document embedded by this index keeps its fresh vectors instead, as local mode would return them
-(normalised in float32, in point-id order), so ranking is the same without the read-back.
+document embedded by this index keeps its fresh vectors instead, as its store, opened again,
+returns them (the vectors as given, in point-id order), so ranking is the same without the read-back.
+
+Local mode keeps every point of its folder in memory while open. So that a run's memory does not
+grow with its documents, each document has its own local store (`documents/<id[:2]>/<id>` under
+the index folder), opened for the moment it is written or read and closed after; a Qdrant server
+holds one collection for all documents.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +29,6 @@ from qdrant_client import QdrantClient, models
 from longreward_core.models.embeddings import Embedder
 from longreward_core.reward.chunking import ChunkSpan
 
-_LOCAL_MODE_EPSILON = 1.1920929e-7  # qdrant_client.local: a vector with a smaller norm is stored as it is
 _POINT_NAMESPACE = uuid.UUID("6f1c2b8e-8d0a-4c57-9a43-2f7f3b1d9e10")
 
 
@@ -38,29 +44,60 @@ class ChunkIndex:
             raise ValueError("ChunkIndex needs exactly one of path (local mode) or url (server)")
         self.embedder = embedder
         self.server = url is not None
-        self.client = QdrantClient(url=url) if url else QdrantClient(path=str(path))
+        self.client = QdrantClient(url=url) if url else None  # local mode: one store per document
+        self.path = None if url else Path(path)
         slug = "".join(c if c.isalnum() else "_" for c in embedder.name)
         self.collection = f"chunks_{slug}"
         self._lock = threading.Lock()
+        self._closed = False
         self._dimension: int | None = None
         self._indexed: set[tuple[str, str]] = set()
         self._document_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._store_locks: dict[str, threading.Lock] = {}
         self.chunks_embedded = 0  # document chunks embedded by this index (not queries)
         self._vectors: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.max_cached_documents = 64  # well above the prompts scored at the same time
 
-    def _ensure_collection(self, dimension: int) -> None:
-        if self._dimension is not None:
+    @contextlib.contextmanager
+    def _store(self, doc_id: str) -> Iterator[QdrantClient]:
+        """The client holding `doc_id`'s points: the server's, or the document's own local store,
+        opened by one thread at a time (local mode locks its folder) and closed after."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the chunk index is closed")
+        if self.client is not None:
+            yield self.client
             return
-        if not self.client.collection_exists(self.collection):
-            self.client.create_collection(
+        with self._lock:
+            store_lock = self._store_locks.setdefault(doc_id, threading.Lock())
+        with store_lock:
+            assert self.path is not None
+            client = QdrantClient(path=str(self.path / "documents" / doc_id[:2] / doc_id))
+            try:
+                yield client
+            finally:
+                client.close()
+
+    def _ensure_collection(self, client: QdrantClient, dimension: int) -> None:
+        """Create the collection where it is missing: once on a server (under the lock, as
+        shards' threads index at the same time), in each new local document store."""
+        if not self.server:
+            self._create_collection(client, dimension)
+            return
+        with self._lock:
+            if self._dimension is None:
+                self._create_collection(client, dimension)
+                self._dimension = dimension
+
+    def _create_collection(self, client: QdrantClient, dimension: int) -> None:
+        if not client.collection_exists(self.collection):
+            client.create_collection(
                 self.collection,
                 vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
             )
             if self.server:  # keyword indexes make the document filter fast; local mode has none
                 for field in ("doc_id", "chunking"):
-                    self.client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
-        self._dimension = dimension
+                    client.create_payload_index(self.collection, field, models.PayloadSchemaType.KEYWORD)
 
     @staticmethod
     def point_id(doc_id: str, chunking: str, chunk: ChunkSpan) -> str:
@@ -82,17 +119,18 @@ class ChunkIndex:
         with self._lock:
             if (doc_id, chunking) in self._indexed:
                 return 0
+        with self._store(doc_id) as client:
             missing = list(range(len(chunks)))
-            if self.client.collection_exists(self.collection):
-                found = {str(p.id) for p in self.client.retrieve(self.collection, ids, with_payload=False)}
+            if client.collection_exists(self.collection):
+                found = {str(p.id) for p in client.retrieve(self.collection, ids, with_payload=False)}
                 missing = [i for i, pid in enumerate(ids) if pid not in found]
-        if missing:
-            vectors = self.embedder.embed([chunks[i].text for i in missing])
-            with self._lock:
-                self._ensure_collection(vectors.shape[1])
+            if missing:
+                vectors = self.embedder.embed([chunks[i].text for i in missing])
+                self._ensure_collection(client, vectors.shape[1])
                 if not self.server and len(missing) == len(chunks):
-                    self._keep_vectors((doc_id, chunking), ids, [c.index for c in chunks], vectors)
-                self.client.upsert(
+                    with self._lock:
+                        self._keep_vectors((doc_id, chunking), ids, [c.index for c in chunks], vectors)
+                client.upsert(
                     self.collection,
                     points=[
                         models.PointStruct(
@@ -109,12 +147,11 @@ class ChunkIndex:
         return len(missing)
 
     def _keep_vectors(self, key: tuple[str, str], ids: list[str], indices: list[int], vectors: np.ndarray) -> None:
-        """A freshly embedded document's vectors as a local-mode read-back would give them:
-        each normalised in float32 as local mode stores it, in the order its scroll returns."""
+        """A freshly embedded document's vectors as a read-back from its local store gives them:
+        local mode loads a stored point's vector as it was given (it normalises only points
+        added while open, and each store is opened again to be read), in point-id order."""
         order = sorted(range(len(ids)), key=lambda i: ids[i])
-        stored = [np.asarray(vectors[i], dtype=np.float32) for i in order]
-        stored = [v / n if (n := np.linalg.norm(v)) > _LOCAL_MODE_EPSILON else v for v in stored]
-        self._remember_vectors(key, np.asarray([indices[i] for i in order]), np.asarray(stored, dtype=np.float32))
+        self._remember_vectors(key, np.asarray([indices[i] for i in order]), np.asarray(vectors[order], dtype=np.float32))
 
     def _remember_vectors(self, key: tuple[str, str], indices: np.ndarray, vectors: np.ndarray) -> None:
         """Keep a document's chunk indices and vectors, dropping the oldest past max_cached_documents
@@ -127,24 +164,27 @@ class ChunkIndex:
         """The document's chunk indices and vectors, read from Qdrant once with a document filter."""
         key = (doc_id, chunking)
         with self._lock:
-            if key not in self._vectors:
-                only_this_document = models.Filter(
-                    must=[
-                        models.FieldCondition(key="doc_id", match=models.MatchValue(value=doc_id)),
-                        models.FieldCondition(key="chunking", match=models.MatchValue(value=chunking)),
-                    ]
+            if key in self._vectors:
+                return self._vectors[key]
+        only_this_document = models.Filter(
+            must=[
+                models.FieldCondition(key="doc_id", match=models.MatchValue(value=doc_id)),
+                models.FieldCondition(key="chunking", match=models.MatchValue(value=chunking)),
+            ]
+        )
+        indices, vectors, offset = [], [], None
+        with self._store(doc_id) as client:
+            while client.collection_exists(self.collection):
+                points, offset = client.scroll(
+                    self.collection, scroll_filter=only_this_document, limit=1024, offset=offset,
+                    with_payload=True, with_vectors=True,
                 )
-                indices, vectors, offset = [], [], None
-                while True:
-                    points, offset = self.client.scroll(
-                        self.collection, scroll_filter=only_this_document, limit=1024, offset=offset,
-                        with_payload=True, with_vectors=True,
-                    )
-                    indices += [int(p.payload["index"]) for p in points]
-                    vectors += [p.vector for p in points]
-                    if offset is None:
-                        break
-                self._remember_vectors(key, np.asarray(indices), np.asarray(vectors, dtype=np.float32))
+                indices += [int(p.payload["index"]) for p in points]
+                vectors += [p.vector for p in points]
+                if offset is None:
+                    break
+        with self._lock:
+            self._remember_vectors(key, np.asarray(indices), np.asarray(vectors, dtype=np.float32))
             return self._vectors[key]
 
     def query(self, doc_id: str, chunking: str, texts: list[str], top_k: int) -> list[list[int]]:
@@ -164,8 +204,11 @@ class ChunkIndex:
         return [sorted(int(indices[j]) for j in row) for row in top]
 
     def close(self) -> None:
-        """Close the client once no call is using it. An indexing thread can outlive its run
-        (cancelling an asyncio task does not stop the thread it waits on), and closing local mode's
-        SQLite store under its write crashes the process; its later calls raise instead."""
+        """No store opens after this; a server's client is closed. A local document store is
+        closed only by the thread that opened it: an indexing thread can outlive its run
+        (cancelling an asyncio task does not stop the thread it waits on), and closing local
+        mode's SQLite store under its write crashes the process; its later calls raise instead."""
         with self._lock:
-            self.client.close()
+            self._closed = True
+            if self.client is not None:
+                self.client.close()
