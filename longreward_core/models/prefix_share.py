@@ -9,9 +9,10 @@ own block sizes and evict), independent of whether the provider reports anything
 Earlier prompts are kept per model as big-endian token bytes in sorted order, so the longest
 shared prefix with any of them is the longer of the shared prefixes with the two sorted neighbours.
 Tokens take 2 bytes each when the tokenizer's vocabulary fits (the embedded model's does), else 4.
-"Earlier" is the most recent `window_bytes` of prompts (64 MB: about 32M tokens, 200 prompts x 10
-candidates of the scoring bench, minutes of judge traffic, while providers keep a prefix for
-minutes): the oldest go first, so memory stays bounded however long the run.
+"Earlier" is the most recent `window_bytes` of prompts (16 MB: about 8M tokens; on the scoring
+bench about 5,500 judge requests, those of 45 prompts x 10 candidates, while a run scores 16
+prompts at a time and the long shared prefixes are those of one prompt's requests): the oldest go
+first, so memory stays bounded however long the run, and small next to the process.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _shared(a: bytes, b: bytes, dtype: str = ">u4") -> int:
 class PrefixShare:
     """Counts, request by request, prompt tokens and the tokens shared with an earlier request."""
 
-    def __init__(self, tokenizer: Any, window_bytes: int = 64 << 20):
+    def __init__(self, tokenizer: Any, window_bytes: int = 16 << 20):
         self._tokenizer = tokenizer
         self._seen: dict[str, list[bytes]] = {}
         self._order: collections.deque[tuple[str, bytes]] = collections.deque()  # oldest first
