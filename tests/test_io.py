@@ -397,6 +397,36 @@ def test_parquet_input_loads_and_quarantines(tmp_path: Path) -> None:
     ]
 
 
+def test_parquet_is_read_in_batches_with_lines_numbered_across_them(tmp_path: Path) -> None:
+    rows = io.PARQUET_BATCH_ROWS * 2 + 5
+    path = tmp_path / "prompts.parquet"
+    pl.DataFrame({
+        "id": [f"p{i}" for i in range(rows)],
+        "context": ["" if i == io.PARQUET_BATCH_ROWS + 3 else f"doc {i}" for i in range(rows)],
+        "query": ["q"] * rows,
+    }).write_parquet(path)
+    prompts = io.load_prompts(path)
+    assert len(prompts.records) == rows - 1
+    q = only_quarantined(prompts)
+    # A row of the second batch is named by its line in the file, not in its batch.
+    assert (q.line, q.row_id, q.reason) == (io.PARQUET_BATCH_ROWS + 4, f"p{io.PARQUET_BATCH_ROWS + 3}", "empty context")
+
+
+def test_prompt_stream_keeps_ids_and_yields_the_same_prompts_as_loading(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "prompts.jsonl", [
+        jline(GOOD_PROMPT),
+        '{"id": "p2", "context": "", "query": "q"}',
+        jline({**GOOD_PROMPT, "id": "p3"}),
+        jline(GOOD_PROMPT),  # a duplicate of p1
+    ])
+    stream = io.stream_prompts(path)
+    loaded = io.load_prompts(path)
+    assert stream.ids == ["p1", "p3"]
+    assert stream.quarantined == loaded.quarantined
+    assert list(stream) == loaded.records
+    assert list(stream) == loaded.records  # each iteration reads the file again
+
+
 # --------------------------------------------------------------------------- text that cannot be encoded
 
 # Valid JSON and plain ASCII on disk, but json.loads makes it a str with a lone surrogate.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import polars as pl
 import pytest
 
+from longreward_core.data import io
 from longreward_core.models.client import AuthenticationFailed
 from longreward_core.models.tokenizers import load_tokenizer
+from longreward_core.pipeline import score as pipeline_score
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.chunking import chunk_document
 from longreward_core.reward.dimensions.faithfulness import distinct
@@ -234,3 +237,48 @@ def test_a_statement_several_candidates_make_is_verified_once(judge_server, tmp_
     scores = {r["candidate_id"]: r for r in pl.read_parquet(run.scores_path).iter_rows(named=True)}
     assert scores["a"]["faithfulness"] == 10.0 and scores["a"]["faithfulness_statements"] == 1
     assert scores["b"]["faithfulness"] == 10.0 and scores["c"]["faithfulness"] == 5.0
+
+
+def test_prompts_are_read_as_the_window_opens_and_scores_written_in_input_order(judge_server, tmp_path, monkeypatch):
+    n, window = 8, 2
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": f"p{i}", "context": DOC[:300] + f" Record {i} was filed in 19{60 + i}.", "query": "When was the station built?"}
+        for i in range(n)
+    ])
+    # Listed from the last prompt to the first, a prompt's two candidates apart.
+    rows = [
+        {"prompt_id": f"p{i}", "candidate_id": f"p{i}-{k}", "response": f"The station was built in 1962. Record {i} was filed in 19{60 + i + k}."}
+        for k in range(2) for i in reversed(range(n))
+    ]
+    candidates = write_jsonl(tmp_path / "c.jsonl", rows)
+
+    taken: list[str] = []
+    ahead: list[int] = []  # prompts read but not finished, each time one is read
+    done: Counter[str] = Counter()
+
+    class CountedStream(io.PromptStream):
+        def __iter__(self):
+            for prompt in super().__iter__():
+                taken.append(prompt.id)
+                ahead.append(len(taken) - sum(1 for c in done.values() if c == 2))
+                yield prompt
+
+    def counted(path):
+        stream = io.stream_prompts(path)
+        return CountedStream(stream.path, stream.ids, stream.quarantined)
+
+    monkeypatch.setattr(pipeline_score, "stream_prompts", counted)
+    out = tmp_path / "out"
+    run = score_files(
+        prompts, candidates, out, judge_config_for(judge_server),
+        SCORING.model_copy(update={"prompts_in_flight": window}),
+        on_scored=lambda s: done.update([s.prompt_id]),
+    )
+    assert taken == [f"p{i}" for i in range(n)]
+    # At most the window plus the prompt waiting for a place in it.
+    assert max(ahead) <= window + 1, ahead
+    scores = pl.read_parquet(run.scores_path)
+    assert scores["candidate_id"].to_list() == [r["candidate_id"] for r in rows]
+    assert scores["status"].to_list() == ["scored"] * len(rows)
+    assert run.summary.prompts == n and run.summary.scored == len(rows)
+    assert not list(out.glob("*.spool.parquet"))

@@ -41,6 +41,9 @@ class InputError(ValueError):
     """An input file that cannot be read at all (missing, unknown format)."""
 
 
+PARQUET_BATCH_ROWS = 64  # rows of a Parquet input decoded at a time
+
+
 @dataclass
 class Loaded:
     """Valid records plus the quarantined rows of one input file."""
@@ -79,11 +82,14 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str
                     continue
                 yield number, row, text, unencodable_field(row)
     elif suffix == ".parquet":
+        # Batch by batch, so that a file of long documents is never held whole.
+        read = 0
         try:
-            table = pq.read_table(path)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                yield from arrow_rows(pa.Table.from_batches([batch]), start=read + 1)
+                read += batch.num_rows
         except pa.ArrowInvalid as exc:
             raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
-        yield from arrow_rows(table)
     else:
         raise InputError(f"{path}: unknown input format '{suffix}' (expected .jsonl or .parquet)")
 
@@ -122,8 +128,8 @@ def unencodable_field(row: dict[str, Any]) -> str | None:
     return None
 
 
-def arrow_rows(table: pa.Table) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
-    """The rows of an Arrow table in `read_rows`' shape, numbered from 1.
+def arrow_rows(table: pa.Table, start: int = 1) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+    """The rows of an Arrow table in `read_rows`' shape, numbered from `start`.
 
     Arrow does not check that a string column is UTF-8 when a file is written, so a row holding
     other bytes (an encoded lone surrogate, say) is yielded with its reason instead of failing
@@ -142,9 +148,9 @@ def arrow_rows(table: pa.Table) -> Iterator[tuple[int, dict[str, Any] | None, st
                 except UnicodeDecodeError as exc:
                     fields[name] = one.column(name).to_string()
                     reason = reason or f"field '{name}' holds text that is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            yield index + 1, None, json.dumps(fields, ensure_ascii=False, default=str), reason
+            yield start + index, None, json.dumps(fields, ensure_ascii=False, default=str), reason
             continue
-        yield index + 1, row, json.dumps(row, ensure_ascii=False, default=str), None
+        yield start + index, row, json.dumps(row, ensure_ascii=False, default=str), None
 
 
 def _text_field(row: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
@@ -167,10 +173,9 @@ def _row_id(row: dict[str, Any] | None, *names: str) -> str | None:
     return None
 
 
-def load_prompts(path: str | Path) -> Loaded:
-    """Read and validate prompts; duplicates after the first occurrence are quarantined."""
-    path = Path(path)
-    out = Loaded()
+def _prompt_rows(path: Path) -> Iterator[Prompt | QuarantinedRow]:
+    """Each row of a prompts file, validated: a Prompt, or the row quarantined with its reason.
+    Duplicates after the first occurrence are quarantined."""
     first_seen: dict[str, int] = {}
     for line, row, raw, reason in read_rows(path):
         row_id = _row_id(row, "id", "idx")
@@ -187,13 +192,46 @@ def load_prompts(path: str | Path) -> Loaded:
             metadata = {k: v for k, v in row.items() if k not in {"id", "idx", "context", "query"}}
             if isinstance(metadata.get("metadata"), str):  # our own prompts Parquet (PROMPTS_SCHEMA)
                 metadata = json.loads(metadata["metadata"])
-            out.records.append(Prompt(id=row_id, context=context, query=query, metadata=metadata))
             first_seen[row_id] = line
+            yield Prompt(id=row_id, context=context, query=query, metadata=metadata)
         except ValueError as exc:
-            out.quarantined.append(
-                QuarantinedRow(source=str(path), line=line, row_id=row_id, reason=str(exc), raw=raw)
-            )
+            yield QuarantinedRow(source=str(path), line=line, row_id=row_id, reason=str(exc), raw=raw)
+
+
+def load_prompts(path: str | Path) -> Loaded:
+    """Read and validate prompts; duplicates after the first occurrence are quarantined."""
+    out = Loaded()
+    for item in _prompt_rows(Path(path)):
+        (out.quarantined if isinstance(item, QuarantinedRow) else out.records).append(item)
     return out
+
+
+@dataclass
+class PromptStream:
+    """A prompts file validated once, holding only the valid prompts' ids; iterating it reads the
+    file again and yields those prompts one at a time, so that a run never holds every document."""
+
+    path: Path
+    ids: list[str]
+    quarantined: list[QuarantinedRow]
+
+    def __iter__(self) -> Iterator[Prompt]:
+        for item in _prompt_rows(self.path):
+            if isinstance(item, Prompt):
+                yield item
+
+
+def stream_prompts(path: str | Path) -> PromptStream:
+    """Validate a prompts file (as `load_prompts`) without keeping the documents."""
+    path = Path(path)
+    ids: list[str] = []
+    quarantined: list[QuarantinedRow] = []
+    for item in _prompt_rows(path):
+        if isinstance(item, QuarantinedRow):
+            quarantined.append(item)
+        else:
+            ids.append(item.id)
+    return PromptStream(path, ids, quarantined)
 
 
 def load_candidates(path: str | Path, prompt_ids: set[str]) -> Loaded:

@@ -4,22 +4,33 @@
 and writes `scores.parquet`, `accounting.json` and (when rows were refused) `quarantine.parquet`
 into the output folder. The call cache and the local Qdrant index live in the same folder by
 default, so re-running the same command makes no judge call and embeds nothing.
+
+A run's memory does not grow with its input's documents: prompts are validated in a first pass
+that keeps only their ids, then read again one at a time as the scorer takes them, and each
+prompt's scores go to a spool file as they finish (`ScoreSpool`). What is held for the whole run
+is the candidates not yet scored and one small row per score at the end, to write them in order.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from longreward_core.data.io import (
     atomic_write_bytes,
     load_candidates,
     load_prompts,
+    stream_prompts,
     write_parquet_atomic,
     write_quarantine,
 )
@@ -27,6 +38,7 @@ from longreward_core.data.pairs import PairConfig, PairsResult, build_pairs
 from longreward_core.data.records import (
     DIMENSIONS,
     SCORES_SCHEMA,
+    Candidate,
     CandidateScore,
     ScoreSummary,
 )
@@ -68,12 +80,19 @@ def score_files(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    prompts = load_prompts(prompts_path)
-    candidates = load_candidates(candidates_path, {p.id for p in prompts.records})
+    prompts = stream_prompts(prompts_path)
+    candidates = load_candidates(candidates_path, set(prompts.ids))
     quarantined = prompts.quarantined + candidates.quarantined
     quarantine_path = write_quarantine(quarantined, out / "quarantine.parquet") if quarantined else None
+    n_candidates = len(candidates.records)
     if on_start is not None:
-        on_start(len(candidates.records))
+        on_start(n_candidates)
+    by_prompt: dict[str, list[Candidate]] = defaultdict(list)
+    positions: dict[str, list[int]] = defaultdict(list)  # each candidate's place in the input
+    for position, candidate in enumerate(candidates.records):
+        by_prompt[candidate.prompt_id].append(candidate)
+        positions[candidate.prompt_id].append(position)
+    candidates.records.clear()  # held by prompt from here, and let go as each prompt is scored
 
     cache = open_call_cache(cache_path or out / CALL_CACHE_FILE)
     accounting = RunAccounting()
@@ -81,25 +100,32 @@ def score_files(
     pruning = PruningStats()
     budget = Budget(scoring_config.max_judge_cost_usd, scoring_config.max_judge_tokens)
     not_scored: list[str] = []
+    failures = Counter[str]()  # candidates that failed because the judge was unreachable / refused
 
-    async def run() -> tuple[list[CandidateScore], int, int, float]:
+    async def run(spool: ScoreSpool) -> tuple[int, int, float]:
         judge = Judge(judge_config, cache, accounting, PrefixShare(load_tokenizer(scoring_config.tokenizer)), budget)
         scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
         scorer.pruning = pruning
         try:
-            results = await scorer.score(prompts.records, candidates.records, on_scored)
+            async with aclosing(scorer.score(prompts, by_prompt, on_scored)) as finished:
+                async for group in finished:
+                    prompt_id = group[0].prompt_id
+                    del by_prompt[prompt_id]
+                    spool.write(group, positions.pop(prompt_id))
+                    failures.update(unreachable=sum(s.unreachable for s in group), rejected=sum(s.rejected for s in group))
             not_scored.extend(scorer.not_scored)
             index = scorer.index
             embedder = index.embedder
-            return results, index.chunks_embedded, embedder.computed - index.chunks_embedded, embedder.busy_seconds
+            return index.chunks_embedded, embedder.computed - index.chunks_embedded, embedder.busy_seconds
         finally:
             scorer.close()
 
-    try:
-        results, chunks_embedded, statements_embedded, embedding_seconds = run_async(run())
-    finally:
-        cache.close()
-    frame = pl.DataFrame([r.to_row() for r in results], schema=SCORES_SCHEMA)
+    with ScoreSpool(out) as spool:
+        try:
+            chunks_embedded, statements_embedded, embedding_seconds = run_async(run(spool))
+        finally:
+            cache.close()
+        frame = spool.frame()
     scores_path = write_parquet_atomic(frame, out / "scores.parquet")
 
     scored = frame.filter(pl.col("status") == "scored")
@@ -109,8 +135,8 @@ def score_files(
 
         embedded_judge = embedded_stats()
     summary = ScoreSummary(
-        prompts=len(prompts.records),
-        candidates=len(candidates.records),
+        prompts=len(prompts.ids),
+        candidates=n_candidates,
         scored=scored.height,
         failed=frame.filter(pl.col("status") == "failed").height,
         pruned=pruning.pruned,
@@ -118,8 +144,8 @@ def score_files(
         budget_reached=budget.reached if not_scored else None,
         not_scored_prompts=sorted(not_scored),
         quarantined=len(quarantined),
-        unreachable=sum(1 for r in results if r.unreachable),
-        rejected=sum(1 for r in results if r.rejected),
+        unreachable=failures["unreachable"],
+        rejected=failures["rejected"],
         mean_reward=scored["reward"].mean() if scored.height else None,
         mean_by_dimension={d: scored[d].mean() for d in DIMENSIONS} if scored.height else {},
         chunk_embeddings=chunks_embedded,
@@ -133,6 +159,48 @@ def score_files(
     )
     accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
     return ScoreRun(scores_path, accounting_path, quarantine_path, summary)
+
+
+class ScoreSpool:
+    """Scores written to a temporary Parquet file in `out` as prompts finish, so a run does not hold
+    them; `frame()` reads them back in the candidates' input order. The file is removed on exit."""
+
+    ROWS_PER_GROUP = 1024  # scores buffered before a row group is written
+
+    def __init__(self, out: Path):
+        fd, name = tempfile.mkstemp(dir=out, prefix=".scores.", suffix=".spool.parquet")
+        os.close(fd)
+        self.path = Path(name)
+        self._schema = pl.DataFrame(schema=SPOOL_SCHEMA).to_arrow().schema
+        self._writer = pq.ParquetWriter(self.path, self._schema)
+        self._rows: list[dict[str, Any]] = []
+
+    def write(self, scores: list[CandidateScore], positions: list[int]) -> None:
+        for score, position in zip(scores, positions, strict=True):
+            self._rows.append({**score.to_row(), "position": position})
+        if len(self._rows) >= self.ROWS_PER_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pl.DataFrame(self._rows, schema=SPOOL_SCHEMA).to_arrow().cast(self._schema))
+            self._rows = []
+
+    def frame(self) -> pl.DataFrame:
+        """Every score written, in input order (closes the spool for writing)."""
+        self._flush()
+        self._writer.close()
+        return pl.read_parquet(self.path).sort("position").drop("position")
+
+    def __enter__(self) -> ScoreSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._writer.close()
+        self.path.unlink(missing_ok=True)
+
+
+SPOOL_SCHEMA = pl.Schema({**SCORES_SCHEMA, "position": pl.Int64})
 
 
 def pairs_files(

@@ -10,8 +10,8 @@ reason and the candidate gets no reward; the run goes on.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -165,36 +165,49 @@ class Scorer:
 
     async def score(
         self,
-        prompts: list[Prompt],
-        candidates: list[Candidate],
+        prompts: Iterable[Prompt],
+        candidates: Mapping[str, list[Candidate]],
         on_scored: Callable[[CandidateScore], None] | None = None,
-    ) -> list[CandidateScore]:
-        """Score every candidate; results come back in the candidates' order."""
-        by_prompt: dict[str, list[Candidate]] = defaultdict(list)
-        for c in candidates:
-            by_prompt[c.prompt_id].append(c)
-        window = asyncio.Semaphore(self.config.prompts_in_flight)
+    ) -> AsyncIterator[list[CandidateScore]]:
+        """Score the candidates of each prompt (`candidates`: by prompt id) and yield each prompt's
+        scores, in its candidates' order, as soon as they are done. Prompts are taken from
+        `prompts` only as a place in the window of `prompts_in_flight` opens, so a run holds that
+        many documents, not all of them."""
         budget = self.judge.client.budget
-
         in_flight: Counter[str] = Counter()  # prompts being scored per document
+        running: set[asyncio.Task[list[CandidateScore]]] = set()
 
-        async def one_prompt(prompt: Prompt) -> list[CandidateScore]:
-            async with window:
+        async def one_prompt(prompt: Prompt, group: list[Candidate]) -> list[CandidateScore]:
+            doc_id = content_hash(prompt.context)
+            in_flight[doc_id] += 1
+            try:
+                return await self._score_prompt(prompt, group, on_scored)
+            finally:  # the prepared document is let go once no prompt in flight uses it
+                in_flight[doc_id] -= 1
+                if not in_flight[doc_id]:
+                    self._documents.pop(doc_id, None)
+
+        try:
+            for prompt in prompts:
+                group = candidates.get(prompt.id)
+                if not group:
+                    continue
+                while len(running) >= self.config.prompts_in_flight:
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        yield task.result()
                 if budget is not None and budget.reached:
                     self.not_scored.append(prompt.id)
-                    return []
-                doc_id = content_hash(prompt.context)
-                in_flight[doc_id] += 1
-                try:
-                    return await self._score_prompt(prompt, by_prompt[prompt.id], on_scored)
-                finally:  # the prepared document is let go once no prompt in flight uses it
-                    in_flight[doc_id] -= 1
-                    if not in_flight[doc_id]:
-                        self._documents.pop(doc_id, None)
-
-        per_prompt = await asyncio.gather(*(one_prompt(p) for p in prompts if by_prompt.get(p.id)))
-        scored = {s.candidate_id: s for group in per_prompt for s in group}
-        return [scored[c.candidate_id] for c in candidates if c.candidate_id in scored]
+                    continue
+                running.add(asyncio.ensure_future(one_prompt(prompt, group)))
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:  # a failure (refused credentials) or a closed generator stops the other prompts
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _score_prompt(
         self, prompt: Prompt, candidates: list[Candidate], on_scored: Callable[[CandidateScore], None] | None
