@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from longreward_core.data import io
+from longreward_core.data.records import SCORES_SCHEMA, CandidateScore, DimensionResult
 from longreward_core.models.client import AuthenticationFailed
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.pipeline import score as pipeline_score
@@ -282,3 +283,23 @@ def test_prompts_are_read_as_the_window_opens_and_scores_written_in_input_order(
     assert scores["status"].to_list() == ["scored"] * len(rows)
     assert run.summary.prompts == n and run.summary.scored == len(rows)
     assert not [p.name for p in out.iterdir() if "spool" in p.name]  # the spool is removed
+
+
+def test_score_spool_reads_back_in_input_order_and_survives_a_lone_surrogate(tmp_path):
+    ok = DimensionResult(score=7.25)
+
+    def score(candidate_id: str, error: str | None = None) -> CandidateScore:
+        faith = DimensionResult(error=error) if error else ok
+        return CandidateScore(prompt_id=candidate_id[:2], candidate_id=candidate_id, language="en",
+                              helpfulness=ok, logicality=ok, faithfulness=faith, completeness=ok)
+
+    with pipeline_score.ScoreSpool(tmp_path) as spool:
+        spool.write([score("p2-0"), score("p2-1")], [1, 3])
+        # A judge's answer can carry a JSON-escaped lone surrogate into an error message.
+        spool.write([score("p1-0", "bad verdict \udc80"), score("p1-1")], [0, 2])
+        frame = spool.frame()
+    assert frame["candidate_id"].to_list() == ["p1-0", "p2-0", "p1-1", "p2-1"]
+    assert frame["reward"].to_list() == [None, 7.25, 7.25, 7.25]
+    assert frame["error"][0] == "faithfulness: bad verdict ?"
+    assert frame.columns == list(SCORES_SCHEMA)
+    assert not list(tmp_path.iterdir())

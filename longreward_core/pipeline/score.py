@@ -7,8 +7,9 @@ default, so re-running the same command makes no judge call and embeds nothing.
 
 A run's memory does not grow with its input's documents: prompts are validated in a first pass
 that keeps only their ids, then read again one at a time as the scorer takes them, and each
-prompt's scores are appended to a spool file as they finish (`ScoreSpool`). What is held for the whole run
-is the candidates not yet scored and one small row per score at the end, to write them in order.
+prompt's scores are appended to a spool file as they finish (`ScoreSpool`). What is held for the
+whole run is the candidates not yet scored, and one small row per score at the end, to write
+them in order.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ class ScoreSpool:
     def __init__(self, out: Path):
         fd, name = tempfile.mkstemp(dir=out, prefix=".scores.", suffix=".spool.jsonl")
         self.path = Path(name)
-        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        # A judge's answer may carry a JSON-escaped lone surrogate into an error text: replaced.
+        self._file = os.fdopen(fd, "w", encoding="utf-8", errors="replace")
 
     def write(self, scores: list[CandidateScore], positions: list[int]) -> None:
         for score, position in zip(scores, positions, strict=True):
