@@ -66,7 +66,7 @@ def full_scores(pool, table) -> list[CandidateScore]:
 
 
 class TableChecks:
-    """Stands in for faithfulness.SupportChecks: a statement's verdict comes from the table."""
+    """Stands in for the support checks the scorer releases: a statement's verdict comes from the table."""
 
     def __init__(self, pool):
         self.pool = pool

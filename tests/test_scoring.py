@@ -303,3 +303,38 @@ def test_score_spool_reads_back_in_input_order_and_survives_a_lone_surrogate(tmp
     assert frame["error"][0] == "faithfulness: bad verdict ?"
     assert frame.columns == list(SCORES_SCHEMA)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_plans_first_wave_is_what_the_online_run_sends_before_any_answer(judge_server, small_input, tmp_path):
+    """The requests a prompt's plan lists as ready before any answer (what a batch executor would
+    submit first) are the requests the online run sends while it has no answer yet."""
+    from longreward_core.data.records import Prompt
+    from longreward_core.reward.judge import Judge
+    from longreward_core.reward.plan import PlanRun
+    from longreward_core.reward.scorer import prepare_document
+    from longreward_core.reward.steps import Ask, PromptInputs
+    from tests.judge_double import task_of
+
+    prompts, candidates = small_input
+    prompt = Prompt(**json.loads(prompts.read_text().splitlines()[0]))
+    rows = [json.loads(line) for line in candidates.read_text().splitlines()]
+    responses = {r["candidate_id"]: r["response"] for r in rows if r["prompt_id"] == prompt.id}
+    write_jsonl(prompts, [prompt.model_dump()])
+    # Every request refused (HTTP 400, never asked again): the online run sends what needs no
+    # answer, and nothing that waits for one.
+    judge_server.double.fault_rule = lambda request, index: Fault("status", 400)
+    config = judge_config_for(judge_server)
+    run = score_files(prompts, candidates, tmp_path / "out", config, SCORING)
+    assert run.summary.failed == len(responses)
+    sent = sorted((r.task, r.temperature, r.content) for r in judge_server.double.requests)
+
+    plan = PlanRun(PromptInputs.of(prompt, prepare_document(prompt.context, SCORING).completeness_chunks), responses)
+    ready = plan.start()
+    assert all(isinstance(need, Ask) for need in ready)
+    judge = Judge(config, cache=None)
+    first = [judge.attempts(ask.messages, ask.verdict)[0] for ask in ready]
+    listed = sorted((task_of(r.messages[-1]["content"]), r.temperature, r.messages[-1]["content"]) for r in first)
+    assert listed == sent
+    # The key points once per completeness chunk; per candidate helpfulness, logicality, statements.
+    chunks = len(chunk_document(prompt.context, load_tokenizer(None), SCORING.completeness_chunk_tokens))
+    assert Counter(task for task, _, _ in listed) == {"key_points": chunks, "helpfulness": 3, "logicality": 3, "statements": 3}

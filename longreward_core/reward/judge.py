@@ -7,6 +7,7 @@ decodes its verdict under the format's constraint, so its answers always parse.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field
@@ -25,6 +26,16 @@ from longreward_core.reward.prompts import with_cache_breakpoint
 from longreward_core.reward.verdicts import VerdictFormat, VerdictParseError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One request of a judge call, as the LLM client sends and caches it."""
+
+    messages: list[dict[str, Any]]
+    temperature: float
+    attempt: int
+    constraint: dict[str, Any] | None
 
 
 class JudgeCallFailed(LLMCallFailed):
@@ -62,6 +73,18 @@ class Judge:
     def accounting(self) -> RunAccounting:
         return self.client.accounting
 
+    def attempts(self, messages: list[dict[str, str]], verdict: VerdictFormat[Any]) -> list[JudgeRequest]:
+        """The requests of one logical judge call, in order: each is sent only after the answer to
+        the one before failed to parse."""
+        cfg = self.config
+        if cfg.cache_control:
+            messages = with_cache_breakpoint(messages)
+        constraint = verdict.constraint() if cfg.is_embedded else None
+        return [
+            JudgeRequest(messages, cfg.temperature if attempt == 0 else cfg.retry_temperature, attempt, constraint)
+            for attempt in range(cfg.max_attempts)
+        ]
+
     async def verdict(self, dimension: str, messages: list[dict[str, str]], verdict: VerdictFormat[T]) -> T:
         """One logical judge call; raises LLMCallFailed (JudgeCallFailed when every answer failed to
         parse, RequestRejected at once when the provider refuses the request) when no verdict can be had.
@@ -69,20 +92,16 @@ class Judge:
         Only answers whose verdict parses are cached; a re-run first looks for any attempt's cached
         verdict, so it reproduces the run without asking again."""
         acc = self.accounting.purpose(dimension)
-        cfg = self.config
-        if cfg.cache_control:
-            messages = with_cache_breakpoint(messages)
-        constraint = verdict.constraint() if cfg.is_embedded else None
-        temperatures = [cfg.temperature if attempt == 0 else cfg.retry_temperature for attempt in range(cfg.max_attempts)]
-        for attempt, temperature in enumerate(temperatures):
-            hit = self.client.cached(messages, temperature, attempt, constraint)
+        requests = self.attempts(messages, verdict)
+        for r in requests:
+            hit = self.client.cached(r.messages, r.temperature, r.attempt, r.constraint)
             if hit is not None and _parses(verdict, hit):
                 acc.cache_hits += 1
                 return verdict.parse(hit)
         last_answer = ""
-        for attempt, temperature in enumerate(temperatures):
+        for r in requests:
             last_answer = await self.client.complete(
-                dimension, messages, temperature, attempt, constraint, accept=lambda text: _parses(verdict, text)
+                dimension, r.messages, r.temperature, r.attempt, r.constraint, accept=lambda text: _parses(verdict, text)
             )
             try:
                 return verdict.parse(last_answer)
@@ -90,7 +109,7 @@ class Judge:
                 acc.parse_failures += 1
         acc.failed_calls += 1
         raise JudgeCallFailed(
-            f"no parseable verdict after {cfg.max_attempts} attempts (last answer ends {last_answer[-160:]!r})"
+            f"no parseable verdict after {self.config.max_attempts} attempts (last answer ends {last_answer[-160:]!r})"
         )
 
 

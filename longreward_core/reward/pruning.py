@@ -45,7 +45,7 @@ def reward_of(scores: list[float]) -> float:
 
 
 def faithfulness_of(supports: float, statements: int) -> float:
-    """Faithfulness from the sum of support values, as `faithfulness.score_faithfulness` computes it."""
+    """Faithfulness from the sum of support values, as `faithfulness.plan` computes it."""
     return 10.0 * supports / statements
 
 
@@ -195,7 +195,9 @@ async def check_support_pruned(race: PairRace, statements: dict[str, list[str]],
     """Grade statements of the candidates in `statements` (those whose extraction succeeded, with
     `race` told their counts) until `race.needed()` is empty, in rounds of up to CHECKS_PER_ROUND
     checks; every round depends only on the answers before it, so a re-run asks nothing new.
-    `checks` is the prompt's `faithfulness.SupportChecks`. Refused credentials end the prompt."""
+    `checks.start(statements)` starts the support checks of `statements` (the scorer releases them
+    from the prompt's plan, `reward.plan`) and returns their verdicts to await. Refused credentials
+    end the prompt."""
     outcome = SupportOutcome()
     holders: dict[str, list[tuple[str, int]]] = {}
     for cid, texts in statements.items():

@@ -1,10 +1,10 @@
 """LongReward scoring of candidates: the four dimensions, run concurrently, and the reward.
 
 Per prompt: the document is chunked (retrieval and completeness sizes), its retrieval chunks are
-indexed once, and the completeness key points are extracted once and shared by every candidate.
-Per candidate the four dimensions run concurrently; across candidates and prompts everything
-runs concurrently under the judge client's limits. A dimension that fails is recorded with its
-reason and the candidate gets no reward; the run goes on.
+indexed once, and the prompt's plan (`reward.plan`: the dimensions' requests and what each waits
+for, the completeness key points once per prompt) runs online: every request is asked as soon as
+what it waits for is answered, across candidates and prompts, under the judge client's limits. A
+dimension that fails is recorded with its reason and the candidate gets no reward; the run goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,16 +36,12 @@ from longreward_core.models.client import (
 from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.reward.chunking import ChunkSpan, chunk_document
-from longreward_core.reward.dimensions import (
-    completeness,
-    faithfulness,
-    helpfulness,
-    logicality,
-)
+from longreward_core.reward.dimensions import faithfulness
 from longreward_core.reward.judge import Judge
+from longreward_core.reward.plan import Leaf, Outcome, PlanRun
 from longreward_core.reward.pruning import PairRace, check_support_pruned
-from longreward_core.reward.prompts import detect_language
 from longreward_core.reward.retrieval import ChunkIndex, content_hash
+from longreward_core.reward.steps import Ask, Evidence, PromptInputs, Step
 
 
 class ScoringConfig(BaseModel):
@@ -212,14 +209,10 @@ class Scorer:
     async def _score_prompt(
         self, prompt: Prompt, candidates: list[Candidate], on_scored: Callable[[CandidateScore], None] | None
     ) -> list[CandidateScore]:
-        language = detect_language(prompt.query + "\n" + prompt.context)
         doc = await asyncio.to_thread(self.prepare, prompt.context)
         # Indexing (CPU) overlaps the first round of judge calls, which do not need it.
         indexed = asyncio.ensure_future(
             asyncio.to_thread(doc.index_into, self.index)
-        )
-        key_points = asyncio.ensure_future(
-            completeness.extract_key_points(self.judge, language, prompt.query, doc.completeness_chunks)
         )
 
         async def retrieve(statements: list[str]) -> list[str]:
@@ -227,117 +220,85 @@ class Scorer:
             hits = await asyncio.to_thread(self.index.query, doc.doc_id, doc.chunking, statements, self.config.top_k)
             return [doc.evidence(h) for h in hits]
 
-        checks = faithfulness.SupportChecks(self.judge, retrieve, language)
-        if self.config.prune:
-            try:
-                return await self._score_pruned(prompt, candidates, language, key_points, checks, on_scored)
-            finally:
-                for task in (indexed, key_points):
-                    if not task.done():
-                        task.cancel()
-                await asyncio.gather(indexed, key_points, checks.close(), return_exceptions=True)
+        inputs = PromptInputs.of(prompt, doc.completeness_chunks)
+        language = inputs.language
+        run = PlanRun(
+            inputs, {c.candidate_id: c.response for c in candidates},
+            held=frozenset({faithfulness.check_support}) if self.config.prune else frozenset(),
+        )
+        scores: dict[str, CandidateScore] = {}
 
-        async def completeness_of(response: str) -> float:
-            try:
-                points = await key_points
-            except LLMCallFailed as exc:
-                raise type(exc)(f"key-point extraction failed: {exc}", transport=exc.transport) from None
-            return await completeness.score_completeness(self.judge, language, prompt.query, points, response)
-
-        async def one_candidate(c: Candidate) -> CandidateScore:
-            q, r = prompt.query, c.response
-            results = await asyncio.gather(
-                _as_result(helpfulness.score_helpfulness(self.judge, language, q, r)),
-                _as_result(logicality.score_logicality(self.judge, language, q, r)),
-                _as_result(faithfulness.score_faithfulness(self.judge, checks, language, q, r)),
-                _as_result(completeness_of(r)),
-            )
+        def finished(candidate_id: str) -> None:
             score = CandidateScore(
-                prompt_id=prompt.id,
-                candidate_id=c.candidate_id,
-                language=language,
-                helpfulness=results[0],
-                logicality=results[1],
-                faithfulness=results[2],
-                completeness=results[3],
+                prompt_id=prompt.id, candidate_id=candidate_id, language=language,
+                **{name: _as_result(outcome) for name, outcome in run.outcomes(candidate_id).items()},
             )
+            scores[candidate_id] = score
             if on_scored is not None:
                 on_scored(score)
-            return score
 
+        # The pruned schedule reports its scores once the rounds decided them.
+        online = OnlineExecutor(run, self.judge, retrieve, None if self.config.prune else finished)
         try:
-            return await asyncio.gather(*(one_candidate(c) for c in candidates))
+            online.launch(run.start())
+            if self.config.prune:
+                return await self._score_pruned(prompt, candidates, language, run, online, on_scored)
+            await online.until(lambda: len(scores) == len(candidates))
+            return [scores[c.candidate_id] for c in candidates]
         finally:
-            for task in (indexed, key_points):
-                if not task.done():
-                    task.cancel()
-            # Retrieve exceptions of shared tasks nobody awaited (e.g. every candidate failed early).
-            await asyncio.gather(indexed, key_points, checks.close(), return_exceptions=True)
+            if not indexed.done():
+                indexed.cancel()
+            # Requests nobody waits for any more (their candidates already failed) are stopped.
+            await asyncio.gather(indexed, online.close(), return_exceptions=True)
 
     async def _score_pruned(
-        self, prompt: Prompt, candidates: list[Candidate], language: str, key_points: asyncio.Future[str],
-        checks: faithfulness.SupportChecks, on_scored: Callable[[CandidateScore], None] | None,
+        self, prompt: Prompt, candidates: list[Candidate], language: str, run: PlanRun, online: OnlineExecutor,
+        on_scored: Callable[[CandidateScore], None] | None,
     ) -> list[CandidateScore]:
-        """Pair pruning (`reward.pruning`): every dimension but the support checks for every
-        candidate, then only the support checks that can still change the prompt's pair."""
-        q = prompt.query
-
-        async def completeness_of(response: str) -> float:
-            try:
-                points = await key_points
-            except LLMCallFailed as exc:
-                raise type(exc)(f"key-point extraction failed: {exc}", transport=exc.transport) from None
-            return await completeness.score_completeness(self.judge, language, q, points, response)
-
-        async def statements_of(response: str) -> tuple[DimensionResult, list[str]]:
-            found = await faithfulness.extract_statements(self.judge, language, q, response)
-            return DimensionResult(score=10.0 if not found else None, statements=len(found)), found
-
-        async def first_wave(c: Candidate) -> tuple[list[DimensionResult], tuple[DimensionResult, list[str] | None]]:
-            r = c.response
-            results = await asyncio.gather(
-                _as_result(helpfulness.score_helpfulness(self.judge, language, q, r)),
-                _as_result(logicality.score_logicality(self.judge, language, q, r)),
-                _as_result(completeness_of(r)),
-                _statements_result(statements_of(r)),
-            )
-            return list(results[:3]), results[3]
-
-        waves = await asyncio.gather(*(first_wave(c) for c in candidates))
+        """Pair pruning (`reward.pruning`): the plan runs with its support checks held back, so every
+        dimension but those checks ends for every candidate; then only the support checks that can
+        still change the prompt's pair are released."""
+        await online.until(run.settled)
         race = PairRace([c.candidate_id for c in candidates], self.pairs)
         statements: dict[str, list[str]] = {}
         faith: dict[str, DimensionResult] = {}
-        for c, (cheap, (extracted, found)) in zip(candidates, waves, strict=True):
+        cheap: dict[str, dict[str, DimensionResult]] = {}
+        for c in candidates:
             contestant = race[c.candidate_id]
-            for name, result in zip(("helpfulness", "logicality", "completeness"), cheap, strict=True):
+            outcomes = run.outcomes(c.candidate_id)
+            cheap[c.candidate_id] = {name: _as_result(outcomes[name]) for name in ("helpfulness", "logicality", "completeness")}
+            for name, result in cheap[c.candidate_id].items():
                 contestant.scores[name] = result.score
                 contestant.failed |= not result.ok
-            faith[c.candidate_id] = extracted
-            if extracted.error is not None:
-                contestant.failed = True
-            elif found is not None:
-                contestant.statements = len(found)
-                if not found:
-                    contestant.scores["faithfulness"] = 10.0
-                elif not contestant.failed:
-                    statements[c.candidate_id] = found
-        outcome = await check_support_pruned(race, statements, checks)
+            if "faithfulness" in outcomes:  # the extraction failed, or found nothing to check
+                extracted = faith[c.candidate_id] = _as_result(outcomes["faithfulness"])
+                contestant.failed |= extracted.error is not None
+                contestant.statements = extracted.statements
+                contestant.scores["faithfulness"] = extracted.score
+                continue
+            found = [step.args[0] for step in run.held_steps(c.candidate_id, "faithfulness")]
+            faith[c.candidate_id] = DimensionResult(statements=len(found))
+            contestant.statements = len(found)
+            if not contestant.failed:
+                statements[c.candidate_id] = found
+        outcome = await check_support_pruned(race, statements, _ReleasedSupportChecks(online))
         self.pruning.support_checks_saved += outcome.checks_saved
         scores = []
-        for c, (cheap, _) in zip(candidates, waves, strict=True):
+        for c in candidates:
             contestant = race[c.candidate_id]
             f = faith[c.candidate_id]
             if c.candidate_id in outcome.failures:
-                f = await _as_result(_raise(outcome.failures[c.candidate_id]))
+                f = _as_result(Outcome(error=outcome.failures[c.candidate_id]))
                 f.statements = contestant.statements
             elif contestant.scores["faithfulness"] is not None:
                 f = DimensionResult(score=contestant.scores["faithfulness"], statements=contestant.statements)
             pruned = contestant.open
             low, high = contestant.bounds if pruned else (None, None)
+            known = cheap[c.candidate_id]
             score = CandidateScore(
                 prompt_id=prompt.id, candidate_id=c.candidate_id, language=language,
-                helpfulness=cheap[0], logicality=cheap[1], faithfulness=f, completeness=cheap[2],
-                pruned=pruned, reward_low=low, reward_high=high,
+                helpfulness=known["helpfulness"], logicality=known["logicality"], faithfulness=f,
+                completeness=known["completeness"], pruned=pruned, reward_low=low, reward_high=high,
             )
             self.pruning.pruned += pruned
             if on_scored is not None:
@@ -357,37 +318,146 @@ class PruningStats:
     support_checks_saved: int = 0  # distinct statements never graded
 
 
-async def _raise(exc: Exception) -> float:
-    raise exc
+class OnlineExecutor:
+    """Runs a `PlanRun` against the judge: every need is answered as soon as it is ready (judge
+    calls asked at once, the client's limits queue them; the evidence of needs that became ready
+    together retrieved in one query), and each answer advances the plan at once.
+
+    `on_finished` is called with each candidate whose dimensions all ended. Refused credentials
+    stop everything: `until` raises them, and so does every support check awaited (`release`)."""
+
+    def __init__(
+        self, run: PlanRun, judge: Judge, retrieve: Callable[[list[str]], Awaitable[list[str]]],
+        on_finished: Callable[[str], None] | None,
+    ):
+        self.run = run
+        self.judge = judge
+        self.retrieve = retrieve
+        self.on_finished = on_finished
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self._stopped: BaseException | None = None
+        self._steps: dict[Step, asyncio.Future[Any]] = {}
+
+    def launch(self, leaves: list[Leaf]) -> None:
+        """Answer `leaves` (what the plan returned as ready)."""
+        evidence = [leaf for leaf in leaves if isinstance(leaf, Evidence)]
+        if evidence:
+            self._spawn(self._retrieve(evidence))
+        for leaf in leaves:
+            if isinstance(leaf, Ask):
+                self._spawn(self._ask(leaf))
+        self._report()
+
+    def release(self, steps: list[Step]) -> list[asyncio.Future[Any]]:
+        """Start held `steps`; their outcomes, to await."""
+        self.launch(self.run.release(steps))
+        futures = []
+        for step in steps:
+            if step not in self._steps:
+                self._steps[step] = asyncio.get_running_loop().create_future()
+                if self._stopped is not None:
+                    self._steps[step].set_exception(self._stopped)
+            futures.append(self._steps[step])
+        self._report()
+        return futures
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Wait until `condition()` holds (checked after every answer)."""
+        while True:
+            if self._stopped is not None:
+                raise self._stopped
+            if condition():
+                return
+            if not self._tasks:
+                raise RuntimeError("the plan waits for an answer nobody was asked for")
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def close(self) -> None:
+        """Stop the requests still in flight."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._changed.set()
+
+    async def _ask(self, ask: Ask) -> None:
+        try:
+            value = await self.judge.verdict(ask.dimension, ask.messages, ask.verdict)
+        except AuthenticationFailed as exc:
+            self._stop(exc)
+        except Exception as exc:
+            self._answer(ask, error=exc)
+        else:
+            self._answer(ask, value)
+
+    async def _retrieve(self, leaves: list[Evidence]) -> None:
+        try:
+            texts = await self.retrieve([leaf.statement for leaf in leaves])
+        except Exception as exc:
+            for leaf in leaves:
+                self._answer(leaf, error=exc)
+        else:
+            for leaf, text in zip(leaves, texts, strict=True):
+                self._answer(leaf, text)
+
+    def _answer(self, leaf: Leaf, value: Any = None, error: Exception | None = None) -> None:
+        if self._stopped is not None:
+            return
+        try:
+            self.launch(self.run.resolve(leaf, value, error))
+        except Exception as exc:  # a fault of the plan or of `on_finished`, not of an answer
+            self._stop(exc)
+
+    def _report(self) -> None:
+        for candidate_id in self.run.finished():
+            if self.on_finished is not None:
+                self.on_finished(candidate_id)
+        for step, future in self._steps.items():
+            outcome = self.run.step_outcome(step)
+            if outcome is not None and not future.done():
+                if outcome.error is not None:
+                    future.set_exception(outcome.error)
+                else:
+                    future.set_result(outcome.value)
+        self._changed.set()
+
+    def _stop(self, exc: BaseException) -> None:
+        if self._stopped is None:
+            self._stopped = exc
+            for future in self._steps.values():
+                if not future.done():
+                    future.set_exception(exc)
+        self._changed.set()
 
 
-async def _statements_result(work: Awaitable[tuple[DimensionResult, list[str]]]) -> tuple[DimensionResult, list[str] | None]:
-    """The statement extraction's outcome: (a partial faithfulness result, the statements), or
-    (its failure, None). Refused credentials escape, as in `_as_result`."""
-    found: list[list[str]] = []
+class _ReleasedSupportChecks:
+    """The support checks `reward.pruning` asks for, released from the plan's held ones."""
 
-    async def extraction() -> DimensionResult:
-        result, statements = await work
-        found.append(statements)
-        return result
+    def __init__(self, online: OnlineExecutor):
+        self.online = online
 
-    result = await _as_result(extraction())
-    if result.error is not None:
-        return result, None
-    return result, found[0]
+    def start(self, statements: list[str]) -> list[asyncio.Future[Any]]:
+        return self.online.release([faithfulness.support_check(s) for s in statements])
 
 
-async def _as_result(work: Awaitable[float | DimensionResult]) -> DimensionResult:
+def _as_result(outcome: Outcome) -> DimensionResult:
     """A dimension's outcome: its score, or its failure with the reason. Only refused credentials
     escape as an exception: they end the run, since every other request would fail alike."""
-    try:
-        value = await work
-    except AuthenticationFailed:
-        raise
-    except Exception as exc:
-        if isinstance(exc, LLMCallFailed):
-            return DimensionResult(error=str(exc), transport=exc.transport, rejected=isinstance(exc, RequestRejected))
-        return DimensionResult(error=redact(f"{type(exc).__name__}: {exc}"))
-    if isinstance(value, DimensionResult):
-        return value
-    return DimensionResult(score=float(value))
+    exc = outcome.error
+    if exc is None:
+        value = outcome.value
+        return value if isinstance(value, DimensionResult) else DimensionResult(score=float(value))
+    if isinstance(exc, AuthenticationFailed):
+        raise exc
+    if isinstance(exc, LLMCallFailed):
+        return DimensionResult(error=str(exc), transport=exc.transport, rejected=isinstance(exc, RequestRejected))
+    return DimensionResult(error=redact(f"{type(exc).__name__}: {exc}"))

@@ -8,11 +8,9 @@ grades the response against them (completeness_judge.*.txt, beside this file), v
 
 from __future__ import annotations
 
-import asyncio
-
-from longreward_core.reward.chunking import ChunkSpan
-from longreward_core.reward.judge import Judge
+from longreward_core.models.client import LLMCallFailed
 from longreward_core.reward.prompts import render
+from longreward_core.reward.steps import Ask, Plan, PromptInputs, Step
 from longreward_core.reward.verdicts import RATING, VerdictFormat, parse_marked_list
 
 DIMENSION = "completeness"
@@ -33,23 +31,31 @@ def parse_information(text: str) -> list[str]:
 INFORMATION = VerdictFormat(parse=parse_information, prefix="[[information]]\n- ", none="[[none]]")
 
 
-async def extract_key_points(judge: Judge, language: str, question: str, chunks: list[ChunkSpan]) -> str:
+def extract_key_points(prompt: PromptInputs) -> Plan[str]:
     """The question-relevant information of every chunk, labelled by position (one call per chunk)."""
-    per_chunk = await asyncio.gather(
-        *(
-            judge.verdict(DIMENSION, render("completeness_extract", language, question=question, chunk=c.text), INFORMATION)
-            for c in chunks
-        )
-    )
+    chunks = prompt.completeness_chunks
+    per_chunk = yield [
+        Ask(DIMENSION, render("completeness_extract", prompt.language, question=prompt.question, chunk=c.text), INFORMATION)
+        for c in chunks
+    ]
     sections = [
-        _POSITION[language].format(label=c.position_label) + "\n" + "\n".join(f"- {p}" for p in points)
+        _POSITION[prompt.language].format(label=c.position_label) + "\n" + "\n".join(f"- {p}" for p in points)
         for c, points in zip(chunks, per_chunk, strict=True)
         if points
     ]
-    return "\n\n".join(sections) or NO_KEY_POINTS[language]
+    return "\n\n".join(sections) or NO_KEY_POINTS[prompt.language]
 
 
-async def score_completeness(judge: Judge, language: str, question: str, key_points: str, response: str) -> float:
-    """Score 0-10 against the extracted key points; raises LLMCallFailed on failure."""
-    messages = render("completeness_judge", language, question=question, key_points=key_points, response=response)
-    return await judge.verdict(DIMENSION, messages, RATING)
+# Once per prompt, shared by its candidates: started with the prompt (see `reward.plan`).
+KEY_POINTS = Step(extract_key_points)
+
+
+def plan(prompt: PromptInputs, response: str) -> Plan[float]:
+    """Score 0-10 against the prompt's key points (`KEY_POINTS`); their failure fails this dimension."""
+    try:
+        (key_points,) = yield [KEY_POINTS]
+    except LLMCallFailed as exc:
+        raise type(exc)(f"key-point extraction failed: {exc}", transport=exc.transport) from None
+    messages = render("completeness_judge", prompt.language, question=prompt.question, key_points=key_points, response=response)
+    (score,) = yield [Ask(DIMENSION, messages, RATING)]
+    return score

@@ -5,7 +5,7 @@
 2. Each distinct statement retrieves its top-k retrieval chunks, put back in document order.
 3. One call per distinct statement grades support (faithfulness_support.{en,zh}.txt):
    Fully supported = 1, Partially supported = 0.5, No support = 0. A statement that several
-   candidates of a prompt make word for word is retrieved and graded once (`SupportChecks`).
+   candidates of a prompt make word for word is retrieved and graded once (a shared `Step`).
 Score = 10 x mean support.
 
 A response with no factual statement (a refusal, a purely functional reply) scores 10: it asserts
@@ -15,13 +15,11 @@ told apart; helpfulness and completeness are where an empty answer loses.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Awaitable, Callable
 
 from longreward_core.data.records import DimensionResult
-from longreward_core.reward.judge import Judge
 from longreward_core.reward.prompts import render
+from longreward_core.reward.steps import Ask, Evidence, Plan, PromptInputs, Step
 from longreward_core.reward.verdicts import (
     VerdictFormat,
     VerdictParseError,
@@ -32,10 +30,6 @@ DIMENSION = "faithfulness"
 
 SUPPORT_VALUES = {"fully supported": 1.0, "partially supported": 0.5, "no support": 0.0}
 _SUPPORT = re.compile(r"\[\[\s*(fully supported|partially supported|no support)\s*\]\]", re.I)
-
-# Evidence retriever: statements -> one evidence text per statement.
-Retriever = Callable[[list[str]], Awaitable[list[str]]]
-
 
 def parse_statements(text: str) -> list[str]:
     return parse_marked_list(text, open_marker="[[statements]]", none_marker="[[no statements]]")
@@ -72,59 +66,29 @@ def distinct(statements: list[str]) -> list[str]:
     return out
 
 
-class SupportChecks:
-    """The support verdicts of one prompt's statements, shared by all its candidates.
+def check_support(prompt: PromptInputs, statement: str) -> Plan[float]:
+    """1 / 0.5 / 0: how far the statement's retrieved excerpts support it (one judge call).
 
-    A statement that several candidates make word for word is retrieved and graded once: every
-    candidate gets the same verdict, and the judge is asked one question instead of several. Only
-    identical text is shared: the question sent for a statement never depends on which candidate
-    asked first, so a re-run reproduces every verdict from the call cache.
-    """
-
-    def __init__(self, judge: Judge, retrieve: Retriever, language: str):
-        self._judge = judge
-        self._retrieve = retrieve
-        self._language = language
-        self._checks: dict[str, asyncio.Future[float]] = {}
-
-    async def supports(self, statements: list[str]) -> list[float]:
-        """1 / 0.5 / 0 per statement (raises LLMCallFailed when a verdict cannot be had)."""
-        return list(await asyncio.gather(*self.start(statements)))
-
-    def start(self, statements: list[str]) -> list[asyncio.Future[float]]:
-        """The checks of `statements`, started where new (their evidence retrieved in one batch)."""
-        fresh = list(dict.fromkeys(s for s in statements if s not in self._checks))
-        if fresh:
-            # Registered before any await, so a candidate arriving meanwhile waits for these.
-            evidence = asyncio.ensure_future(self._retrieve(fresh))
-            for i, statement in enumerate(fresh):
-                self._checks[statement] = asyncio.ensure_future(self._grade(statement, evidence, i))
-        return [self._checks[s] for s in statements]
-
-    async def _grade(self, statement: str, evidence: asyncio.Future[list[str]], index: int) -> float:
-        excerpts = (await evidence)[index]
-        messages = render("faithfulness_support", self._language, evidence=excerpts, statement=statement)
-        return await self._judge.verdict(DIMENSION, messages, SUPPORT)
-
-    async def close(self) -> None:
-        """Stop checks nobody waits for any more (their candidates already failed)."""
-        for check in self._checks.values():
-            check.cancel()
-        await asyncio.gather(*self._checks.values(), return_exceptions=True)
+    A statement that several candidates make word for word is one step of the prompt: it is
+    retrieved and graded once, and the question sent never depends on which candidate asked
+    first, so a re-run reproduces every verdict from the call cache."""
+    (excerpts,) = yield [Evidence(statement)]
+    messages = render("faithfulness_support", prompt.language, evidence=excerpts, statement=statement)
+    (support,) = yield [Ask(DIMENSION, messages, SUPPORT)]
+    return support
 
 
-async def extract_statements(judge: Judge, language: str, question: str, response: str) -> list[str]:
-    """The response's distinct factual statements (one judge call)."""
-    messages = render("faithfulness_statements", language, question=question, response=response)
-    return distinct(await judge.verdict(DIMENSION, messages, STATEMENTS))
+def support_check(statement: str) -> Step:
+    """The prompt's support check of `statement`."""
+    return Step(check_support, (statement,))
 
 
-async def score_faithfulness(
-    judge: Judge, checks: SupportChecks, language: str, question: str, response: str
-) -> DimensionResult:
-    """Faithfulness 0-10 with the number of statements judged; raises LLMCallFailed on failure."""
-    statements = await extract_statements(judge, language, question, response)
+def plan(prompt: PromptInputs, response: str) -> Plan[DimensionResult]:
+    """Faithfulness 0-10 with the number of distinct statements judged."""
+    messages = render("faithfulness_statements", prompt.language, question=prompt.question, response=response)
+    (found,) = yield [Ask(DIMENSION, messages, STATEMENTS)]
+    statements = distinct(found)
     if not statements:
         return DimensionResult(score=10.0, statements=0)
-    supports = await checks.supports(statements)
+    supports = yield [support_check(s) for s in statements]
     return DimensionResult(score=10.0 * sum(supports) / len(supports), statements=len(statements))

@@ -5,14 +5,15 @@ Prompt files (beside this one): helpfulness.{en,zh}.txt. One judge call per cand
 
 from __future__ import annotations
 
-from longreward_core.reward.judge import Judge
 from longreward_core.reward.prompts import render
+from longreward_core.reward.steps import Ask, Plan, PromptInputs
 from longreward_core.reward.verdicts import RATING
 
 DIMENSION = "helpfulness"
 
 
-async def score_helpfulness(judge: Judge, language: str, question: str, response: str) -> float:
-    """Score 0-10; raises LLMCallFailed when the judge gives no verdict."""
-    messages = render("helpfulness", language, question=question, response=response)
-    return await judge.verdict(DIMENSION, messages, RATING)
+def plan(prompt: PromptInputs, response: str) -> Plan[float]:
+    """Score 0-10: one judge call."""
+    messages = render("helpfulness", prompt.language, question=prompt.question, response=response)
+    (score,) = yield [Ask(DIMENSION, messages, RATING)]
+    return score

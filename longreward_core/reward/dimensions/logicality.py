@@ -6,14 +6,15 @@ Prompt files (beside this one): logicality.{en,zh}.txt. One judge call per candi
 
 from __future__ import annotations
 
-from longreward_core.reward.judge import Judge
 from longreward_core.reward.prompts import render
+from longreward_core.reward.steps import Ask, Plan, PromptInputs
 from longreward_core.reward.verdicts import RATING
 
 DIMENSION = "logicality"
 
 
-async def score_logicality(judge: Judge, language: str, question: str, response: str) -> float:
-    """Score 0-10; raises LLMCallFailed when the judge gives no verdict."""
-    messages = render("logicality", language, question=question, response=response)
-    return await judge.verdict(DIMENSION, messages, RATING)
+def plan(prompt: PromptInputs, response: str) -> Plan[float]:
+    """Score 0-10: one judge call."""
+    messages = render("logicality", prompt.language, question=prompt.question, response=response)
+    (score,) = yield [Ask(DIMENSION, messages, RATING)]
+    return score
