@@ -43,8 +43,9 @@ import polars as pl  # noqa: E402
 
 from bench_scoring import synthetic_document  # noqa: E402
 from longreward_core.models.embeddings import EMBEDDING_BACKEND_ENV, OnnxEmbedder, SentenceTransformerEmbedder  # noqa: E402
+from longreward_core.reward.documents import retrieval_chunking  # noqa: E402
 from longreward_core.reward.retrieval import content_hash  # noqa: E402
-from longreward_core.reward.scorer import ScoringConfig, retrieval_chunking  # noqa: E402
+from longreward_core.reward.scorer import ScoringConfig  # noqa: E402
 from tests.judge_double import sentences  # noqa: E402
 
 BACKENDS = ("torch", "onnx")

@@ -84,7 +84,9 @@ class BuildParams(BaseModel):
     dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge model and its limits (per shard).")
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Chunking and retrieval.")
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig, description="Chunking and retrieval; prompts in flight, the judge budget, pruning."
+    )
     pairs: PairConfig = Field(default_factory=PairConfig, description="Preference pair rules.")
     train_deployment: str | None = Field(
         None,

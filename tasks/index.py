@@ -7,14 +7,14 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from longreward_core.pipeline.build import index_shard
-from longreward_core.reward.scorer import ScoringConfig
+from longreward_core.reward.documents import DocumentConfig
 from tasks.caching import shard_stage
 
 VERSION = 1
 
 
 @shard_stage("index", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "scoring"))
-def index_documents(shard_dir: str, shard_name: str, scoring: ScoringConfig) -> int:
+def index_documents(shard_dir: str, shard_name: str, scoring: DocumentConfig) -> int:
     """Chunks embedded for this shard (0 when its documents were already indexed)."""
     embedded = index_shard(shard_dir, scoring)
     get_run_logger().info("%s: %d document chunks embedded", shard_name, embedded)

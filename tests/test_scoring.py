@@ -311,7 +311,7 @@ def test_the_plans_first_wave_is_what_the_online_run_sends_before_any_answer(jud
     from longreward_core.data.records import Prompt
     from longreward_core.reward.judge import Judge
     from longreward_core.reward.plan import PlanRun
-    from longreward_core.reward.scorer import prepare_document
+    from longreward_core.reward.documents import prepare_document
     from longreward_core.reward.steps import Ask, PromptInputs
     from tests.judge_double import task_of
 

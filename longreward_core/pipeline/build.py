@@ -46,11 +46,7 @@ from longreward_core.models.client import LLMClient
 from longreward_core.models.event_loop import run_async
 from longreward_core.pipeline.sampling import PolicyConfig, sample_candidates
 from longreward_core.pipeline.score import pairs_files
-from longreward_core.reward.scorer import (
-    ScoringConfig,
-    open_chunk_index,
-    prepare_document,
-)
+from longreward_core.reward.documents import DocumentConfig, open_chunk_index, prepare_document
 
 REWARD_BINS = 10  # unit bins over the 0-10 reward scale
 
@@ -98,15 +94,15 @@ def write_shards(
     )
 
 
-def index_shard(shard_dir: str | Path, scoring_config: ScoringConfig) -> int:
+def index_shard(shard_dir: str | Path, config: DocumentConfig) -> int:
     """Index the retrieval chunks of the shard's documents, the way the scorer does, into
     `shard_dir/qdrant` (or the configured Qdrant server); returns chunks embedded."""
     shard = Path(shard_dir)
     prompts = load_prompts(shard / "prompts.parquet").records
-    index = open_chunk_index(scoring_config, shard / "qdrant")
+    index = open_chunk_index(config, shard / "qdrant")
     try:
         for prompt in prompts:
-            prepare_document(prompt.context, scoring_config).index_into(index)
+            prepare_document(prompt.context, config).index_into(index)
         return index.chunks_embedded
     finally:
         index.close()

@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from longreward_core.data.form import form_order
 from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import (
     Candidate,
@@ -33,31 +31,19 @@ from longreward_core.models.client import (
     RequestRejected,
     redact,
 )
-from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
-from longreward_core.models.tokenizers import load_tokenizer
-from longreward_core.reward.chunking import ChunkSpan, chunk_document
 from longreward_core.reward.dimensions import faithfulness
+from longreward_core.reward.documents import DocumentConfig, PreparedDocument, open_chunk_index, prepare_document
 from longreward_core.reward.judge import Judge
 from longreward_core.reward.plan import Leaf, Outcome, PlanRun
 from longreward_core.reward.pruning import PairRace, check_support_pruned
-from longreward_core.reward.retrieval import ChunkIndex, content_hash
+from longreward_core.reward.retrieval import content_hash
 from longreward_core.reward.steps import Ask, Evidence, PromptInputs, Step
 
 
-class ScoringConfig(BaseModel):
-    """How documents are chunked and searched. Every field is a CLI option / flow parameter."""
+class ScoringConfig(DocumentConfig):
+    """How documents are chunked and searched (the fields of `DocumentConfig`), and how the scoring
+    run goes: prompts in flight, the judge budget, pruning. Every field is a CLI option / flow parameter."""
 
-    model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
-
-    retrieval_chunk_tokens: int = Field(128, ge=8, description="Tokens per retrieval chunk (faithfulness).")
-    completeness_chunk_tokens: int = Field(4096, ge=64, description="Tokens per key-point extraction chunk.")
-    top_k: int = Field(5, ge=1, description="Chunks retrieved per factual statement.")
-    tokenizer: str | None = Field(None, description="Tokenizer name or path for chunking; None: the embedded model's.")
-    embedding_model: str = Field(
-        EMBEDDED_EMBEDDING, description="Embedding model: the embedded MiniLM, or a litellm embedding model string."
-    )
-    embedding_api_base: str | None = Field(None, description="Base URL for a litellm embedding model.")
-    qdrant_url: str | None = Field(None, description="Qdrant server URL; None: local mode in the output folder.")
     prompts_in_flight: int = Field(16, ge=1, description="Prompts scored at the same time.")
     max_judge_cost_usd: float | None = Field(
         None, gt=0, description="Judge budget in USD (where litellm knows the price): once reached, no new prompt is "
@@ -79,62 +65,6 @@ def budget_share(config: ScoringConfig, parts: int) -> ScoringConfig:
         "max_judge_cost_usd": config.max_judge_cost_usd / parts if config.max_judge_cost_usd is not None else None,
         "max_judge_tokens": max(1, config.max_judge_tokens // parts) if config.max_judge_tokens is not None else None,
     })
-
-
-@dataclass(frozen=True)
-class PreparedDocument:
-    """A document's id and retrieval chunks; its completeness chunks are cut on first use, so
-    indexing alone never pays for them."""
-
-    context: str = field(repr=False)
-    config: ScoringConfig = field(repr=False)
-    doc_id: str
-    chunking: str  # identifies tokenizer + chunk size, so indexes of other settings never mix
-    retrieval_chunks: list[ChunkSpan]
-
-    @cached_property
-    def completeness_chunks(self) -> list[ChunkSpan]:
-        return chunk_document(self.context, load_tokenizer(self.config.tokenizer), self.config.completeness_chunk_tokens)
-
-    def index_into(self, index: ChunkIndex) -> None:
-        """Store the retrieval chunks in `index` (idempotent: ids are content hashes)."""
-        index.index_document(self.doc_id, self.chunking, self.retrieval_chunks)
-
-    def evidence(self, chunk_indices: list[int]) -> str:
-        """Chunks in document order; adjacent ones joined as they are, gaps marked."""
-        parts: list[str] = []
-        previous = None
-        for i in chunk_indices:
-            if previous is not None and i != previous + 1:
-                parts.append("\n[...]\n")
-            parts.append(self.retrieval_chunks[i].text)
-            previous = i
-        return "".join(parts)
-
-
-def retrieval_chunking(config: ScoringConfig) -> str:
-    """Names the tokenizer and chunk size, so indexes of other settings never mix."""
-    return f"{config.tokenizer or 'embedded'}:{config.retrieval_chunk_tokens}"
-
-
-def prepare_document(context: str, config: ScoringConfig) -> PreparedDocument:
-    """A document's id (content hash) and its retrieval chunks (completeness chunks on demand)."""
-    return PreparedDocument(
-        context=context,
-        config=config,
-        doc_id=content_hash(context),
-        chunking=retrieval_chunking(config),
-        retrieval_chunks=chunk_document(context, load_tokenizer(config.tokenizer), config.retrieval_chunk_tokens),
-    )
-
-
-def open_chunk_index(config: ScoringConfig, path: str | Path | None) -> ChunkIndex:
-    """The chunk index `config` names: its Qdrant server, else local mode in the folder `path`."""
-    return ChunkIndex(
-        make_embedder(config.embedding_model, config.embedding_api_base),
-        path=None if config.qdrant_url else path,
-        url=config.qdrant_url,
-    )
 
 
 class Scorer:
