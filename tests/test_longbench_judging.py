@@ -169,7 +169,7 @@ def test_the_chat_command_fails_on_a_partial_result_unless_allowed(judge_server,
     monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
     monkeypatch.setenv(POLICY_API_KEY_ENV, TEST_API_KEY)
     folder = chat_with_a_refused_verdict(judge_server, tmp_path)
-    command = ["eval", "longbench-chat", "--model", "openai/model-under-test", "--api-base", judge_server.api_base,
+    command = ["eval", "longbench-chat", "--model", "openai/model-under-test", "--model-api-base", judge_server.api_base,
                "--data", str(folder), "--out", str(tmp_path / "out"), "--name", "served",
                "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base]
     refused = CliRunner().invoke(app, command)

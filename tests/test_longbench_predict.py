@@ -163,7 +163,7 @@ def test_the_longbench_command_predicts_then_scores(judge_server, tmp_path, monk
     judge_server.double.answers = {"unknown": capital_answer}
     source = write_longbench(tmp_path / "lb", {"hotpotqa": 2})
     out = tmp_path / "pred"
-    command = ["eval", "longbench", "--model", "openai/model-under-test", "--api-base", judge_server.api_base,
+    command = ["eval", "longbench", "--model", "openai/model-under-test", "--model-api-base", judge_server.api_base,
                "--name", "served", "--data", str(source), "--out", str(out)]
     result = CliRunner().invoke(app, [*command, "--datasets", "hotpotqa"])
     assert result.exit_code == 0, result.output
