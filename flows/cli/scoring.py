@@ -97,7 +97,7 @@ def budget_message(reached: str, not_scored: list[str]) -> str:
 
 def _print_summary(run: ScoreRun) -> None:
     s = run.summary
-    total = s.judge["total"]
+    total = s.judge.total
     table = Table(title="LongReward scores", show_header=True)
     table.add_column("")
     table.add_column("value", justify="right")
@@ -113,23 +113,23 @@ def _print_summary(run: ScoreRun) -> None:
         ("quarantined rows", s.quarantined),
         ("mean reward", fmt(s.mean_reward)),
         *[(f"mean {d}", fmt(v)) for d, v in s.mean_by_dimension.items()],
-        ("judge requests", total["calls"]),
-        ("judge cache hits", total["cache_hits"]),
-        ("judge tokens (prompt / completion)", f"{total['prompt_tokens']} / {total['completion_tokens']}"),
-        ("judge cost (USD, where known)", f"{total['cost_usd']:.4f}"),
-        ("cacheable share of prompt tokens", "-" if total.get("cacheable_share") is None else f"{100 * total['cacheable_share']:.1f}%"),
-        ("prompt tokens cached by the provider", total.get("cached_tokens", 0)),
-        ("verdict parse failures (retried)", total["parse_failures"]),
-        ("transport errors (retried)", total["transport_errors"]),
+        ("judge requests", total.calls),
+        ("judge cache hits", total.cache_hits),
+        ("judge tokens (prompt / completion)", f"{total.prompt_tokens} / {total.completion_tokens}"),
+        ("judge cost (USD, where known)", f"{total.cost_usd:.4f}"),
+        ("cacheable share of prompt tokens", "-" if total.cacheable_share is None else f"{100 * total.cacheable_share:.1f}%"),
+        ("prompt tokens cached by the provider", total.cached_tokens),
+        ("verdict parse failures (retried)", total.parse_failures),
+        ("transport errors (retried)", total.transport_errors),
         ("chunk embeddings computed", s.chunk_embeddings),
         ("wall seconds", s.wall_seconds),
     ]:
         table.add_row(label, str(value))
     if s.embedded_judge is not None:
         e = s.embedded_judge
-        verdicts = e["verdicts_unaided"] + e["verdicts_constrained"]
-        rate = f"{100 * e['verdicts_unaided'] / verdicts:.0f}%" if verdicts else "n/a"
-        table.add_row("embedded judge: verdicts written unaided", f"{e['verdicts_unaided']}/{verdicts} ({rate})")
+        verdicts = e.verdicts_unaided + e.verdicts_constrained
+        rate = f"{100 * e.verdicts_unaided / verdicts:.0f}%" if verdicts else "n/a"
+        table.add_row("embedded judge: verdicts written unaided", f"{e.verdicts_unaided}/{verdicts} ({rate})")
     console.print(table)
     console.print(f"scores:     {run.scores_path}")
     console.print(f"accounting: {run.accounting_path}")
