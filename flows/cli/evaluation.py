@@ -65,7 +65,7 @@ def _print_scores(title: str, scores: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _evaluate(model: ModelSpec, benchmark: str, out: Path, cache_url: Optional[str], **options: Any) -> dict[str, Any]:
+def _evaluate(model: ModelSpec, benchmark: str, out: Path, cache_url: Optional[str], **options: Any) -> None:
     from longreward_core.evaluation.evaluate import (
         EvaluationIncomplete,
         EvaluationPartial,
@@ -81,19 +81,18 @@ def _evaluate(model: ModelSpec, benchmark: str, out: Path, cache_url: Optional[s
     except EvaluationIncomplete as exc:
         fail(str(exc), 1)
     except EvaluationPartial as exc:
-        _print_scores(f"{model.label}: {benchmark} (partial)", exc.summary["scores"])
+        _print_scores(f"{model.label}: {benchmark} (partial)", exc.summary.scores)
         fail(f"{exc}: pass --allow-partial", 1)
-    partial = " (partial)" if summary["partial"] else ""
-    _print_scores(f"{model.label}: {benchmark}{partial}", summary["scores"])
-    for run in summary["predictions"]:
+    partial = " (partial)" if summary.partial else ""
+    _print_scores(f"{model.label}: {benchmark}{partial}", summary.scores)
+    for run in summary.predictions:
         console.print(
-            f"{run['file']}: {run['generated']} generated, {run['already_done']} already there, "
-            f"{run['truncated_prompts']} prompts cut in the middle"
+            f"{run.file}: {run.generated} generated, {run.already_done} already there, "
+            f"{run.truncated_prompts} prompts cut in the middle"
         )
-    if summary.get("quarantined_inputs"):
-        console.print(f"[yellow]{summary['quarantined_inputs']} dataset rows quarantined: {summary['input_quarantine']}")
-    console.print(f"result: {summary['result_path']} ({summary['scored']} of {summary['cases']} cases scored)")
-    return summary
+    if summary.quarantined_inputs:
+        console.print(f"[yellow]{summary.quarantined_inputs} dataset rows quarantined: {summary.input_quarantine}")
+    console.print(f"result: {summary.result_path} ({summary.scored} of {summary.cases} cases scored)")
 
 
 @app.command("longbench-score")
