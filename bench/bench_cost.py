@@ -33,6 +33,7 @@ from pathlib import Path
 import litellm
 
 from longreward_core.data.pairs import PairConfig
+from longreward_core.data.records import CallAccounting
 from longreward_core.pipeline.score import pairs_files, score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
@@ -94,8 +95,8 @@ def scripted_judge(grounding: dict[str, float]) -> JudgeDouble:
     return JudgeDouble(answers={"helpfulness": rating, "logicality": rating, "completeness": rating, "support": support})
 
 
-def bill(total: dict) -> float:
-    return total["prompt_tokens"] * PRICES["input_cost_per_token"] + total["completion_tokens"] * PRICES["output_cost_per_token"]
+def bill(total: CallAccounting) -> float:
+    return total.prompt_tokens * PRICES["input_cost_per_token"] + total.completion_tokens * PRICES["output_cost_per_token"]
 
 
 def main() -> None:
@@ -125,20 +126,20 @@ def main() -> None:
                                   cache_path=work / f"cache-{mode}.sqlite", pair_config=pair_config)
                 wall = time.perf_counter() - t0
                 pairs = pairs_files(run.scores_path, prompts, candidates, work / f"pairs-{mode}.parquet", pair_config)
-                s, total = run.summary, run.summary.judge["total"]
+                s, total = run.summary, run.summary.judge.total
                 modes[mode] = {
-                    "judge_calls": total["calls"],
+                    "judge_calls": total.calls,
                     "support_calls": server.double.count("support"),
-                    "judge_calls_per_prompt": total["calls"] / args.prompts,
-                    "prompt_tokens": total["prompt_tokens"],
-                    "provider_cached_tokens": total["cached_tokens"],
-                    "completion_tokens": total["completion_tokens"],
-                    "cacheable_share": round(total["cacheable_share"], 4),
+                    "judge_calls_per_prompt": total.calls / args.prompts,
+                    "prompt_tokens": total.prompt_tokens,
+                    "provider_cached_tokens": total.cached_tokens,
+                    "completion_tokens": total.completion_tokens,
+                    "cacheable_share": round(total.cacheable_share, 4),
                     "cacheable_share_per_dimension": {
-                        d: round(v["cacheable_share"], 4) for d, v in s.judge["per_purpose"].items() if v["cacheable_share"] is not None
+                        d: round(v.cacheable_share, 4) for d, v in s.judge.per_purpose.items() if v.cacheable_share is not None
                     },
                     "usd_uncached": round(bill(total), 6),
-                    "usd_at_cached_prices": round(total["cost_usd"], 6),
+                    "usd_at_cached_prices": round(total.cost_usd, 6),
                     "pairs": len(pairs.pairs),
                     "prompts_without_pair": dict(pairs.skipped),
                     "scored": s.scored, "pruned": s.pruned, "failed": s.failed,

@@ -196,9 +196,9 @@ def _shard_table(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> 
     for name in sorted(set(results) | set(failed)):
         if name in results:
             s = results[name]["summary"]
-            t = s.judge["total"]
+            t = s.judge.total
             rows.append({"shard": name, "status": "completed", "candidates": s.candidates, "scored": s.scored,
-                         "failed": s.failed, "judge requests": t["calls"], "cache hits": t["cache_hits"]})
+                         "failed": s.failed, "judge requests": t.calls, "cache hits": t.cache_hits})
         else:
             rows.append({"shard": name, "status": "failed", "candidates": None, "scored": None, "failed": None,
                          "judge requests": None, "cache hits": None, "reason": failed[name][:200]})
@@ -230,7 +230,7 @@ def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting
     )
     create_table_artifact(
         key="judge-accounting",
-        table=[{"dimension": k, **v.to_dict()} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **accounting.total.to_dict()}],
+        table=[{"dimension": k, **v.model_dump()} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **accounting.total.model_dump()}],
         description=f"Judge requests, cache hits, tokens, cost, failures ({_attempt()})",
     )
 

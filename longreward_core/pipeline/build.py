@@ -159,7 +159,7 @@ def build_manifest(
     `pairs_sha256` is set by `publish_dataset`."""
     accounting = RunAccounting()
     for summary in shard_summaries:
-        accounting.add(RunAccounting.from_dict(summary.judge))
+        accounting.add(summary.judge)
     return BuildManifest(
         built_at=datetime.now(timezone.utc).isoformat(),
         inputs={

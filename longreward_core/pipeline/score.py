@@ -154,7 +154,7 @@ def score_files(
         wall_seconds=round(time.perf_counter() - started, 3),
         judge_model=judge_config.model,
         worker_pid=os.getpid(),
-        judge=accounting.to_dict(),
+        judge=accounting.record(),
         embedded_judge=embedded_judge,
     )
     accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
