@@ -36,6 +36,7 @@ from longreward_core.data.pairs import PairConfig
 from longreward_core.evaluation.chat import CHAT_MAX_INPUT_TOKENS
 from longreward_core.evaluation.predict import ModelSpec
 from longreward_core.evaluation.v2 import V2_MAX_INPUT_TOKENS
+from longreward_core.models.errors import ConfigurationError
 from longreward_core.pipeline.sampling import PolicyConfig
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
@@ -78,10 +79,11 @@ def _fail(message: str, code: int) -> NoReturn:
 
 @contextmanager
 def _input_errors() -> Iterator[None]:
-    """Bad input (a missing file, a refused value) ends the command with its message and exit code 2."""
+    """Bad input (a missing file, a refused value) or configuration (credentials, an unknown model) ends
+    the command with its message, which names the fix, and exit code 2."""
     try:
         yield
-    except (InputError, ValidationError, ValueError, FileNotFoundError) as exc:
+    except (InputError, ValidationError, ValueError, FileNotFoundError, ConfigurationError) as exc:
         _fail(str(exc), 2)
 
 
@@ -134,10 +136,10 @@ def score(
     scores.parquet, such as a request the provider refused); 1 when nothing could be scored (an
     empty input too), the judge could not be reached for some candidates (run the same command
     again: every answer received is cached), the judge budget was reached (prompts left unscored;
-    run again with a larger budget), or it refused the credentials; 2 on bad input.
+    run again with a larger budget); 2 on bad input or configuration (credentials refused or
+    missing, an unknown model, a malformed api_base: the message names the fix).
     """
     from longreward_core.models.call_cache import check_cache_url
-    from longreward_core.models.client import AuthenticationFailed
     from longreward_core.pipeline.score import score_files
 
     with _input_errors():
@@ -152,15 +154,12 @@ def score(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:
             task = progress.add_task("score", total=None)
-            try:
-                run = score_files(
-                    prompts, candidates, out, judge, scoring, cache_path=cache_path,
-                    on_start=lambda n: progress.update(task, total=n),
-                    on_scored=lambda _: progress.advance(task),
-                    pair_config=PairConfig(min_candidates=min_candidates),
-                )
-            except AuthenticationFailed as exc:
-                _fail(str(exc), 1)
+            run = score_files(
+                prompts, candidates, out, judge, scoring, cache_path=cache_path,
+                on_start=lambda n: progress.update(task, total=n),
+                on_scored=lambda _: progress.advance(task),
+                pair_config=PairConfig(min_candidates=min_candidates),
+            )
     _print_summary(run)
     s = run.summary
     if s.candidates == 0:
@@ -537,8 +536,7 @@ def longbench_judge(
 ) -> None:
     """The paper's judged LongBench (QA 1-3, summaries 1-5) into PRED_DIR/judged_result.json."""
     from longreward_core.evaluation.judging import judge_longbench_dir
-    from longreward_core.models.call_cache import check_cache_url
-    from longreward_core.models.client import CALL_CACHE_FILE
+    from longreward_core.models.call_cache import CALL_CACHE_FILE, check_cache_url
 
     with _input_errors():
         judge = JudgeConfig(model=judge_model, api_base=judge_api_base, timeout_s=judge_timeout)

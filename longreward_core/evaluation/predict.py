@@ -37,15 +37,11 @@ from longreward_core.evaluation.data import load_longbench
 from longreward_core.evaluation.tasks import LongBenchTask, get_task
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.call_cache import open_call_cache
-from longreward_core.models.client import (
-    POLICY_API_KEY_ENV,
-    AuthenticationFailed,
-    LLMCallFailed,
-    LLMClient,
-    PolicyClientConfig,
-)
+from longreward_core.models.client import ApiBase, LLMClient, PolicyClientConfig
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.loading import LOAD_LOCK
+from longreward_core.models.secrets import POLICY_API_KEY_ENV
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -63,7 +59,7 @@ class ModelSpec(BaseModel):
         "or a checkpoint folder (backend 'transformers')."
     )
     backend: Literal["litellm", "transformers"] = Field("litellm", description="How answers are generated.")
-    api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM).")
+    api_base: ApiBase = Field(None, description="Base URL of an OpenAI-compatible server (vLLM).")
     api_key: SkipJsonSchema[SecretStr | None] = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
     tokenizer: str | None = Field(
         None,
@@ -182,7 +178,7 @@ class LitellmGenerator:
                         "generation", [{"role": "user", "content": request.prompt}], 0.0, 0,
                         raw_prompt=not request.chat, max_tokens=request.max_new_tokens,
                     )
-                except AuthenticationFailed:
+                except ConfigurationError:
                     raise
                 except LLMCallFailed as exc:
                     return request, None, exc

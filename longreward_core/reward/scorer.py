@@ -26,13 +26,11 @@ from longreward_core.data.records import (
     DimensionResult,
     Prompt,
 )
-from longreward_core.models.client import (
-    AuthenticationFailed,
-    LLMCallFailed,
-    RequestRejected,
-    redact,
-)
+from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.call_cache import CallStore
 from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed, RequestRejected
+from longreward_core.models.secrets import redact
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.reward.chunking import ChunkSpan, chunk_document
 from longreward_core.reward.dimensions import (
@@ -131,10 +129,14 @@ def prepare_document(context: str, config: ScoringConfig) -> PreparedDocument:
     )
 
 
-def open_chunk_index(config: ScoringConfig, path: str | Path | None) -> ChunkIndex:
-    """The chunk index `config` names: its Qdrant server, else local mode in the folder `path`."""
+def open_chunk_index(
+    config: ScoringConfig, path: str | Path | None, *, cache: CallStore | None = None,
+    accounting: RunAccounting | None = None,
+) -> ChunkIndex:
+    """The chunk index `config` names: its Qdrant server, else local mode in the folder `path`
+    (a litellm embedding model's requests cached in `cache` and counted in `accounting`)."""
     return ChunkIndex(
-        make_embedder(config.embedding_model, config.embedding_api_base),
+        make_embedder(config.embedding_model, config.embedding_api_base, cache=cache, accounting=accounting),
         path=None if config.qdrant_url else path,
         url=config.qdrant_url,
     )
@@ -151,7 +153,7 @@ class Scorer:
         self.pairs = pairs or PairConfig()  # the pair rules pruning decides by
         self.pruning = PruningStats()
         self.not_scored: list[str] = []  # prompts not started because the judge budget was reached
-        self.index = open_chunk_index(config, index_path)
+        self.index = open_chunk_index(config, index_path, cache=judge.client.cache, accounting=judge.accounting)
         self._documents: dict[str, PreparedDocument] = {}
 
     def prepare(self, context: str) -> PreparedDocument:
@@ -382,7 +384,7 @@ async def _as_result(work: Awaitable[float | DimensionResult]) -> DimensionResul
     escape as an exception: they end the run, since every other request would fail alike."""
     try:
         value = await work
-    except AuthenticationFailed:
+    except ConfigurationError:
         raise
     except Exception as exc:
         if isinstance(exc, LLMCallFailed):

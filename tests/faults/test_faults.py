@@ -21,7 +21,8 @@ import pytest
 
 from flows.preference_build import preference_build
 from longreward_core.data.pairs import PairConfig
-from longreward_core.models.client import JUDGE_API_KEY_ENV, AuthenticationFailed
+from longreward_core.models.errors import AuthenticationFailed
+from longreward_core.models.secrets import JUDGE_API_KEY_ENV
 from longreward_core.pipeline.score import ScoreRun, score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
