@@ -20,6 +20,7 @@ example's `_id`); a re-run skips the `_id`s already there, so a crash or an outa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -83,11 +84,17 @@ class ModelSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        """The name results are filed under."""
+        """The name results are filed under: `name`, else the model's last part, made safe for a
+        folder name; a model whose id is a path (`openai/<org>/<model>`, `openai//root/ckpt`, a
+        checkpoint folder) gets a short hash of the whole string after it, so two models that end
+        alike never share a folder."""
         if self.name:
             return self.name
-        tail = self.model.rstrip("/").split("/")[-1]
-        return re.sub(r"[^A-Za-z0-9._-]", "-", tail).lstrip(".-_") or "model"
+        served = self.model.split("/", 1)[1] if self.backend == "litellm" and "/" in self.model else self.model
+        tail = re.sub(r"[^A-Za-z0-9._-]", "-", self.model.rstrip("/").split("/")[-1]).lstrip(".-_") or "model"
+        if tail == served:
+            return tail
+        return f"{tail}-{hashlib.sha256(self.model.encode()).hexdigest()[:8]}"
 
     def client_config(self) -> PolicyClientConfig:
         return PolicyClientConfig(
