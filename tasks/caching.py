@@ -71,6 +71,12 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(state.data, (ConfigurationError, InputError, ServerSetupMissing))
 
 
+def configuration_fault(state: Any) -> bool:
+    """Whether a finished task run failed on its configuration (credentials, an unknown model): a
+    re-run fails alike until it is fixed, so the run's message must not advise one."""
+    return state.is_failed() and isinstance(state.result(raise_on_failure=False), ConfigurationError)
+
+
 def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...]):
     """The decorator of a per-shard stage task: run name '<stage>-shard-NNNN', retries with
     exponential backoff and jitter, and a persisted result cached by stage_cache_key."""
