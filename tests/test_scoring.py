@@ -11,7 +11,7 @@ import pytest
 
 from longreward_core.data import io
 from longreward_core.data.records import SCORES_SCHEMA, CandidateScore, DimensionResult
-from longreward_core.models.client import AuthenticationFailed
+from longreward_core.models.errors import AuthenticationFailed
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.pipeline import score as pipeline_score
 from longreward_core.pipeline.score import score_files

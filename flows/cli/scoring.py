@@ -54,10 +54,10 @@ def score(
     scores.parquet, such as a request the provider refused); 1 when nothing could be scored (an
     empty input too), the judge could not be reached for some candidates (run the same command
     again: every answer received is cached), the judge budget was reached (prompts left unscored;
-    run again with a larger budget), or it refused the credentials; 2 on bad input.
+    run again with a larger budget); 2 on bad input or configuration (credentials refused or
+    missing, an unknown model, a malformed api_base: the message names the fix).
     """
     from longreward_core.models.call_cache import check_cache_url
-    from longreward_core.models.client import AuthenticationFailed
     from longreward_core.pipeline.score import score_files
 
     with input_errors():
@@ -66,15 +66,12 @@ def score(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:
             task = progress.add_task("score", total=None)
-            try:
-                run = score_files(
-                    prompts, candidates, out, judge, scoring, cache_path=cache_path,
-                    on_start=lambda n: progress.update(task, total=n),
-                    on_scored=lambda _: progress.advance(task),
-                    pair_config=PairConfig(min_candidates=min_candidates),
-                )
-            except AuthenticationFailed as exc:
-                fail(str(exc), 1)
+            run = score_files(
+                prompts, candidates, out, judge, scoring, cache_path=cache_path,
+                on_start=lambda n: progress.update(task, total=n),
+                on_scored=lambda _: progress.advance(task),
+                pair_config=PairConfig(min_candidates=min_candidates),
+            )
     _print_summary(run)
     s = run.summary
     if s.candidates == 0:

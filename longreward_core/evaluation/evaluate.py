@@ -48,7 +48,7 @@ from longreward_core.evaluation.tasks import (
     JUDGED_SUMMARY_DATASETS,
     resolve_datasets,
 )
-from longreward_core.models.client import CALL_CACHE_FILE
+from longreward_core.models.call_cache import CALL_CACHE_FILE
 from longreward_core.reward.judge import JudgeConfig
 
 Benchmark = Literal["longbench", "longbench-e", "longbench-judged", "longbench-v2", "longbench-chat"]

@@ -40,7 +40,7 @@ from longreward_core.evaluation.tasks import (
 )
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.call_cache import open_call_cache
-from longreward_core.models.client import AuthenticationFailed, LLMCallFailed
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed
 from longreward_core.models.event_loop import run_async
 from longreward_core.reward.judge import Judge, JudgeConfig
 from longreward_core.reward.prompts import render
@@ -168,7 +168,7 @@ async def _judge_all(jobs: list[JudgeJob], judge_config: JudgeConfig, cache_path
         async def one(dataset: str, row_id: str, call: Callable[..., Awaitable[tuple[float, float]]], args: tuple[Any, ...]) -> dict[str, Any]:
             try:
                 rating, score = await call(judge, *args)
-            except AuthenticationFailed:
+            except ConfigurationError:
                 raise
             except LLMCallFailed as exc:
                 return {"dataset": dataset, "_id": row_id, "rating": None, "score": None, "error": str(exc),

@@ -20,6 +20,7 @@ example's `_id`); a re-run skips the `_id`s already there, so a crash or an outa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -37,15 +38,11 @@ from longreward_core.evaluation.data import load_longbench
 from longreward_core.evaluation.tasks import LongBenchTask, get_task
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.call_cache import open_call_cache
-from longreward_core.models.client import (
-    POLICY_API_KEY_ENV,
-    AuthenticationFailed,
-    LLMCallFailed,
-    LLMClient,
-    PolicyClientConfig,
-)
+from longreward_core.models.client import ApiBase, LLMClient, PolicyClientConfig
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.loading import LOAD_LOCK
+from longreward_core.models.secrets import POLICY_API_KEY_ENV
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -63,7 +60,7 @@ class ModelSpec(BaseModel):
         "or a checkpoint folder (backend 'transformers')."
     )
     backend: Literal["litellm", "transformers"] = Field("litellm", description="How answers are generated.")
-    api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM).")
+    api_base: ApiBase = Field(None, description="Base URL of an OpenAI-compatible server (vLLM).")
     api_key: SkipJsonSchema[SecretStr | None] = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
     tokenizer: str | None = Field(
         None,
@@ -87,11 +84,17 @@ class ModelSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        """The name results are filed under."""
+        """The name results are filed under: `name`, else the model's last part, made safe for a
+        folder name; a model whose id is a path (`openai/<org>/<model>`, `openai//root/ckpt`, a
+        checkpoint folder) gets a short hash of the whole string after it, so two models that end
+        alike never share a folder."""
         if self.name:
             return self.name
-        tail = self.model.rstrip("/").split("/")[-1]
-        return re.sub(r"[^A-Za-z0-9._-]", "-", tail).lstrip(".-_") or "model"
+        served = self.model.split("/", 1)[1] if self.backend == "litellm" and "/" in self.model else self.model
+        tail = re.sub(r"[^A-Za-z0-9._-]", "-", self.model.rstrip("/").split("/")[-1]).lstrip(".-_") or "model"
+        if tail == served:
+            return tail
+        return f"{tail}-{hashlib.sha256(self.model.encode()).hexdigest()[:8]}"
 
     def client_config(self) -> PolicyClientConfig:
         return PolicyClientConfig(
@@ -182,7 +185,7 @@ class LitellmGenerator:
                         "generation", [{"role": "user", "content": request.prompt}], 0.0, 0,
                         raw_prompt=not request.chat, max_tokens=request.max_new_tokens,
                     )
-                except AuthenticationFailed:
+                except ConfigurationError:
                     raise
                 except LLMCallFailed as exc:
                     return request, None, exc

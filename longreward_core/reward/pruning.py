@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import DIMENSIONS
-from longreward_core.models.client import AuthenticationFailed
+from longreward_core.models.errors import ConfigurationError
 
 LOW, HIGH = 0.0, 10.0
 # Support checks one prompt asks for in one round: enough to keep the judge busy across prompts,
@@ -211,7 +211,7 @@ async def check_support_pruned(race: PairRace, statements: dict[str, list[str]],
         asked.update(picks)
         results = await asyncio.gather(*checks.start(picks), return_exceptions=True)
         for text, result in zip(picks, results, strict=True):
-            if isinstance(result, AuthenticationFailed):
+            if isinstance(result, ConfigurationError):
                 raise result
             for cid, i in holders[text]:
                 contestant = race[cid]
