@@ -24,7 +24,7 @@ from longreward_core.models.embeddings import (
     make_embedder,
     onnx_model_path,
 )
-from tests.judge_double import Fault
+from longreward_testing.judge_double import Fault
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from longreward_core.models.errors import (
 from longreward_core.models.secrets import KEYLESS_API_KEY
 from longreward_core.pipeline.sampling import PolicyConfig
 from longreward_core.reward.judge import JudgeConfig
-from tests.judge_double import Fault
+from longreward_testing.judge_double import Fault
 from tests.test_direct_route import MESSAGES, ROUTES, send
 
 runner = CliRunner()
@@ -138,7 +138,7 @@ def _score(server, sample_paths, out, *options):
     prompts, candidates = sample_paths
     return runner.invoke(
         app, ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out), *options,
-              "--judge-api-base", server.api_base, "--concurrency", "1", "--timeout", "5"],
+              "--judge-api-base", server.api_base, "--judge-concurrency", "1", "--judge-timeout", "5"],
     )
 
 
