@@ -34,7 +34,7 @@ import litellm
 
 from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import CallAccounting
-from longreward_core.pipeline.score import pairs_files, score_files
+from longreward_core.pipeline.score_files import pairs_files, score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.judge_double import JudgeDouble, JudgeServer, normal_text, slot

@@ -36,7 +36,7 @@ from longreward_core.data.records import EvaluationSummary
 from longreward_core.evaluation.compare import write_comparison
 from longreward_core.evaluation.evaluate import Benchmark, DataSources
 from longreward_core.evaluation.predict import ModelSpec
-from longreward_core.evaluation.tasks import resolve_datasets
+from longreward_core.evaluation.longbench import resolve_datasets
 from longreward_core.reward.judge import JudgeConfig
 from tasks.caching import configuration_fault
 from tasks.evaluate import evaluate_model

@@ -144,7 +144,7 @@ def test_scoring_with_the_embedded_model_does_not_import_torch(tmp_path, exporte
     }) + "\n")
     script = f"""
 import sys
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.judge_double import JudgeServer

@@ -102,7 +102,7 @@ def longbench_score(
     e: bool = typer.Option(False, "--e", help="LongBench-E: scores by length bucket 0-4k / 4-8k / 8k+."),
 ) -> None:
     """Score predictions in LongBench's format into PRED_DIR/result.json, as LongBench's eval.py."""
-    from longreward_core.evaluation.scoring import score_prediction_dir
+    from longreward_core.evaluation.grading import score_prediction_dir
 
     with input_errors():
         report = score_prediction_dir(pred_dir, longbench_e=e)

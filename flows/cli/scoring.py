@@ -31,7 +31,7 @@ from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 
 if TYPE_CHECKING:
-    from longreward_core.pipeline.score import ScoreRun
+    from longreward_core.pipeline.score_files import ScoreRun
 
 app = typer.Typer()
 
@@ -58,7 +58,7 @@ def score(
     missing, an unknown model, a malformed api_base: the message names the fix).
     """
     from longreward_core.models.call_cache import check_cache_url
-    from longreward_core.pipeline.score import score_files
+    from longreward_core.pipeline.score_files import score_files
 
     with input_errors():
         cache_path = check_cache_url(cache_url)
@@ -144,7 +144,7 @@ def pairs(
     min_margin: float = option(PairConfig, "min_margin"),
 ) -> None:
     """Build DPO preference pairs (TRL conversational format) from scored candidates."""
-    from longreward_core.pipeline.score import pairs_files
+    from longreward_core.pipeline.score_files import pairs_files
 
     with input_errors():
         result = pairs_files(scores, prompts, candidates, out, PairConfig(min_candidates=min_candidates, min_margin=min_margin))

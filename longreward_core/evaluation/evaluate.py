@@ -42,8 +42,8 @@ from longreward_core.evaluation.predict import (
     load_generator,
     predict_longbench,
 )
-from longreward_core.evaluation.scoring import record_coverage, score_prediction_dir
-from longreward_core.evaluation.tasks import (
+from longreward_core.evaluation.grading import record_coverage, score_prediction_dir
+from longreward_core.evaluation.longbench import (
     JUDGED_QA_DATASETS,
     JUDGED_SUMMARY_DATASETS,
     resolve_datasets,

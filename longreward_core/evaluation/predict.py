@@ -35,7 +35,7 @@ from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError, atomic_write_bytes
 from longreward_core.data.records import PredictionSummary, QuarantinedRow
 from longreward_core.evaluation.data import load_longbench
-from longreward_core.evaluation.tasks import LongBenchTask, get_task
+from longreward_core.evaluation.longbench import LongBenchDataset, get_dataset
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.call_cache import open_call_cache
 from longreward_core.models.client import ApiBase, LLMClient, PolicyClientConfig
@@ -128,12 +128,12 @@ class Generator(Protocol):
     ) -> dict[str, LLMCallFailed]: ...
 
 
-def truncate_middle(prompt: str, tokenizer: Any, max_tokens: int) -> tuple[str, int, bool]:
+def longbench_truncate_middle(prompt: str, tokenizer: Any, max_tokens: int) -> tuple[str, int, bool]:
     """LongBench's middle truncation: (prompt, its token count, whether it was cut).
 
     Counted with the tokenizer's special tokens, as pred.py does; a longer prompt becomes the
     decoded first `max_tokens // 2` tokens followed by the decoded last `max_tokens // 2`. Unlike
-    `sampling.truncate_middle`, no marker is inserted, so prompts match the official ones.
+    `sampling.cut_document_middle`, no marker is inserted, so prompts match the official ones.
     """
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
@@ -151,7 +151,7 @@ def make_request(
     row: dict[str, Any], stop_at_newline: bool = False,
 ) -> GenerationRequest:
     """A request for `prompt`, cut in the middle to the model's input budget."""
-    text, _, cut = truncate_middle(prompt, tokenizer, max_input_tokens)
+    text, _, cut = longbench_truncate_middle(prompt, tokenizer, max_input_tokens)
     return GenerationRequest(
         id=row_id, prompt=text, chat=chat, max_new_tokens=max_new_tokens, row=row, stop_at_newline=stop_at_newline, truncated=cut,
     )
@@ -366,7 +366,7 @@ def predict_file(
     return run
 
 
-def longbench_requests(task: LongBenchTask, rows: list[dict[str, Any]], tokenizer: Any, max_input_tokens: int) -> list[GenerationRequest]:
+def longbench_requests(task: LongBenchDataset, rows: list[dict[str, Any]], tokenizer: Any, max_input_tokens: int) -> list[GenerationRequest]:
     """The requests for a LongBench task's rows: its template, middle truncation, its answer
     length, and the chat template unless LongBench leaves it out for this task."""
     return [
@@ -395,7 +395,7 @@ def predict_longbench(
     source: str | Path | None = None, longbench_e: bool = False, limit: int | None = None,
 ) -> DatasetPrediction:
     """Predictions of one LongBench dataset into `out_dir/<dataset>.jsonl` (resumable)."""
-    task = get_task(dataset)
+    task = get_dataset(dataset)
     loaded = load_longbench(dataset, source, longbench_e=longbench_e, limit=limit)
     requests = longbench_requests(task, loaded.records, generator.tokenizer, spec.max_input_tokens)
     run = predict_file(Path(out_dir) / f"{dataset}.jsonl", requests, generator, longbench_row)

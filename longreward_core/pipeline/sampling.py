@@ -117,7 +117,7 @@ async def _served_context(config: PolicyConfig) -> int | None:
     return None
 
 
-def truncate_middle(text: str, tokenizer, budget: int) -> tuple[str, int, int]:
+def cut_document_middle(text: str, tokenizer, budget: int) -> tuple[str, int, int]:
     """Keep the first and last budget/2 tokens of `text`, cut at token boundaries.
 
     Returns (text, kept tokens, original tokens); the text is unchanged when it fits.
@@ -143,7 +143,7 @@ async def sample_candidates(
     budget = max(128, context_tokens - config.max_new_tokens - 256)
 
     async def one_prompt(prompt: Prompt) -> tuple[list[Candidate], SampleReport]:
-        context, kept, total = await asyncio.to_thread(truncate_middle, prompt.context, tokenizer, budget)
+        context, kept, total = await asyncio.to_thread(cut_document_middle, prompt.context, tokenizer, budget)
         if kept < total and not config.allow_truncation:
             return [], SampleReport(
                 prompt_id=prompt.id, context_tokens=total, kept_tokens=0, sampled=0, failed=config.candidates_per_prompt,

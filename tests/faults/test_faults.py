@@ -19,7 +19,7 @@ from flows.preference_build import preference_build
 from longreward_core.data.pairs import PairConfig
 from longreward_core.models.errors import AuthenticationFailed
 from longreward_core.models.secrets import JUDGE_API_KEY_ENV
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_testing.faults import (
     CANDIDATES,
