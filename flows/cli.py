@@ -100,9 +100,9 @@ def _cache_url() -> Any:
 
 
 def _judge_config(model: str, api_base: Optional[str], concurrency: int, rpm: Optional[int], timeout_s: float,
-                  max_tokens: int) -> JudgeConfig:
+                  max_tokens: int, max_attempts: int) -> JudgeConfig:
     return JudgeConfig(model=model, api_base=api_base, concurrency=concurrency, rpm=rpm, timeout_s=timeout_s,
-                       max_tokens=max_tokens)
+                       max_tokens=max_tokens, max_attempts=max_attempts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +120,7 @@ def score(
     rpm: Optional[int] = option(JudgeConfig, "rpm", "--rpm"),
     timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
     judge_max_tokens: int = option(JudgeConfig, "max_tokens", "--judge-max-tokens"),
+    judge_max_attempts: int = option(JudgeConfig, "max_attempts", "--judge-max-attempts"),
     embedding_model: str = option(ScoringConfig, "embedding_model"),
     qdrant_url: Optional[str] = option(ScoringConfig, "qdrant_url"),
     retrieval_chunk_tokens: int = option(ScoringConfig, "retrieval_chunk_tokens"),
@@ -145,7 +146,7 @@ def score(
 
     with _input_errors():
         cache_path = check_cache_url(cache_url)
-        judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout, judge_max_tokens)
+        judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout, judge_max_tokens, judge_max_attempts)
         scoring = ScoringConfig(
             retrieval_chunk_tokens=retrieval_chunk_tokens, completeness_chunk_tokens=completeness_chunk_tokens,
             qdrant_url=qdrant_url, embedding_model=embedding_model, prune=prune,
@@ -285,6 +286,7 @@ def build(
     rpm: Optional[int] = option(JudgeConfig, "rpm", "--rpm"),
     timeout: float = option(JudgeConfig, "timeout_s", "--timeout"),
     judge_max_tokens: int = option(JudgeConfig, "max_tokens", "--judge-max-tokens"),
+    judge_max_attempts: int = option(JudgeConfig, "max_attempts", "--judge-max-attempts"),
     policy_timeout: float = option(PolicyConfig, "timeout_s", "--policy-timeout"),
     policy_max_context_tokens: Optional[int] = option(PolicyConfig, "max_context_tokens", "--policy-max-context-tokens"),
     policy_allow_truncation: bool = option(PolicyConfig, "allow_truncation", "--policy-allow-truncation"),
@@ -315,7 +317,7 @@ def build(
                                 timeout_s=policy_timeout, max_context_tokens=policy_max_context_tokens,
                                 allow_truncation=policy_allow_truncation,
                                 sample_in_one_request=policy_sample_in_one_request),
-            judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout, judge_max_tokens),
+            judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout, judge_max_tokens, judge_max_attempts),
             pairs=PairConfig(min_candidates=min_candidates),
             scoring=ScoringConfig(prune=prune, max_judge_cost_usd=max_judge_cost_usd, max_judge_tokens=max_judge_tokens),
         )

@@ -95,7 +95,7 @@ def test_score_against_transformers_serve(served, keyless, tmp_path):
     out = tmp_path / "out"
     result = _longreward("score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
                          "--judge-model", served.model, "--judge-api-base", served.proxy.api_base,
-                         "--judge-max-tokens", str(ANSWER_TOKENS))
+                         "--judge-max-tokens", str(ANSWER_TOKENS), "--judge-max-attempts", "1")
 
     scores = {row["candidate_id"]: row for row in pl.read_parquet(out / "scores.parquet").to_dicts()}
     assert set(scores) == {"short", "over-limit"}
