@@ -122,11 +122,13 @@ class OptionGroup:
 
 
 JUDGE = OptionGroup(
-    JudgeConfig, ("model", "api_base", "concurrency", "rpm", "timeout_s"),
+    JudgeConfig, ("model", "api_base", "concurrency", "rpm", "timeout_s", "max_tokens", "max_attempts"),
     flags={"model": "--judge-model", "api_base": "--judge-api-base", "concurrency": "--judge-concurrency",
-           "rpm": "--judge-rpm", "timeout_s": "--judge-timeout"},
+           "rpm": "--judge-rpm", "timeout_s": "--judge-timeout", "max_tokens": "--judge-max-tokens",
+           "max_attempts": "--judge-max-attempts"},
 )
-"""The judge: which model, where, how many requests at once and per minute, how long one may take."""
+"""The judge: which model, where, how many requests at once and per minute, how long one may take,
+how long an answer may be, and how many requests a verdict may take."""
 
 MODEL = OptionGroup(
     ModelSpec, ("model", "name", "backend", "api_base", "tokenizer", "max_input_tokens", "concurrency", "timeout_s"),
