@@ -41,16 +41,21 @@ EXPECTED_SERVICES = {
 }
 EXPECTED_VOLUMES = {"pgdata", "qdrant", "results"}
 DUMMY_PASSWORD = "compose-config-test-only"
+DUMMY_AUTH = "admin:compose-config-test-only"
+DUMMY_VLLM_KEY = "vllm-key-compose-config-test-only"
 
 # Variables whose name says they hold a secret, and values that look like one.
-SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|AUTH_STRING)", re.I)
 SECRET_VALUE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}"
     r"|xox[abpr]-[A-Za-z0-9\-]{10,}|-----BEGIN [A-Z ]*PRIVATE KEY-----)"
 )
 # `${VAR}` or `${VAR:?message}` / `${VAR?message}`: a value that must come from the environment.
-# A default (`${VAR:-value}`) would be a value written in the file, so it does not count.
-REQUIRED_INTERPOLATION = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}$")
+# A default (`${VAR:-value}`) would be a value written in the file, so it does not count, unless
+# the default is itself another variable (`${VAR:-${OTHER:-}}`).
+REQUIRED_INTERPOLATION = re.compile(
+    r"^\$\{[A-Za-z_][A-Za-z0-9_]*((:?\?[^}]*)|:-\$\{[A-Za-z_][A-Za-z0-9_]*(:-)?\})?\}$"
+)
 # user:password@ in a URL; the password must be an interpolation as above.
 URL_CREDENTIALS = re.compile(r"://[^:/@\s]+:(?P<password>[^@\s]+)@")
 
@@ -82,7 +87,7 @@ def _compose_env(**extra: str) -> dict[str, str]:
         key: value
         for key, value in os.environ.items()
         if not SECRET_NAME.search(key) and not key.startswith(("COMPOSE_", "DOCKER_"))
-        and key not in {"VLLM_MODEL", "VLLM_IMAGE_TAG", "QDRANT_IMAGE_TAG", "PREFECT_UI_API_URL"}
+        and key not in {"VLLM_MODEL", "VLLM_IMAGE_TAG", "QDRANT_IMAGE_TAG", "PREFECT_UI_API_URL", "LONGREWARD_BIND_ADDRESS"}
     }
     env.update(extra)
     return env
@@ -113,6 +118,10 @@ def _run_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess
     )
 
 
+# What the file requires from the environment.
+REQUIRED = {"POSTGRES_PASSWORD": DUMMY_PASSWORD, "PREFECT_API_AUTH_STRING": DUMMY_AUTH}
+
+
 @pytest.fixture(scope="module")
 def compose_raw() -> dict[str, Any]:
     """The file as written (YAML anchors and merge keys resolved, nothing interpolated)."""
@@ -122,13 +131,13 @@ def compose_raw() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def compose_config() -> dict[str, Any]:
     """The file as Docker Compose loads it: validated, interpolated, normalised."""
-    result = _run_compose("config", "--format", "json", env=_compose_env(POSTGRES_PASSWORD=DUMMY_PASSWORD))
+    result = _run_compose("config", "--format", "json", env=_compose_env(**REQUIRED))
     assert result.returncode == 0, f"docker compose config failed:\n{result.stderr}"
     return json.loads(result.stdout)
 
 
 def test_compose_file_validates():
-    result = _run_compose("config", "--quiet", env=_compose_env(POSTGRES_PASSWORD=DUMMY_PASSWORD))
+    result = _run_compose("config", "--quiet", env=_compose_env(**REQUIRED))
     assert result.returncode == 0, f"docker compose config rejected the file:\n{result.stderr}"
 
 
@@ -142,16 +151,60 @@ def test_compose_validator_catches_errors(tmp_path):
     result = subprocess.run(
         [*command, "--env-file", os.devnull, "--project-directory", str(ROOT), "-f", str(broken),
          "config", "--quiet"],
-        capture_output=True, text=True, env=_compose_env(POSTGRES_PASSWORD=DUMMY_PASSWORD), timeout=120,
+        capture_output=True, text=True, env=_compose_env(**REQUIRED), timeout=120,
     )
     assert result.returncode != 0
     assert "condition" in result.stderr
 
 
-def test_compose_refuses_to_start_without_a_postgres_password():
-    result = _run_compose("config", "--quiet", env=_compose_env())
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_compose_refuses_to_start_without_a_required_secret(missing):
+    result = _run_compose("config", "--quiet", env=_compose_env(**{k: v for k, v in REQUIRED.items() if k != missing}))
     assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr
+    assert missing in result.stderr
+
+
+def _published(service: dict[str, Any]) -> dict[str, str]:
+    return {str(port["target"]): port.get("host_ip", "") for port in service.get("ports", [])}
+
+
+def test_compose_publishes_only_on_loopback_unless_told(compose_config):
+    services = compose_config["services"]
+    published = {name: _published(service) for name, service in services.items() if service.get("ports")}
+    assert published == {"prefect-server": {"4200": "127.0.0.1"}, "qdrant": {"6333": "127.0.0.1"},
+                         "vllm": {"8000": "127.0.0.1"}}
+    opened = _run_compose("config", "--format", "json", env=_compose_env(**REQUIRED, LONGREWARD_BIND_ADDRESS="10.1.2.3"))
+    assert opened.returncode == 0, opened.stderr
+    services = json.loads(opened.stdout)["services"]
+    assert {name: _published(services[name]) for name in published} == {
+        "prefect-server": {"4200": "10.1.2.3"}, "qdrant": {"6333": "10.1.2.3"}, "vllm": {"8000": "10.1.2.3"}}
+
+
+def test_the_prefect_api_asks_for_the_auth_string(compose_config):
+    services = compose_config["services"]
+    for name in ("prefect-server", "prefect-services"):
+        assert services[name]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == DUMMY_AUTH
+    for name in ("cpu-worker", "gpu-worker"):
+        assert services[name]["environment"]["PREFECT_API_AUTH_STRING"] == DUMMY_AUTH
+
+
+def test_vllm_serves_only_with_its_key_and_the_workers_present_it():
+    result = _run_compose("config", "--format", "json", env=_compose_env(**REQUIRED, VLLM_API_KEY=DUMMY_VLLM_KEY))
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    vllm = services["vllm"]
+    assert vllm["environment"]["VLLM_API_KEY"] == DUMMY_VLLM_KEY
+    # The key is checked when the container starts (an unset key stops it there) and given to vLLM.
+    assert vllm["entrypoint"] == ["/bin/sh", "-c"]
+    (script,) = vllm["command"]
+    assert ': "$${VLLM_API_KEY:?' in script and '--api-key "$${VLLM_API_KEY}"' in script and script.index(":?") < script.index("exec vllm serve")
+    for name in ("cpu-worker", "gpu-worker"):
+        env = services[name]["environment"]
+        assert env["LONGREWARD_JUDGE_API_KEY"] == env["LONGREWARD_POLICY_API_KEY"] == DUMMY_VLLM_KEY
+    # A judge key of its own wins over the vLLM key.
+    result = _run_compose("config", "--format", "json",
+                          env=_compose_env(**REQUIRED, VLLM_API_KEY=DUMMY_VLLM_KEY, LONGREWARD_JUDGE_API_KEY="judge-key-test-only"))
+    assert json.loads(result.stdout)["services"]["cpu-worker"]["environment"]["LONGREWARD_JUDGE_API_KEY"] == "judge-key-test-only"
 
 
 def test_compose_services_and_volumes(compose_config):
@@ -215,8 +268,8 @@ def test_compose_workers(compose_config):
         env = worker["environment"]
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["PGPASSWORD"] == DUMMY_PASSWORD  # the shared call cache's database
-        # Passed through from the host by name: no value in the file.
-        assert "LONGREWARD_JUDGE_API_KEY" in env and env["LONGREWARD_JUDGE_API_KEY"] is None
+        # Passed through from the host: no value in the file, empty when the host has none.
+        assert env["LONGREWARD_JUDGE_API_KEY"] == ""
         assert {m["source"]: m["target"] for m in worker["volumes"]} == {"results": "/data"}
         assert worker["depends_on"]["prefect-server"]["condition"] == "service_healthy"
     assert pools == {"cpu-worker": "cpu", "gpu-worker": "gpu"}
@@ -224,7 +277,8 @@ def test_compose_workers(compose_config):
     for name in ("gpu-worker", "vllm"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in d.get("capabilities", []) for d in devices), f"{name} reserves no GPU"
-    assert "--model" in services["vllm"]["command"]
+    assert 'vllm serve "$${VLLM_MODEL}"' in services["vllm"]["command"][0]
+    assert services["vllm"]["environment"]["VLLM_MODEL"] == "Qwen/Qwen2.5-7B-Instruct"
     assert "vllm" in services["vllm"]["profiles"]
     assert services["vllm"]["image"].startswith("vllm/vllm-openai:")
     # The CPU side of the stack comes up with a plain `docker compose up`.
@@ -465,8 +519,8 @@ def test_the_readme_deploys_with_the_lines_the_stack_suite_runs():
     deploy_script = (ROOT / "infra" / "stack" / "deploy.sh").read_text().splitlines()
     script_commands = [line for line in _commands(deploy_script) if line.startswith("prefect ")]
     deploy, worker, *_ = _readme_blocks("### Against any Prefect server")
-    assert deploy[0].startswith("export PREFECT_API_URL=")
-    assert _commands(deploy[1:]) == script_commands and len(script_commands) == 4
+    assert deploy[0].startswith("export PREFECT_API_URL=") and deploy[1].startswith("export PREFECT_API_AUTH_STRING=")
+    assert _commands(deploy[2:]) == script_commands and len(script_commands) == 4
 
     from tests.stack.conftest import LINK_COMMAND, WORKER_COMMAND
 

@@ -8,7 +8,11 @@ retry`) and reads back what the server and the judge saw.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import pytest
 
 from tests.conftest import TEST_API_KEY
 from tests.judge_double import Fault, JudgeDouble
-from tests.stack.browser import rendered_dom, screenshot
+from tests.stack.browser import browser, logged_in
 from tests.stack.conftest import (
     NIGHTLY,
     build_params,
@@ -56,18 +60,44 @@ def test_a_deployment_run_of_the_nightly_build_completes_and_publishes(worker, j
     assert TEST_API_KEY not in json.dumps(run.parameters)
     assert set(judge.double.authorization) == {f"Bearer {TEST_API_KEY}"}
 
-    # What the user sees: the build's artifacts rendered by Prefect's UI in a browser.
+    # What the user sees: the build's artifacts rendered by Prefect's UI in a browser, once logged in.
     artifacts = {artifact.key: artifact for artifact in asyncio.run(_artifacts(run_id)) if artifact.key}
     assert {"shards", "rewards", "judge-accounting"} <= set(artifacts), sorted(artifacts)
-    shards_page = rendered_dom(f"/artifacts/artifact/{artifacts['shards'].id}")
-    assert "shard-0000" in shards_page and "shard-0001" in shards_page
-    accounting_page = rendered_dom(f"/artifacts/artifact/{artifacts['judge-accounting'].id}")
-    assert "helpfulness" in accounting_page
-    rewards_page = rendered_dom(f"/artifacts/artifact/{artifacts['rewards'].id}")
-    assert "Reward histogram" in rewards_page and '<img src="data:image/png;base64,' in rewards_page
-    for key in ("rewards", "shards"):
-        shot = screenshot(f"/artifacts/artifact/{artifacts[key].id}", SCREENSHOTS / f"{key}.png")
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with logged_in() as page:
+        shards_page = page.open(f"/artifacts/artifact/{artifacts['shards'].id}", until="shard-0000")
+        assert "shard-0001" in shards_page
+        _png(page.screenshot(SCREENSHOTS / "shards.png", width=1400, height=1200))
+        page.open(f"/artifacts/artifact/{artifacts['judge-accounting'].id}", until="helpfulness")
+        rewards_page = page.open(f"/artifacts/artifact/{artifacts['rewards'].id}", until='<img src="data:image/png;base64,')
+        assert "Reward histogram" in rewards_page
+        _png(page.screenshot(SCREENSHOTS / "rewards.png", width=1400, height=1200))
+
+
+def _png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_api_and_the_ui_ask_strangers_for_the_auth_string(deployed):
+    api = os.environ["PREFECT_API_URL"]
+    # The health check answers anyone (compose's health check and load balancers use it).
+    assert _status(f"{api}/health") == 200
+    for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"longreward:wrong").decode()}):
+        assert _status(f"{api}/deployments/filter", headers, body=b"{}") == 401
+        assert _status(f"{api}/flow_runs/filter", headers, body=b"{}") == 401
+    token = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
+    assert _status(f"{api}/deployments/filter", {"Authorization": f"Basic {token}"}, body=b"{}") == 200
+    # The UI of a browser that has not logged in shows the login form, not the runs.
+    with browser() as page:
+        page.open("/runs", until='placeholder="admin:pass"')
+
+
+def _status(url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 async def _artifacts(run_id: str):
