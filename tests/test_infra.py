@@ -262,12 +262,18 @@ def test_compose_workers(compose_config):
         assert worker["build"]["dockerfile"] == "infra/Dockerfile"
         assert Path(worker["build"]["context"]).resolve() == ROOT
         command = worker["command"]
-        assert command[:3] == ["prefect", "worker", "start"]
+        assert command[:3] == ["prefect", "worker", "start"] and "--with-healthcheck" in command
         assert command[command.index("--type") + 1] == "process"
         pools[name] = command[command.index("--pool") + 1]
         env = worker["environment"]
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["PGPASSWORD"] == DUMMY_PASSWORD  # the shared call cache's database
+        # Heartbeats for the zombie-run automation: Prefect refuses less than 30 s, and the
+        # automation's default threshold must leave several beats.
+        assert 30 <= int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) <= _automations().DEFAULT_ZOMBIE_AFTER_S // 3
+        # The health check asks the worker's own health server (`--with-healthcheck`).
+        health = " ".join(worker["healthcheck"]["test"])
+        assert f"http://localhost:{env['PREFECT_WORKER_WEBSERVER_PORT']}/health" in health
         # Passed through from the host: no value in the file, empty when the host has none.
         assert env["LONGREWARD_JUDGE_API_KEY"] == ""
         assert {m["source"]: m["target"] for m in worker["volumes"]} == {"results": "/data"}
@@ -517,13 +523,67 @@ def _commands(lines: list[str]) -> list[str]:
 
 def test_the_readme_deploys_with_the_lines_the_stack_suite_runs():
     deploy_script = (ROOT / "infra" / "stack" / "deploy.sh").read_text().splitlines()
-    script_commands = [line for line in _commands(deploy_script) if line.startswith("prefect ")]
+    script_commands = [line for line in _commands(deploy_script) if line.startswith(("prefect ", "python "))]
     deploy, worker, *_ = _readme_blocks("### Against any Prefect server")
     assert deploy[0].startswith("export PREFECT_API_URL=") and deploy[1].startswith("export PREFECT_API_AUTH_STRING=")
-    assert _commands(deploy[2:]) == script_commands and len(script_commands) == 4
+    assert _commands(deploy[2:]) == script_commands and len(script_commands) == 5
 
     from tests.stack.conftest import LINK_COMMAND, WORKER_COMMAND
 
     assert _commands(worker) == [LINK_COMMAND, WORKER_COMMAND]
     compose = _readme_blocks("### The whole stack with Docker Compose")[0]
     assert any(line.startswith("bash infra/stack/deploy.sh") for line in compose)
+
+
+# --------------------------------------------------------------------------------------------
+# infra/stack/automations.py: the automations deploy.sh creates (their effect: tests/stack)
+# --------------------------------------------------------------------------------------------
+
+
+def _automations():
+    spec = importlib.util.spec_from_file_location("longreward_automations", ROOT / "infra" / "stack" / "automations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_zombie_automation_is_prefects_detect_zombie_flows():
+    from prefect.events.schemas.automations import AutomationCore, Posture
+
+    automation = _automations().zombie_automation(300)
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))  # what the API takes
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive and trigger.threshold == 1
+    assert trigger.after == {"prefect.flow-run.heartbeat"} and trigger.expect == {"prefect.flow-run.*"}
+    assert trigger.for_each == {"prefect.resource.id"} and trigger.within.total_seconds() == 300
+    (action,) = automation.actions
+    assert (action.type, action.state.value) == ("change-flow-run-state", "CRASHED")
+
+
+def test_the_retry_automation_retries_only_a_crashed_nightly_a_bounded_number_of_times():
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.events.schemas.events import Resource, RelatedResource
+
+    automation = _automations().retry_automation(2)
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))
+    trigger = automation.trigger
+    assert trigger.expect == {"prefect.flow-run.Crashed"}
+
+    def matches(run_count: int, deployment: str) -> bool:
+        resource = Resource({"prefect.resource.id": "prefect.flow-run.abc", "prefect.run-count": str(run_count)})
+        related = RelatedResource({"prefect.resource.id": "prefect.deployment.def", "prefect.resource.role": "deployment",
+                                   "prefect.resource.name": deployment})
+        return trigger.match.matches(resource) and trigger.match_related.matches(related)
+
+    assert matches(1, "nightly-preference-build") and matches(2, "nightly-preference-build")
+    assert not matches(3, "nightly-preference-build")  # crashed again after two retries: left Crashed
+    assert not matches(1, "dpo-train")
+    (action,) = automation.actions
+    assert (action.state.value, action.name, action.force) == ("SCHEDULED", "AwaitingRetry", True)
+
+
+@pytest.mark.parametrize("value", ["abc", "30", "-1"])
+def test_the_automation_settings_refuse_nonsense(value, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_ZOMBIE_AFTER_S", value)
+    with pytest.raises(SystemExit, match="LONGREWARD_ZOMBIE_AFTER_S"):
+        _automations().main()

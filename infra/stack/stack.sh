@@ -102,6 +102,10 @@ EOF
     (umask 077; cat > "$dir/env") <<EOF
 export PREFECT_API_URL=http://127.0.0.1:$api_port/api
 export PREFECT_API_AUTH_STRING=$auth
+# Flow runs report a heartbeat every 30 s (Prefect's minimum); deploy.sh's automation marks a run
+# Crashed 90 s after its last one (docker-compose.yml and deploy.sh: 60 s and 300 s).
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
+export LONGREWARD_ZOMBIE_AFTER_S=90
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export LONGREWARD_STACK_DIR=$dir
 export LONGREWARD_TEST_PG_URL=postgresql://postgres@127.0.0.1:$pg_port/longreward

@@ -28,6 +28,7 @@ from tests.stack.conftest import (
     published_pairs,
     run_logs,
     start_run,
+    task_states,
     wait_final,
 )
 from tests.test_flow import cedar_logicality_outage, write_inputs
@@ -36,14 +37,6 @@ pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "out" / "stack" / "ui"  # kept after the stack is removed
-
-async def _task_states(run_id: str) -> list[tuple[str, str]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async with get_client() as client:
-        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-        return [(task.name, task.state.name if task.state else "") for task in tasks]
 
 
 def test_a_deployment_run_of_the_nightly_build_completes_and_publishes(worker, judge, tmp_path):
@@ -150,7 +143,7 @@ def test_a_judge_outage_on_one_shard_is_retried_paying_only_what_never_succeeded
     # Only the calls that never got an answer: one logicality verdict per CEDAR candidate.
     assert double.counts() == {"logicality": 5}
     assert all("CEDAR" in r.content and r.content not in answered for r in double.requests)
-    states = asyncio.run(_task_states(run_id))
+    states = task_states(run_id)
     cached_scores = [name for name, state in states if name.startswith("score-shard") and state == "Cached"]
     assert len(cached_scores) == 2, states  # shard-0000 and shard-0002 come back from the first attempt
     assert published_pairs(tmp_path).height == 5
