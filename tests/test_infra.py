@@ -587,3 +587,65 @@ def test_the_automation_settings_refuse_nonsense(value, monkeypatch):
     monkeypatch.setenv("LONGREWARD_ZOMBIE_AFTER_S", value)
     with pytest.raises(SystemExit, match="LONGREWARD_ZOMBIE_AFTER_S"):
         _automations().main()
+
+
+def _render(template: str, event_resource: dict[str, str], payload: dict | None = None) -> str:
+    """A message as the server renders it (Prefect's own template validation and rendering)."""
+    import asyncio
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.server.utilities.user_templates import render_user_template, validate_user_template
+
+    validate_user_template(template)
+    event = ReceivedEvent(occurred=datetime.now(timezone.utc), event="test", resource=event_resource,
+                          payload=payload or {}, id=uuid4())
+    flow_run = SimpleNamespace(name="calm-otter", id="0b5f")
+    return json.loads(asyncio.run(render_user_template(template, {"event": event, "flow_run": flow_run})))["text"]
+
+
+def test_the_failed_nightly_message_names_the_run_the_reason_and_what_to_do():
+    from prefect.events.schemas.automations import AutomationCore
+    from uuid import uuid4
+
+    module = _automations()
+    automation = module.notify_failed_automation(uuid4(), retries=2)
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))
+    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    template = automation.actions[0].payload
+
+    def message(state: str, attempt: int, reason: str) -> str:
+        return _render(template, {"prefect.resource.id": "prefect.flow-run.0b5f", "prefect.state-name": state,
+                                  "prefect.run-count": str(attempt), "prefect.state-message": reason})
+
+    failed = message("Failed", 1, 'Shards failed: "shard-0001" <x>')  # quotes and markup stay valid JSON
+    assert failed.splitlines() == ["Nightly preference build calm-otter (flow run 0b5f) ended Failed on attempt 1:",
+                                   'Shards failed: "shard-0001" <x>',
+                                   "Retry (finished shards come back from the cache): prefect flow-run retry 0b5f"]
+    assert "retried automatically" in message("Crashed", 2, module.ZOMBIE_MESSAGE)
+    assert "prefect flow-run retry 0b5f" in message("Crashed", 3, module.ZOMBIE_MESSAGE)  # no retry left
+    assert "larger scoring.max_judge_cost_usd" in message("Failed", 1, "budget reached (shard-0000: ...)")
+
+
+def test_the_needs_review_message_gives_the_counts():
+    from prefect.events.schemas.automations import AutomationCore
+    from uuid import uuid4
+
+    from flows.preference_build import NEEDS_REVIEW_EVENT
+
+    automation = _automations().notify_review_automation(uuid4())
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))
+    assert automation.trigger.expect == {NEEDS_REVIEW_EVENT}
+    text = _render(automation.actions[0].payload, {"prefect.resource.id": "longreward.build./data/builds/x"},
+                   {"build": "/data/builds/x", "candidates": 20, "failed": 7, "rejected": 3, "quarantined_rows": 1,
+                    "pairs": 4, "failed_percent": "35.0", "threshold_percent": "5.0"})
+    assert "calm-otter (flow run 0b5f) published /data/builds/x with 7 of 20 candidates without a reward (35.0%, above 5.0%)" in text
+    assert "3 refused by the provider for good" in text and "1 input rows quarantined" in text
+
+
+@pytest.mark.parametrize("value", ["abc", "1", "-0.1"])
+def test_the_failed_share_setting_refuses_nonsense(value, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_NOTIFY_FAILED_SHARE", value)
+    with pytest.raises(SystemExit, match="LONGREWARD_NOTIFY_FAILED_SHARE"):
+        _automations().main()
