@@ -121,7 +121,7 @@ def worker_env(**extra: str) -> dict[str, str]:
 def deployed() -> Path:
     """The project deployed with the README's steps (infra/stack/deploy.sh)."""
     folder = stack_dir()
-    if (folder / "deployed").exists():  # once per stack: a second `prefect deploy` run would find the pools
+    if (folder / "deployed").exists():  # once per stack (deploy.sh can run again, but takes a minute)
         return folder
     done = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "deploy.sh")], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"deploy.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -178,10 +178,14 @@ def test_the_scheduler_creates_runs_and_the_worker_completes_one(worker, judge, 
     # run starts while this one is checked.)
     prompts, candidates = write_inputs(tmp_path, n_prompts=2)
     params = build_params(tmp_path, judge, prompts, candidates)
-    first_slot = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
     prefect("--no-prompt", "deploy", "flows/preference_build.py:preference_build", "--name", "hourly-check",
-            "--pool", "cpu", "--interval", "3600", "--anchor-date", first_slot, "--params", json.dumps({"params": params}))
+            "--pool", "cpu", "--params", json.dumps({"params": params}))
     try:
+        # The schedule comes after the deployment: `prefect deploy` can take longer than the lead
+        # on a busy machine, and a first slot already past would put the first run an hour later.
+        first_slot = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
+        prefect("deployment", "schedule", "create", "preference-build/hourly-check", "--interval", "3600",
+                "--anchor-date", first_slot)
         run_id = _first_scheduled_run("hourly-check", within_s=90)
         run = wait_final(run_id, timeout_s=300, worker=worker)
     finally:
