@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from longreward_core.models import call_cache
-from longreward_core.models.call_cache import DAY_S, TOUCH_INTERVAL_S, CallCache, open_call_cache
+from longreward_core.models.call_cache import DAY_S, TOUCH_INTERVAL_S, CachePruned, CallCache, open_call_cache
 from longreward_core.pipeline.retention import parse_duration, prune_outputs
 
 OLD_SCHEMA = "CREATE TABLE calls (key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER, cost REAL)"
@@ -75,39 +75,37 @@ def test_a_hit_marks_the_answer_used_at_most_once_an_interval(tmp_path):
     cache.close()
 
 
-def test_stats_count_answers_by_model_and_by_age_of_last_use(tmp_path):
-    path = tmp_path / "c.sqlite"
-    cache = CallCache(path)
+def check_stats_by_model_and_age(cache, stamp_keys) -> None:
+    """An empty `cache` given answers of two models, last used (`stamp_keys(days, keys)`) at several
+    ages: its stats count them by model and by age bucket."""
     ages = {"a": 0.1, "b": 3, "c": 3, "d": 10, "e": 45, "f": 400}
     for key in ages:
         cache.put(key, "x" * 10, 1, 1, 0.0, model="judge" if key in "abcd" else "policy")
     for key, days in ages.items():
-        stamp(path, days, [key])
+        stamp_keys(days, [key])
     found = cache.stats()
-    cache.close()
     assert found.size.rows == 6 and found.size.bytes > 0
     assert found.by_model == [("judge", 4, 40), ("policy", 2, 20)]
     assert found.by_age == [("under 1 day", 1), ("1-7 days", 2), ("7-30 days", 1), ("30-90 days", 1), ("90 days or more", 1)]
 
 
-def test_prune_while_another_connection_writes_loses_no_new_answer(tmp_path, monkeypatch):
-    """Old answers go in many short chunks while another connection keeps storing and reading:
-    the writer meets no error, every answer it stored is kept, and so is an old answer used lately."""
-    monkeypatch.setattr(call_cache, "PRUNE_CHUNK", 200)
+def test_stats_count_answers_by_model_and_by_age_of_last_use(tmp_path):
     path = tmp_path / "c.sqlite"
-    seed = CallCache(path)
-    for i in range(3000):
-        seed.put(f"old{i}", "y" * 200, 1, 1, 0.0, model="judge")
-    seed.close()
-    stamp(path, 40)
-    stamp(path, 10, ["old7"])  # used 10 days ago: within 30 days
+    cache = CallCache(path)
+    check_stats_by_model_and_age(cache, lambda days, keys: stamp(path, days, keys))
+    cache.close()
 
+
+def prune_beside_a_writer(open_cache, cutoff: float) -> tuple[CachePruned, list[str]]:
+    """Prune (`open_cache()`) up to `cutoff` while another connection keeps storing and reading
+    answers, until the pruning is over and 50 answers at least; the writer must meet no error.
+    Returns what the pruning removed and the keys the writer stored."""
     stored: list[str] = []
     errors: list[BaseException] = []
     pruning_done = threading.Event()
 
     def write() -> None:
-        writer = CallCache(path)  # its own connection, as another shard's process has
+        writer = open_cache()  # its own connection, as another shard's process has
         try:
             i = 0
             while not pruning_done.is_set() or i < 50:
@@ -123,15 +121,31 @@ def test_prune_while_another_connection_writes_loses_no_new_answer(tmp_path, mon
 
     thread = threading.Thread(target=write)
     thread.start()
-    pruner = CallCache(path)
-    pruned = pruner.prune(time.time() - 30 * DAY_S)
-    pruning_done.set()
-    thread.join(timeout=120)
-    left = set(columns(path, "model"))
-    pruner.close()
+    pruner = open_cache()
+    try:
+        pruned = pruner.prune(cutoff)
+    finally:
+        pruning_done.set()
+        thread.join(timeout=120)
+        pruner.close()
     assert not errors, errors
+    return pruned, stored
+
+
+def test_prune_while_another_connection_writes_loses_no_new_answer(tmp_path, monkeypatch):
+    """Old answers go in many short chunks while another connection keeps storing and reading:
+    every answer it stored is kept, and so is an old answer used lately."""
+    monkeypatch.setattr(call_cache, "PRUNE_CHUNK", 200)
+    path = tmp_path / "c.sqlite"
+    seed = CallCache(path)
+    for i in range(3000):
+        seed.put(f"old{i}", "y" * 200, 1, 1, 0.0, model="judge")
+    seed.close()
+    stamp(path, 40)
+    stamp(path, 10, ["old7"])  # used 10 days ago: within 30 days
+    pruned, stored = prune_beside_a_writer(lambda: CallCache(path), time.time() - 30 * DAY_S)
     assert pruned.rows == 2999 and pruned.text_bytes == 2999 * 200
-    assert left == {"old7", *stored} and len(stored) >= 50
+    assert set(columns(path, "model")) == {"old7", *stored}
 
 
 def test_a_new_file_gives_its_freed_pages_back(tmp_path):

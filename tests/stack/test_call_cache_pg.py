@@ -36,6 +36,7 @@ from longreward_core.reward.verdicts import RATING
 from longreward_testing.judge_double import Fault
 from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 from tests.stack.cache_client import question
+from tests.test_retention import check_stats_by_model_and_age, prune_beside_a_writer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -259,59 +260,25 @@ def test_an_old_table_is_migrated_in_place_with_its_answers_stamped_now(pg_url):
 
 def test_stats_count_answers_by_model_and_by_age_of_last_use(pg_url):
     cache = PostgresCallCache(pg_url)
-    ages = {"a": 0.1, "b": 3, "c": 3, "d": 10, "e": 45, "f": 400}
-    for key in ages:
-        cache.put(key, "x" * 10, 1, 1, 0.0, model="judge" if key in "abcd" else "policy")
-    for key, days in ages.items():
-        stamp(pg_url, days, [key])
-    found = cache.stats()
+    check_stats_by_model_and_age(cache, lambda days, keys: stamp(pg_url, days, keys))
     cache.close()
-    assert found.size.rows == 6 and found.size.bytes > 0
-    assert found.by_model == [("judge", 4, 40), ("policy", 2, 20)]
-    assert found.by_age == [("under 1 day", 1), ("1-7 days", 2), ("7-30 days", 1), ("30-90 days", 1), ("90 days or more", 1)]
 
 
 def test_prune_while_another_connection_writes_loses_no_new_answer(pg_url, monkeypatch):
     """Old answers go in many short chunks while another connection keeps storing and reading:
-    the writer meets no error, every answer it stored is kept, and so is an old answer used lately."""
+    every answer it stored is kept, and so is an old answer used lately."""
     import psycopg
 
     monkeypatch.setattr(call_cache, "PRUNE_CHUNK", 200)
+    PostgresCallCache(pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as db:
-        PostgresCallCache(pg_url).close()
         db.execute(f"INSERT INTO {TABLE} (key, text, stored_at, used_at, model) SELECT 'old' || i, repeat('y', 200),"
                    " 0, 0, 'judge' FROM generate_series(0, 2999) AS i")
     stamp(pg_url, 40)
     stamp(pg_url, 10, ["old7"])
-    stored: list[str] = []
-    errors: list[BaseException] = []
-    pruning_done = threading.Event()
-
-    def write() -> None:
-        writer = PostgresCallCache(pg_url)
-        try:
-            i = 0
-            while not pruning_done.is_set() or i < 50:
-                key = f"new{i}"
-                assert writer.put(key, f"answer {i}", 1, 1, 0.0, model="judge") == f"answer {i}"
-                assert writer.get(key)[0] == f"answer {i}"
-                stored.append(key)
-                i += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            writer.close()
-
-    thread = threading.Thread(target=write)
-    thread.start()
-    pruner = PostgresCallCache(pg_url)
-    pruned = pruner.prune(time.time() - 30 * DAY_S)
-    pruning_done.set()
-    thread.join(timeout=120)
-    pruner.close()
-    assert not errors, errors
+    pruned, stored = prune_beside_a_writer(lambda: PostgresCallCache(pg_url), time.time() - 30 * DAY_S)
     assert pruned.rows == 2999 and pruned.text_bytes == 2999 * 200
-    assert set(stamps(pg_url)) == {"old7", *stored} and len(stored) >= 50
+    assert set(stamps(pg_url)) == {"old7", *stored}
     assert pruned.space.startswith("the deleted rows' space is reused by new answers")
 
 
