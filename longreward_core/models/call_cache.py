@@ -31,6 +31,7 @@ import json
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -116,7 +117,7 @@ def _migration(table: str, columns: set[str], now: float) -> list[str]:
     return [f"ALTER TABLE {table} ADD COLUMN {name} {kind}" for name, kind in added.items() if name not in columns]
 
 
-class _CallTable:
+class _CallTable(ABC):
     """The rows and rules both backends share, in SQL both dialects read; a backend runs the
     statements (`_query`), measures its storage (`_bytes`) and gives freed space back (`_reclaim`)."""
 
@@ -125,14 +126,17 @@ class _CallTable:
     text_bytes: str  # SQL: the bytes of an answer's text
     row_id: str  # SQL: the column a chunked delete selects rows by
 
+    @abstractmethod
     def _query(self, doing: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _bytes(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _reclaim(self) -> str:
-        raise NotImplementedError
+        ...
 
     def get(self, key: str) -> tuple[str, int, int, float] | None:
         """The stored answer (text, prompt tokens, completion tokens, cost), or None; marks it used."""
@@ -335,7 +339,7 @@ def check_cache_url(url: str | None) -> str | None:
     return url
 
 
-def open_call_cache(location: str | Path) -> CallStore:
+def open_call_cache(location: str | Path) -> CallCache | PostgresCallCache:
     """The call cache at `location`: a PostgreSQL URL, or the path of a SQLite file."""
     if is_database_url(location):
         return PostgresCallCache(str(location))
