@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from tasks.caching import configuration_fault
 from tasks.index import index_documents
 from tasks.pairs import build_pairs
 from tasks.publish import publish
+from tasks.retention import call_cache_size, prune_retention
 from tasks.sample import sample_candidates
 from tasks.score import judge_limit, score_shard
 from tasks.shard import load_and_shard
@@ -66,6 +68,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     """Build a DPO preference dataset; returns the manifest (longreward_core.pipeline.build.build_manifest)
     with `manifest_path` and `dataset_dir`."""
     logger = get_run_logger()
+    started = time.time()
     if params.judge_slots and params.judge_limit_strict:
         judge_limit(params.judge_slots, strict=True)  # fail before indexing anything
     build = params.build_dir()
@@ -149,6 +152,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
         parameters=params.model_dump(mode="json"),
         models=BuildModels(policy=None if params.candidates else params.policy.model, judge=params.judge.model,
                            embedding=params.scoring.embedding_model),
+        call_cache=call_cache_size(cache_path, params.cache_password_secret),
     )
     scores = pl.concat([pl.read_parquet(results[n]["scores"]) for n in names])
     _score_artifacts(reward_distribution(scores), RunAccounting.from_dict(manifest.judge_accounting))
@@ -166,6 +170,9 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
         )
         logger.info("started %s: flow run %s", params.train_deployment, training.id)
         published["training_flow_run"] = str(training.id)
+    if params.retention_days:
+        published["pruned"] = prune_retention(params.output_dir, cache_path, params.cache_password_secret,
+                                              params.retention_days, str(build), started)
     return published
 
 
