@@ -52,8 +52,8 @@ from longreward_core.models.secrets import (
 
 
 def litellm_module() -> Any:
-    """litellm, imported on first use (about 2 s: a run whose models all take the direct route
-    never pays it) and set up quietly (no debug banner, no telemetry, no retries of its own)."""
+    """litellm, imported on first use (its import is slow: a run whose models all take the direct
+    route never pays it) and set up quietly (no debug banner, no telemetry, no retries of its own)."""
     import litellm
 
     if not getattr(litellm, "_longreward_configured", False):

@@ -1,9 +1,9 @@
 """The direct route: requests to an OpenAI-compatible server through the OpenAI SDK, not litellm.
 
-litellm spends ~8 ms of CPU on every request (building its logging object, computing the cost
-twice, filling hidden parameters); the OpenAI SDK alone ~3 ms. For a plain `openai/<served-name>`
-model at an `api_base` (vLLM, `transformers serve`, a judge double) litellm adds nothing the
-client needs: the request body is the same, and so is the answer. `LLMClient` sends such models
+litellm spends several times the OpenAI SDK's CPU on every request (building its logging object,
+computing the cost twice, filling hidden parameters; BENCHMARKS.md has the figures). For a plain
+`openai/<served-name>` model at an `api_base` (vLLM, `transformers serve`, a judge double)
+litellm adds nothing the client needs: the request body is the same, and so is the answer. `LLMClient` sends such models
 here and everything else through litellm. What stays the same:
 
 - the model string (`openai/<name>`: the server is asked for `<name>`, slashes and all, as vLLM

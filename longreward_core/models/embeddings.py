@@ -82,8 +82,8 @@ class OnnxEmbedder:
     length, so a batch pads little.
     """
 
-    # Small batches cost less CPU per text here (17 ms per 100-token chunk at 4-8 texts a batch,
-    # 20-23 ms at 32-128 on these cores: a batch's activations stay in cache), and pad less.
+    # Small batches cost less CPU per text (a batch's activations stay in the CPU cache) and pad
+    # less; BENCHMARKS.md has the batch sizes measured.
     batch_size = 8
 
     def __init__(self, model_path: str | Path | None = None, name: str = EMBEDDED_EMBEDDING):

@@ -9,10 +9,9 @@ own block sizes and evict), independent of whether the provider reports anything
 Earlier prompts are kept per model as big-endian token bytes in sorted order, so the longest
 shared prefix with any of them is the longer of the shared prefixes with the two sorted neighbours.
 Tokens take 2 bytes each when the tokenizer's vocabulary fits (the embedded model's does), else 4.
-"Earlier" is the most recent `window_bytes` of prompts (16 MB: about 8M tokens; on the scoring
-bench about 5,500 judge requests, those of 45 prompts x 10 candidates, while a run scores 16
-prompts at a time and the long shared prefixes are those of one prompt's requests): the oldest go
-first, so memory stays bounded however long the run, and small next to the process.
+"Earlier" is the most recent `window_bytes` of prompts (several prompts' worth of judge requests,
+while the long shared prefixes are those of one prompt's requests; BENCHMARKS.md measures what a
+smaller window loses): the oldest go first, so memory stays bounded however long the run.
 """
 
 from __future__ import annotations

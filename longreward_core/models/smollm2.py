@@ -49,7 +49,7 @@ def _derived(name: str, write: Callable[[Path], None]) -> Path:
 
 
 def embedded_tokenizer_dir() -> Path:
-    """The embedded model's tokenizer as plain files (converting the GGUF vocabulary takes ~10 s)."""
+    """The embedded model's tokenizer as plain files (converted once from the GGUF vocabulary, which is slow)."""
 
     def write(folder: Path) -> None:
         from transformers import AutoTokenizer

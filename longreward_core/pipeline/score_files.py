@@ -163,7 +163,7 @@ def score_files(
 class ScoreSpool:
     """Scores appended to a temporary JSON-lines file in `out` as prompts finish, so a run does not
     hold them; `frame()` reads them back in the candidates' input order. The file is removed on
-    exit. (JSON lines, not Parquet: a Parquet writer held open costs about 25 MB of Arrow buffers.)"""
+    exit. (JSON lines, not Parquet: a Parquet writer held open keeps Arrow buffers for the whole run.)"""
 
     def __init__(self, out: Path):
         fd, name = tempfile.mkstemp(dir=out, prefix=".scores.", suffix=".spool.jsonl")
