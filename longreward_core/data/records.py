@@ -266,10 +266,13 @@ class ScoreSummary(BaseModel):
     worker_pid: int = Field(description="The process that scored (shards may run on several).")
     judge: dict[str, Any] = Field(description="Judge requests per purpose and in total (RunAccounting.to_dict()).")
     embedded_judge: dict[str, Any] | None = Field(None, description="Verdict statistics of the embedded judge.")
+    batch: dict[str, Any] | None = Field(
+        None, description="Batch mode: the batch ids, waves, lines submitted, and how batch answers were priced."
+    )
 
     def to_json(self) -> bytes:
         """The summary as `accounting.json` content."""
-        exclude = {"embedded_judge"} if self.embedded_judge is None else None
+        exclude = {name for name in ("embedded_judge", "batch") if getattr(self, name) is None} or None
         return self.model_dump_json(indent=2, exclude=exclude).encode("utf-8")
 
 

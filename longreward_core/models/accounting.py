@@ -13,6 +13,8 @@ class CallAccounting:
     """Model usage for one purpose (or overall)."""
 
     calls: int = 0  # requests that reached the model (cache hits excluded)
+    batch_calls: int = 0  # of those, the ones answered through a provider's Batch API (the rest went online)
+    batch_failed_lines: int = 0  # batch lines that came back failed or expired (each asked again or given up)
     cache_hits: int = 0
     coalesced: int = 0  # requests answered by an identical request already in flight
     prompt_tokens: int = 0

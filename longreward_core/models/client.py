@@ -502,14 +502,29 @@ class LLMClient:
             reraise=True,
         )
         response = await retrying(send)
-        acc.calls += 1
         texts = [(choice.text if raw_prompt else choice.message.content) or "" for choice in response.choices]
         # Several choices asked for (`n`): the answer is their texts as a JSON list.
         text = json.dumps(texts, ensure_ascii=False) if params.get("n", 1) > 1 else (texts[0] if texts else "")
-        usage = getattr(response, "usage", None)
+        cost = direct.cost(response) if direct is not None else _litellm_cost(response)
+        return self.record_answer(acc, key, messages, text, getattr(response, "usage", None), cost, accept)
+
+    def request_key(
+        self, messages: list[dict[str, str]], temperature: float, attempt: int, constraint: dict[str, Any] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """A chat request's cache key and its sampling parameters, as `complete` would send them
+        (for requests sent another way, such as a provider's Batch API)."""
+        return self._key(messages, temperature, attempt, constraint, False, {})
+
+    def record_answer(
+        self, acc: CallAccounting, key: str, messages: list[dict[str, str]], text: str, usage: Any, cost: float,
+        accept: Callable[[str], bool] | None = None,
+    ) -> str:
+        """Account an answer the model gave (tokens, cost, cached tokens, the budget, the cacheable
+        share) and cache it if `accept` takes it; returns the stored answer. `complete` calls it for
+        each answer it gets, and so does whatever obtains answers another way (a Batch API)."""
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        cost = direct.cost(response) if direct is not None else _litellm_cost(response)
+        acc.calls += 1
         acc.prompt_tokens += prompt_tokens
         acc.completion_tokens += completion_tokens
         acc.cost_usd += cost
@@ -517,7 +532,7 @@ class LLMClient:
         if self.budget is not None:
             self.budget.spend(prompt_tokens + completion_tokens, cost)
         if self.prefix_share is not None:
-            counted, shared = self.prefix_share.observe(cfg.model, messages)
+            counted, shared = self.prefix_share.observe(self.config.model, messages)
             acc.tokenized_prompt_tokens += counted
             acc.cacheable_tokens += shared
         if self.cache is not None and (accept is None or accept(text)):
