@@ -39,8 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = Path(os.environ.get("BENCH_CLIENT_CODE", ROOT))  # whose longreward_core a route runs
-sys.path.insert(0, str(CODE))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from longreward_core.models.accounting import RunAccounting  # noqa: E402
@@ -143,7 +141,7 @@ def main() -> None:
         print(json.dumps(run_route(args.child, args.api_base, args, args.work, args.offset)))
         return
 
-    server = subprocess.Popen([sys.executable, "-m", "tests.judge_double", "--latency", "0"],
+    server = subprocess.Popen([sys.executable, "-m", "longreward_testing.judge_double", "--latency", "0"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     routes, startup = {}, {}
     try:
@@ -159,7 +157,7 @@ def main() -> None:
                          "--concurrency", str(args.concurrency), "--out", str(args.out)]
                 if args.profile and turn < len(args.routes):
                     child += ["--profile", args.profile]
-                env = {**os.environ, "BENCH_CLIENT_CODE": str(code), "PYTHONPATH": str(code)}
+                env = {**os.environ, "PYTHONPATH": str(code)}  # whose longreward_core the route runs
                 done = subprocess.run(child, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
                 runs[route].append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(route, runs[route][-1], flush=True)

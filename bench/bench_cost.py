@@ -1,6 +1,6 @@
 """Judge bill benchmark: the full schedule against exact pair pruning, side by side in one run.
 
-P prompts x N candidates against the loopback judge (tests/judge_double.py, in this process). Each
+P prompts x N candidates against the loopback judge (longreward_testing/judge_double.py, in this process). Each
 document is a few thousand tokens of sentences; each candidate makes 4-12 statements, each one a
 document sentence (supported) with a probability equal to the candidate's grounding, else an
 altered sentence (a wrong year and sum: not supported). Grounding is drawn per candidate (mixed
@@ -24,23 +24,21 @@ import json
 import platform
 import random
 import shutil
-import sys
 import tempfile
 import time
 import zlib
 from datetime import date
 from pathlib import Path
 
+import litellm
+
+from longreward_core.data.pairs import PairConfig
+from longreward_core.pipeline.score import pairs_files, score_files
+from longreward_core.reward.judge import JudgeConfig
+from longreward_core.reward.scorer import ScoringConfig
+from longreward_testing.judge_double import JudgeDouble, JudgeServer, normal_text, slot
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import litellm  # noqa: E402
-
-from longreward_core.data.pairs import PairConfig  # noqa: E402
-from longreward_core.pipeline.score import pairs_files, score_files  # noqa: E402
-from longreward_core.reward.judge import JudgeConfig  # noqa: E402
-from longreward_core.reward.scorer import ScoringConfig  # noqa: E402
-from tests.judge_double import JudgeDouble, JudgeServer, _normal, slot  # noqa: E402
 
 # List prices of gpt-4.1-mini as in litellm's bundled price table (USD per token).
 PRICES = {"input_cost_per_token": 4e-7, "cache_read_input_token_cost": 1e-7, "output_cost_per_token": 1.6e-6}
@@ -75,7 +73,7 @@ def write_inputs(folder: Path, n_prompts: int, n_candidates: int, sentences: int
                     statements.append(s.replace("In 1", "In 2", 1).replace("costing ", "costing 1", 1))
             response = " ".join(statements)
             candidates.append({"prompt_id": f"p{p:03d}", "candidate_id": f"p{p:03d}-{k}", "response": response})
-            grounding[_normal(response)] = quality
+            grounding[normal_text(response)] = quality
     (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
     (folder / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in candidates))
     return folder / "prompts.jsonl", folder / "candidates.jsonl", grounding
@@ -84,13 +82,13 @@ def write_inputs(folder: Path, n_prompts: int, n_candidates: int, sentences: int
 def scripted_judge(grounding: dict[str, float]) -> JudgeDouble:
     def rating(request) -> str:
         response = slot(request.content, "response")
-        quality = grounding.get(_normal(response), 0.5)
+        quality = grounding.get(normal_text(response), 0.5)
         noise = (zlib.crc32((request.task + response).encode()) % 5 - 2) / 2  # -1 .. +1, deterministic
         return f"{ANALYSIS}\nRating: [[{max(0, min(10, round(1 + 8 * quality + noise)))}]]"
 
     def support(request) -> str:
         statement, evidence = slot(request.content, "statement"), slot(request.content, "document_excerpts")
-        verdict = "[[Fully supported]]" if _normal(statement) in _normal(evidence) else "[[No support]]"
+        verdict = "[[Fully supported]]" if normal_text(statement) in normal_text(evidence) else "[[No support]]"
         return f"{ANALYSIS}\n{verdict}"
 
     return JudgeDouble(answers={"helpfulness": rating, "logicality": rating, "completeness": rating, "support": support})

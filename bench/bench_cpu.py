@@ -1,7 +1,7 @@
 """Our own cost per candidate: CPU and peak memory of `longreward score`, embedding backends side by side.
 
 Runs the real command line (`longreward score`, a subprocess) against the loopback judge double
-(`tests/judge_double.py`, its own process) at zero latency, so the judge costs the scorer nothing
+(`longreward_testing/judge_double.py`, its own process) at zero latency, so the judge costs the scorer nothing
 but its own client work. Inputs: P prompts x N candidates; each document 20k-60k characters of
 sentences; each candidate 4-12 statements, each a document sentence or an altered one.
 
@@ -34,19 +34,17 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
+import polars as pl
+
+from bench_scoring import synthetic_document
+from longreward_core.models.embeddings import EMBEDDING_BACKEND_ENV, OnnxEmbedder, SentenceTransformerEmbedder
+from longreward_core.reward.retrieval import content_hash
+from longreward_core.reward.documents import retrieval_chunking
+from longreward_core.reward.scorer import ScoringConfig
+from longreward_testing.judge_double import sentences
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from bench_scoring import synthetic_document  # noqa: E402
-from longreward_core.models.embeddings import EMBEDDING_BACKEND_ENV, OnnxEmbedder, SentenceTransformerEmbedder  # noqa: E402
-from longreward_core.reward.documents import retrieval_chunking  # noqa: E402
-from longreward_core.reward.retrieval import content_hash  # noqa: E402
-from longreward_core.reward.scorer import ScoringConfig  # noqa: E402
-from tests.judge_double import sentences  # noqa: E402
 
 BACKENDS = ("torch", "onnx")
 
@@ -74,7 +72,7 @@ class Judge:
 
     def __init__(self, latency: float):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.judge_double", "--latency", str(latency)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-m", "longreward_testing.judge_double", "--latency", str(latency)], cwd=ROOT, stdout=subprocess.PIPE, text=True
         )
         self.api_base = self.process.stdout.readline().strip()
 

@@ -1,6 +1,6 @@
 """Scoring under injected judge faults: requests, scored candidates, repeats on a re-run, lost rows.
 
-The scenarios of `tests/faults` (4 prompts x 3 candidates against the loopback judge double, 80
+The scenarios of `tests/faults` (`longreward_testing.faults`) (4 prompts x 3 candidates against the loopback judge double, 80
 requests when nothing fails), each compared with a clean run:
 
 - each fault kind alone, and all mixed, on 20% of requests (seeded); then the same scoring again
@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import polars as pl
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from longreward_core.pipeline.score import score_files  # noqa: E402
-from tests.conftest import judge_config_for  # noqa: E402
-from tests.faults.test_faults import (  # noqa: E402
+from longreward_core.pipeline.score import score_files
+from longreward_testing.faults import (
     CANDIDATES,
     KILL_CONCURRENCY,
     NO_VERDICT,
@@ -47,8 +42,10 @@ from tests.faults.test_faults import (  # noqa: E402
     kill_then_rerun,
     read_scores,
 )
-from tests.judge_double import KINDS, JudgeServer  # noqa: E402
-from tests.test_flow import write_inputs  # noqa: E402
+from longreward_testing.judge_double import KINDS, JudgeServer
+from longreward_testing.scenarios import judge_config_for, write_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lost_rows(scores: pl.DataFrame, clean: pl.DataFrame) -> int:

@@ -26,12 +26,11 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def worker(mode: str, prompts: int, candidates: int, shard_size: int, api_base: str) -> dict:
     """Runs in a fresh process: one scoring of the synthetic input, by `mode`."""
-    from bench.bench_scoring import write_inputs
+    from bench_scoring import write_inputs
     from longreward_core.reward.judge import JudgeConfig
     from longreward_core.reward.scorer import ScoringConfig
 
@@ -91,7 +90,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.prompts, args.candidates, args.shard_size, args.api_base)))
         return
 
-    server = subprocess.Popen([sys.executable, "-m", "tests.judge_double"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "longreward_testing.judge_double"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         api_base = server.stdout.readline().strip()
         score = run_worker("score", args.prompts, args.candidates, args.shard_size, api_base)

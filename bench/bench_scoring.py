@@ -27,15 +27,14 @@ import urllib.request
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder  # noqa: E402
-from longreward_core.models.tokenizers import load_tokenizer  # noqa: E402
-from longreward_core.pipeline.score import score_files  # noqa: E402
+from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
+from longreward_core.models.tokenizers import load_tokenizer
+from longreward_core.pipeline.score import score_files
 from longreward_core.reward.chunking import chunk_document
-from longreward_core.reward.judge import JudgeConfig  # noqa: E402
-from longreward_core.reward.scorer import ScoringConfig  # noqa: E402
+from longreward_core.reward.judge import JudgeConfig
+from longreward_core.reward.scorer import ScoringConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = (
     "river station pump council budget flood culvert reservoir engineer valve pipe survey report "
@@ -101,7 +100,7 @@ def main() -> None:
         # The judge runs in its own process, as a remote judge would: in this process its
         # request handling would compete with the scorer for the interpreter lock.
         server = subprocess.Popen(
-            [sys.executable, "-m", "tests.judge_double", "--latency", str(args.latency)],
+            [sys.executable, "-m", "longreward_testing.judge_double", "--latency", str(args.latency)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )
         try:

@@ -1,5 +1,5 @@
-"""Shared fixtures: the loopback judge double, judge configs pointing at it, the sample data, a
-build manifest."""
+"""Shared fixtures: the loopback judge double (`longreward_testing`, which also holds judge configs
+pointing at it), the sample data, a build manifest."""
 
 from __future__ import annotations
 
@@ -15,31 +15,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from longreward_core.data.records import BuildCounts, BuildManifest, BuildModels  # noqa: E402
-from longreward_core.reward.judge import JudgeConfig  # noqa: E402
-from tests.judge_double import JudgeDouble, JudgeServer  # noqa: E402
-
-TEST_API_KEY = "sk-test-not-a-real-key-7f3a9c"
-
+from longreward_testing.judge_double import JudgeDouble, JudgeServer  # noqa: E402
 
 @pytest.fixture
 def judge_server():
     with JudgeServer(JudgeDouble()) as server:
         yield server
-
-
-def judge_config_for(server: JudgeServer, **overrides) -> JudgeConfig:
-    """A judge config aimed at the double, with fast backoff so fault tests stay quick."""
-    settings = dict(
-        model="openai/judge-double",
-        api_base=server.api_base,
-        api_key=TEST_API_KEY,
-        timeout_s=5.0,
-        backoff_initial_s=0.01,
-        backoff_max_s=0.05,
-        concurrency=8,
-    )
-    settings.update(overrides)
-    return JudgeConfig(**settings)
 
 
 @pytest.fixture

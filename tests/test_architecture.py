@@ -1,5 +1,6 @@
 """The layering the project promises, read from the source: the core is a plain library in wings,
-its import graph has no cycle, and no module reaches into another's private names."""
+its import graph has no cycle, no module (bench scripts included) reaches into another's private
+names, and the bench scripts import the installed project as it is, without editing the path."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("longreward_core", "flows", "tasks")
+PACKAGES = ("longreward_core", "flows", "tasks", "longreward_testing")
 WINGS = {"data", "models", "reward", "pipeline", "training", "evaluation"}
 
 
@@ -26,6 +27,11 @@ def _modules() -> dict[str, ast.Module]:
         for package in PACKAGES
         for path in sorted((ROOT / package).rglob("*.py"))
     }
+
+
+def _bench_scripts() -> dict[str, ast.Module]:
+    """bench/*.py by the name another bench script imports it by (bench/ is on the path of each)."""
+    return {path.stem: ast.parse(path.read_text(encoding="utf-8"), filename=str(path)) for path in sorted((ROOT / "bench").glob("*.py"))}
 
 
 def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
@@ -64,14 +70,32 @@ def test_the_core_is_a_plain_library_in_wings():
 
 
 def test_no_module_imports_a_private_name_of_another():
+    scripts = _bench_scripts()
+    own = {*PACKAGES, "tests", *scripts}
     offenders = [
         f"{name}: from {module} import {n}"
-        for name, tree in _modules().items()
+        for name, tree in {**_modules(), **scripts}.items()
         for module, names in _imports(tree)
-        if module.split(".")[0] in PACKAGES
+        if module.split(".")[0] in own
         for n in names
         if n.startswith("_")
     ]
+    assert offenders == []
+
+
+def test_bench_scripts_import_the_installed_project_without_editing_the_path():
+    """`python bench/x.py` has bench/ on the path and the project's packages installed; `tests` is not
+    installed, so what a script shares with the tests lives in `longreward_testing`."""
+    offenders = []
+    for name, tree in _bench_scripts().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) and node.value.id == "sys":
+                offenders.append(f"bench/{name}.py:{node.lineno}: sys.path")
+        for module, names in _imports(tree):
+            if module == "sys" and "path" in names:
+                offenders.append(f"bench/{name}.py: from sys import path")
+            if module.split(".")[0] == "tests":
+                offenders.append(f"bench/{name}.py: imports {module}")
     assert offenders == []
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.scorer import ScoringConfig
-from tests.conftest import TEST_API_KEY, judge_config_for
+from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 from tests.test_scoring import DOC, write_jsonl
 
 SCORING = dict(retrieval_chunk_tokens=32, completeness_chunk_tokens=256, prompts_in_flight=1)

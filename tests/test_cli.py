@@ -9,8 +9,8 @@ import polars as pl
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import TEST_API_KEY
-from tests.judge_double import Fault, slot
+from longreward_testing.judge_double import Fault, slot
+from longreward_testing.scenarios import TEST_API_KEY
 
 runner = CliRunner()
 

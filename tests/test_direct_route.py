@@ -16,8 +16,8 @@ from longreward_core.models.client import (
     RequestRejected,
 )
 from longreward_core.models.direct import direct_model
-from tests.conftest import TEST_API_KEY, judge_config_for
-from tests.judge_double import Fault
+from longreward_testing.judge_double import Fault
+from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 
 MESSAGES = [{"role": "user", "content": "[Task: grade HELPFULNESS]\n<question>\nq\n</question>"}]
 # Long enough for the double's prefix cache (whole 128-token blocks of a shared prefix).

@@ -142,7 +142,7 @@ import sys
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
-from tests.judge_double import JudgeServer
+from longreward_testing.judge_double import JudgeServer
 with JudgeServer() as server:
     run = score_files({str(tmp_path / 'p.jsonl')!r}, {str(tmp_path / 'c.jsonl')!r}, {str(tmp_path / 'out')!r},
                       JudgeConfig(model="openai/judge-double", api_base=server.api_base, api_key="k"), ScoringConfig())

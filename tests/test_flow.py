@@ -12,37 +12,18 @@ from pydantic import ValidationError
 
 from flows.preference_build import BuildParams, preference_build
 from longreward_core.reward.scorer import ScoringConfig
-from tests.conftest import judge_config_for
-from tests.judge_double import Fault, sentences, slot
+from longreward_testing.judge_double import Fault, sentences, slot
+from longreward_testing.scenarios import judge_config_for, write_inputs
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 SCORING = ScoringConfig(retrieval_chunk_tokens=32, completeness_chunk_tokens=256)
-TOPICS = ["ALDER", "BIRCH", "CEDAR", "DAMSON", "ELM"]
 
 
 @pytest.fixture(autouse=True)
 def policy_key(monkeypatch):
     """The policy's key comes from the worker's environment (a key is never a parameter)."""
     monkeypatch.setenv("LONGREWARD_POLICY_API_KEY", "k")
-
-
-def write_inputs(tmp_path: Path, n_prompts: int = 5, n_candidates: int = 5) -> tuple[Path, Path]:
-    prompts, candidates = [], []
-    for p, topic in enumerate(TOPICS[:n_prompts]):
-        sentences = [f"The {topic} mill closed in {1960 + p} after a fire.", f"The {topic} mill opened in {1900 + p}.",
-                     f"It ground wheat for {p + 2} villages.", f"The {topic} mill had a water wheel.",
-                     f"Its last miller was called Orrin {topic.title()}."]
-        context = " ".join(sentences * 4)
-        prompts.append({"id": f"p{p}", "context": context, "query": f"When did the {topic} mill close?"})
-        for k in range(n_candidates):
-            # Every sentence is in the document; with the helpfulness script below, candidate k
-            # (5 - k sentences) is rated 2 x (5 - k): -0 is the best, -4 the worst.
-            candidates.append({"prompt_id": f"p{p}", "candidate_id": f"p{p}-{k}", "response": " ".join(sentences[: 5 - k])})
-    prompts_path, candidates_path = tmp_path / "prompts.jsonl", tmp_path / "candidates.jsonl"
-    prompts_path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    candidates_path.write_text("".join(json.dumps(r) + "\n" for r in candidates))
-    return prompts_path, candidates_path
 
 
 def helpfulness_by_length(request) -> str:

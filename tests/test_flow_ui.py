@@ -22,7 +22,8 @@ from prefect.logging.handlers import APILogWorker
 from prefect.states import Scheduled
 
 from flows.preference_build import preference_build
-from tests.test_flow import cedar_logicality_outage, helpfulness_by_length, params_for, write_inputs
+from longreward_testing.scenarios import write_inputs
+from tests.test_flow import cedar_logicality_outage, helpfulness_by_length, params_for
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

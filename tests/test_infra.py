@@ -473,3 +473,21 @@ def test_the_readme_deploys_with_the_lines_the_stack_suite_runs():
     assert _commands(worker) == [LINK_COMMAND, WORKER_COMMAND]
     compose = _readme_blocks("### The whole stack with Docker Compose")[0]
     assert any(line.startswith("bash infra/stack/deploy.sh") for line in compose)
+
+
+# --------------------------------------------------------------------------------------------
+# The repository stands on its own
+
+
+def test_no_tracked_file_points_outside_the_repository():
+    """A clone has nothing beside it: the method is docs/method.md, not a file in a sibling folder."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    outside = re.compile(rb"\.\./shared\b")
+    offenders = [
+        name for name in listed.stdout.decode().split("\0")
+        if name and (ROOT / name).is_file() and outside.search((ROOT / name).read_bytes())
+    ]
+    assert offenders == []
+    assert (ROOT / "docs" / "method.md").is_file()

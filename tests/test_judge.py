@@ -21,8 +21,8 @@ from longreward_core.reward.verdicts import (
     parse_marked_list,
     parse_rating,
 )
-from tests.conftest import TEST_API_KEY, judge_config_for
-from tests.judge_double import Fault
+from longreward_testing.judge_double import Fault
+from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 
 MESSAGES = [{"role": "user", "content": "[Task: grade HELPFULNESS]\n<question>\nq\n</question>"}]
 

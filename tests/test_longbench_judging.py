@@ -24,8 +24,8 @@ from longreward_core.evaluation.judging import (
 )
 from longreward_core.evaluation.predict import POLICY_API_KEY_ENV, ModelSpec
 from longreward_core.reward.verdicts import VerdictParseError
-from tests.conftest import TEST_API_KEY, judge_config_for
-from tests.judge_double import Fault, slot
+from longreward_testing.judge_double import Fault, slot
+from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 from tests.longbench_fixtures import longbench_rows, write_chat
 
 

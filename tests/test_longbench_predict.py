@@ -21,8 +21,8 @@ from longreward_core.evaluation.predict import (
     truncate_middle,
 )
 from longreward_core.models.tokenizers import load_tokenizer
-from tests.conftest import TEST_API_KEY
-from tests.judge_double import Fault
+from longreward_testing.judge_double import Fault
+from longreward_testing.scenarios import TEST_API_KEY
 from tests.longbench_fixtures import tiny_model, write_longbench
 
 

@@ -10,7 +10,7 @@ import pytest
 from longreward_core.evaluation import v2
 from longreward_core.evaluation.evaluate import DataSources, evaluate_benchmark
 from longreward_core.evaluation.predict import ModelSpec
-from tests.conftest import TEST_API_KEY
+from longreward_testing.scenarios import TEST_API_KEY
 from tests.longbench_fixtures import v2_items, write_v2
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from longreward_core.models.prefix_share import PrefixShare
 from longreward_core.pipeline.score import score_files
-from tests.conftest import judge_config_for
+from longreward_testing.scenarios import judge_config_for
 from tests.test_scoring import SCORING, small_input  # noqa: F401 (a fixture)
 
 

@@ -299,7 +299,7 @@ def rating_by_content(request) -> str:
     """Ratings that vary with the response (deterministically), as a real judge's would."""
     import zlib
 
-    from tests.judge_double import slot
+    from longreward_testing.judge_double import slot
 
     response = slot(request.content, "response")
     if "unlucky" in response and request.task == "helpfulness":
@@ -308,12 +308,12 @@ def rating_by_content(request) -> str:
 
 
 def support_by_content(request) -> str:
-    from tests.judge_double import _normal, slot
+    from longreward_testing.judge_double import normal_text, slot
 
     statement, evidence = slot(request.content, "statement"), slot(request.content, "document_excerpts")
     if "flaky" in statement:
         return "No verdict here."  # this check fails in both modes: its candidates are reopened around
-    return "[[Fully supported]]" if _normal(statement) in _normal(evidence) else "[[No support]]"
+    return "[[Fully supported]]" if normal_text(statement) in normal_text(evidence) else "[[No support]]"
 
 
 def write_mixed_input(folder: Path) -> tuple[Path, Path]:
@@ -341,7 +341,7 @@ def write_mixed_input(folder: Path) -> tuple[Path, Path]:
 def test_pruned_and_full_runs_publish_the_same_pairs_against_the_loopback_judge(judge_server, tmp_path) -> None:
     from longreward_core.pipeline.score import pairs_files, score_files
     from longreward_core.reward.scorer import ScoringConfig
-    from tests.conftest import judge_config_for
+    from longreward_testing.scenarios import judge_config_for
 
     double = judge_server.double
     double.answers = {task: rating_by_content for task in ("helpfulness", "logicality", "completeness")}

@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 from flows.params import BuildParams
 from flows.preference_build import preference_build
-from tests.judge_double import Fault
-from tests.test_flow import helpfulness_by_length, params_for, write_inputs
+from longreward_testing.judge_double import Fault
+from longreward_testing.scenarios import write_inputs
+from tests.test_flow import helpfulness_by_length, params_for
 from tests.test_flow_ui import retry
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

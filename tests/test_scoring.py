@@ -18,8 +18,8 @@ from longreward_core.pipeline.score import score_files
 from longreward_core.reward.chunking import chunk_document
 from longreward_core.reward.dimensions.faithfulness import distinct
 from longreward_core.reward.scorer import ScoringConfig
-from tests.conftest import TEST_API_KEY, judge_config_for
-from tests.judge_double import Fault, sentences
+from longreward_testing.judge_double import Fault, sentences
+from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 
 # Small chunks keep the test documents (a few hundred tokens) in several completeness chunks.
 SCORING = ScoringConfig(retrieval_chunk_tokens=32, completeness_chunk_tokens=96)
@@ -132,12 +132,12 @@ def test_verdict_in_candidate_text_cannot_move_its_score(judge_server, tmp_path)
     candidates = write_jsonl(tmp_path / "c.jsonl", [{"prompt_id": "p", "candidate_id": "p-0", "response": injected}])
 
     def echo_then_rate(request):
-        from tests.judge_double import slot
+        from longreward_testing.judge_double import slot
 
         return f"The response says: {slot(request.content, 'response')}\nRating: [[2]]"
 
     def echo_only(request):
-        from tests.judge_double import slot
+        from longreward_testing.judge_double import slot
 
         return f"The response says: {slot(request.content, 'response')}"
 
@@ -313,7 +313,7 @@ def test_the_plans_first_wave_is_what_the_online_run_sends_before_any_answer(jud
     from longreward_core.reward.plan import PlanRun
     from longreward_core.reward.documents import prepare_document
     from longreward_core.reward.steps import Ask, PromptInputs
-    from tests.judge_double import task_of
+    from longreward_testing.judge_double import task_of
 
     prompts, candidates = small_input
     prompt = Prompt(**json.loads(prompts.read_text().splitlines()[0]))

@@ -109,7 +109,8 @@ def test_build_starts_the_training_deployment(tmp_path, judge_server):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     from flows.preference_build import preference_build
-    from tests.test_flow import helpfulness_by_length, params_for, write_inputs
+    from longreward_testing.scenarios import write_inputs
+    from tests.test_flow import helpfulness_by_length, params_for
 
     with get_client(sync_client=True) as client:
         try:

@@ -7,7 +7,9 @@ Accepted inputs (JSONL or Parquet):
   `idx` = "<prompt idx>-<k>", `query`, `answer`.
 
 A bad row never stops a run: it is returned as a `QuarantinedRow` with its reason, and the caller
-writes the quarantine file. JSONL is decoded line by line (not with polars' NDJSON reader) so
+writes the quarantine file. Every reader of rows (these, and the benchmark readers of
+`evaluation`) checks them with `validated_rows`; the checks of a field are the record's own
+(`records.Prompt`, `records.Candidate`), turned into a reason by `build_record`. JSONL is decoded line by line (not with polars' NDJSON reader) so
 that one undecodable or malformed line is quarantined instead of failing the whole file; Parquet
 is converted row by row for the same reason (`arrow_rows`). Text that cannot be encoded as UTF-8
 (a JSON-escaped lone surrogate) is found at input by `unencodable_field`, in every reader, so that
@@ -20,14 +22,17 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from longreward_core.data.records import (
     QUARANTINE_SCHEMA,
@@ -43,6 +48,12 @@ class InputError(ValueError):
 
 PARQUET_BATCH_ROWS = 64  # rows of a Parquet input decoded at a time
 
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+# A row as read: (line number, the row or None, its raw text, why it cannot be used or None).
+RowRead = tuple[int, dict[str, Any] | None, str, str | None]
+
 
 @dataclass
 class Loaded:
@@ -51,8 +62,22 @@ class Loaded:
     records: list[Any] = field(default_factory=list)
     quarantined: list[QuarantinedRow] = field(default_factory=list)
 
+    @classmethod
+    def collect(cls, rows: Iterable[ValidRow[Any] | QuarantinedRow], limit: int | None = None) -> Loaded:
+        """The records and quarantined rows of `validated_rows`, reading no further once `limit`
+        records are kept."""
+        out = cls()
+        for item in rows:
+            if limit is not None and len(out.records) >= limit:
+                break
+            if isinstance(item, QuarantinedRow):
+                out.quarantined.append(item)
+            else:
+                out.records.append(item.record)
+        return out
 
-def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+
+def read_rows(path: Path) -> Iterator[RowRead]:
     """Yield (line number, row or None, raw text, reason when the row cannot be used) of a JSONL or
     Parquet file; raises InputError when the file is missing or of an unknown format.
 
@@ -128,7 +153,7 @@ def unencodable_field(row: dict[str, Any]) -> str | None:
     return None
 
 
-def arrow_rows(table: pa.Table, start: int = 1) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+def arrow_rows(table: pa.Table, start: int = 1) -> Iterator[RowRead]:
     """The rows of an Arrow table in `read_rows`' shape, numbered from `start`.
 
     Arrow does not check that a string column is UTF-8 when a file is written, so a row holding
@@ -153,17 +178,6 @@ def arrow_rows(table: pa.Table, start: int = 1) -> Iterator[tuple[int, dict[str,
         yield start + index, row, json.dumps(row, ensure_ascii=False, default=str), None
 
 
-def _text_field(row: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
-    if name not in row or row[name] is None:
-        raise ValueError(f"missing field '{name}'")
-    value = row[name]
-    if not isinstance(value, str):
-        raise ValueError(f"field '{name}' is {type(value).__name__}, expected text")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"empty {name}")
-    return value
-
-
 def _row_id(row: dict[str, Any] | None, *names: str) -> str | None:
     if not row:
         return None
@@ -173,37 +187,87 @@ def _row_id(row: dict[str, Any] | None, *names: str) -> str | None:
     return None
 
 
-def _prompt_rows(path: Path) -> Iterator[Prompt | QuarantinedRow]:
-    """Each row of a prompts file, validated: a Prompt, or the row quarantined with its reason.
-    Duplicates after the first occurrence are quarantined."""
+def _field_problem(error: ErrorDetails, names: Mapping[str, str]) -> str:
+    location = [str(part) for part in error["loc"]]
+    name = ".".join([names.get(location[0], location[0]), *location[1:]]) if location else "(the row)"
+    if error["type"] == "missing" or error["input"] is None:
+        return f"missing field '{name}'"
+    if error["type"] == "string_type":
+        return f"field '{name}' is {type(error['input']).__name__}, expected text"
+    if error["type"] in {"blank", "string_too_short"}:
+        return f"empty {name}"
+    return f"field '{name}': {error['msg']}"
+
+
+def build_record(model: type[M], fields: dict[str, Any], names: Mapping[str, str] | None = None) -> M:
+    """`model` built from an input row's `fields`, checked by the model's own field types; a
+    ValueError names the first field that fails and why ("missing field 'query'", "empty context",
+    "field 'context' is int, expected text"). `names` gives a field's name in the input where it
+    differs from the model's (the release format's `answer` for `response`)."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise ValueError(_field_problem(exc.errors()[0], names or {})) from None
+
+
+@dataclass(frozen=True)
+class ValidRow(Generic[T]):
+    """A row that passed its checks: its record and where it came from."""
+
+    line: int
+    row_id: str | None
+    raw: str
+    record: T
+
+
+def validated_rows(
+    source: Path, rows: Iterable[RowRead], record: Callable[[dict[str, Any]], T], *,
+    id_fields: tuple[str, ...], duplicate: str | None = None,
+) -> Iterator[ValidRow[T] | QuarantinedRow]:
+    """Each row of `rows` (as `read_rows` yields them) checked: a ValidRow holding `record(row)`, or
+    the row quarantined with its reason (the reader's, or the ValueError `record` raised).
+
+    The row's id is the first of `id_fields` it has. With `duplicate`, a row whose id a valid
+    row before it has is quarantined with that reason, formatted with `id` and `line` (the first
+    row's); a row set aside does not claim its id."""
     first_seen: dict[str, int] = {}
-    for line, row, raw, reason in read_rows(path):
-        row_id = _row_id(row, "id", "idx")
+    for line, row, raw, reason in rows:
+        row_id = _row_id(row, *id_fields)
         try:
             if reason:
                 raise ValueError(reason)
             assert row is not None
-            if row_id is None:
-                raise ValueError("missing field 'id' (or 'idx')")
-            context = _text_field(row, "context")
-            query = _text_field(row, "query")
-            if row_id in first_seen:
-                raise ValueError(f"duplicate id '{row_id}' (first on line {first_seen[row_id]})")
-            metadata = {k: v for k, v in row.items() if k not in {"id", "idx", "context", "query"}}
-            if isinstance(metadata.get("metadata"), str):  # our own prompts Parquet (PROMPTS_SCHEMA)
-                metadata = json.loads(metadata["metadata"])
-            first_seen[row_id] = line
-            yield Prompt(id=row_id, context=context, query=query, metadata=metadata)
+            item = record(row)
+            if duplicate is not None and row_id in first_seen:
+                raise ValueError(duplicate.format(id=row_id, line=first_seen[row_id]))
         except ValueError as exc:
-            yield QuarantinedRow(source=str(path), line=line, row_id=row_id, reason=str(exc), raw=raw)
+            yield QuarantinedRow(source=str(source), line=line, row_id=row_id, reason=str(exc), raw=raw)
+            continue
+        if duplicate is not None and row_id is not None:
+            first_seen[row_id] = line
+        yield ValidRow(line, row_id, raw, item)
+
+
+def _prompt(row: dict[str, Any]) -> Prompt:
+    row_id = _row_id(row, "id", "idx")
+    if row_id is None:
+        raise ValueError("missing field 'id' (or 'idx')")
+    metadata = {k: v for k, v in row.items() if k not in {"id", "idx", "context", "query"}}
+    if isinstance(metadata.get("metadata"), str):  # our own prompts Parquet (PROMPTS_SCHEMA)
+        metadata = json.loads(metadata["metadata"])
+    return build_record(Prompt, {"id": row_id, "context": row.get("context"), "query": row.get("query"), "metadata": metadata})
+
+
+def _prompt_rows(path: Path) -> Iterator[ValidRow[Prompt] | QuarantinedRow]:
+    """Each row of a prompts file, validated; duplicates after the first occurrence are quarantined."""
+    return validated_rows(
+        path, read_rows(path), _prompt, id_fields=("id", "idx"), duplicate="duplicate id '{id}' (first on line {line})"
+    )
 
 
 def load_prompts(path: str | Path) -> Loaded:
     """Read and validate prompts; duplicates after the first occurrence are quarantined."""
-    out = Loaded()
-    for item in _prompt_rows(Path(path)):
-        (out.quarantined if isinstance(item, QuarantinedRow) else out.records).append(item)
-    return out
+    return Loaded.collect(_prompt_rows(Path(path)))
 
 
 @dataclass
@@ -217,8 +281,8 @@ class PromptStream:
 
     def __iter__(self) -> Iterator[Prompt]:
         for item in _prompt_rows(self.path):
-            if isinstance(item, Prompt):
-                yield item
+            if isinstance(item, ValidRow):
+                yield item.record
 
 
 def stream_prompts(path: str | Path) -> PromptStream:
@@ -230,7 +294,7 @@ def stream_prompts(path: str | Path) -> PromptStream:
         if isinstance(item, QuarantinedRow):
             quarantined.append(item)
         else:
-            ids.append(item.id)
+            ids.append(item.record.id)
     return PromptStream(path, ids, quarantined)
 
 
@@ -240,74 +304,61 @@ def load_candidates(path: str | Path, prompt_ids: set[str]) -> Loaded:
     Release-format rows (`idx` = "<prompt idx>-<k>", `answer`) are mapped to
     `prompt_id` = "<prompt idx>", `candidate_id` = `idx`, `response` = `answer`.
     """
+
+    def candidate(row: dict[str, Any]) -> Candidate:
+        if "candidate_id" in row or "prompt_id" in row:
+            record = build_record(Candidate, {name: row.get(name) for name in ("prompt_id", "candidate_id", "response")})
+        else:
+            candidate_id = _row_id(row, "idx")
+            if candidate_id is None:
+                raise ValueError("missing field 'candidate_id' (or release-format 'idx')")
+            if "-" not in candidate_id:
+                raise ValueError(f"release-format idx '{candidate_id}' is not '<prompt idx>-<k>'")
+            fields = {"prompt_id": candidate_id.rsplit("-", 1)[0], "candidate_id": candidate_id, "response": row.get("answer")}
+            record = build_record(Candidate, fields, names={"response": "answer"})
+        if record.prompt_id not in prompt_ids:
+            raise ValueError(f"candidate for unknown prompt '{record.prompt_id}'")
+        return record
+
     path = Path(path)
-    out = Loaded()
-    first_seen: dict[str, int] = {}
-    for line, row, raw, reason in read_rows(path):
-        row_id = _row_id(row, "candidate_id", "idx")
-        try:
-            if reason:
-                raise ValueError(reason)
-            assert row is not None
-            if "candidate_id" in row or "prompt_id" in row:
-                prompt_id = _text_field(row, "prompt_id")
-                candidate_id = _text_field(row, "candidate_id")
-                response = _text_field(row, "response")
-            else:
-                if row_id is None:
-                    raise ValueError("missing field 'candidate_id' (or release-format 'idx')")
-                candidate_id = row_id
-                if "-" not in candidate_id:
-                    raise ValueError(f"release-format idx '{candidate_id}' is not '<prompt idx>-<k>'")
-                prompt_id = candidate_id.rsplit("-", 1)[0]
-                response = _text_field(row, "answer")
-            if prompt_id not in prompt_ids:
-                raise ValueError(f"candidate for unknown prompt '{prompt_id}'")
-            if candidate_id in first_seen:
-                raise ValueError(
-                    f"duplicate candidate_id '{candidate_id}' (first on line {first_seen[candidate_id]})"
-                )
-            out.records.append(
-                Candidate(prompt_id=prompt_id, candidate_id=candidate_id, response=response)
-            )
-            first_seen[candidate_id] = line
-        except ValueError as exc:
-            out.quarantined.append(
-                QuarantinedRow(source=str(path), line=line, row_id=row_id, reason=str(exc), raw=raw)
-            )
-    return out
+    return Loaded.collect(validated_rows(
+        path, read_rows(path), candidate, id_fields=("candidate_id", "idx"),
+        duplicate="duplicate candidate_id '{id}' (first on line {line})",
+    ))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write a file so that readers see either the old file or the whole new one."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` for the caller to write; when the block ends without error
+    it is flushed to disk and renamed onto `path`, so that readers (and a crash) see either the
+    old file or the whole new one. On error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a file atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: str | Path) -> Path:
-    """Write a polars frame to Parquet atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write a polars frame to Parquet atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
         frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def write_quarantine(rows: list[QuarantinedRow], path: str | Path) -> Path:

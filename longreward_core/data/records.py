@@ -7,12 +7,23 @@ writers use these schemas, so a column is named and typed in exactly one place.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic_core import PydanticCustomError
 
 DIMENSIONS: tuple[str, ...] = ("helpfulness", "logicality", "faithfulness", "completeness")
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise PydanticCustomError("blank", "text is empty or only whitespace")
+    return text
+
+
+# Text a judge or a pair needs: a string (never a number turned into one) with something in it.
+Text = Annotated[str, Strict(), AfterValidator(_not_blank)]
 
 
 class Prompt(BaseModel):
@@ -21,8 +32,8 @@ class Prompt(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str = Field(min_length=1)
-    context: str = Field(min_length=1)
-    query: str = Field(min_length=1)
+    context: Text
+    query: Text
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
@@ -35,9 +46,9 @@ class Candidate(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    prompt_id: str = Field(min_length=1)
-    candidate_id: str = Field(min_length=1)
-    response: str
+    prompt_id: Text
+    candidate_id: Text
+    response: Text
 
 
 class DimensionResult(BaseModel):

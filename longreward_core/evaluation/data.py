@@ -20,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,13 @@ from huggingface_hub import hf_hub_download
 from longreward_core.data.io import (
     InputError,
     Loaded,
+    RowRead,
+    atomic_path,
     cache_dir,
     read_rows,
     unencodable_field,
+    validated_rows,
 )
-from longreward_core.data.records import QuarantinedRow
 
 LONGBENCH_REPO = "THUDM/LongBench"
 LONGBENCH_V2_REPO = "THUDM/LongBench-v2"
@@ -71,15 +72,9 @@ def _extract_member(archive: Path, member: str) -> Path:
     target = cache_dir() / "longbench-data" / identity / member
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        Path(tmp).replace(target)  # atomic: a concurrent reader sees no half-extracted file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Atomic: a concurrent reader sees no half-extracted file.
+    with atomic_path(target) as tmp, zipfile.ZipFile(archive) as zf, zf.open(member) as src, tmp.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
     return target
 
 
@@ -113,34 +108,22 @@ def _text(row: dict[str, Any], name: str, *, allow_empty: bool = False) -> str:
 
 
 def _validate_rows(
-    source: Path, rows: Iterator[tuple[int, dict[str, Any] | None, str, str | None]],
-    validate: Callable[[dict[str, Any]], Any], limit: int | None,
+    source: Path, rows: Iterable[RowRead], validate: Callable[[dict[str, Any]], Any], limit: int | None, *,
+    id_field: str = "_id",
 ) -> Loaded:
-    """Validated records (duplicate `_id`s quarantined after the first), at most `limit` of them."""
-    out = Loaded()
-    seen: set[str] = set()
-    for line, row, raw, reason in rows:
-        if limit is not None and len(out.records) >= limit:
-            break
-        row_id = str(row["_id"]) if row and row.get("_id") is not None else None
-        try:
-            if reason:
-                raise ValueError(reason)
-            assert row is not None
-            if row_id is None:
-                raise ValueError("missing field '_id'")
-            if row_id in seen:
-                raise ValueError(f"duplicate _id '{row_id}'")
-            record = validate(row)
-        except ValueError as exc:
-            out.quarantined.append(QuarantinedRow(source=str(source), line=line, row_id=row_id, reason=str(exc), raw=raw))
-            continue
-        seen.add(row_id)
-        out.records.append(record)
-    return out
+    """Validated records (duplicate ids quarantined after the first), at most `limit` of them."""
+    checked = validated_rows(source, rows, validate, id_fields=(id_field,), duplicate=f"duplicate {id_field} '{{id}}'")
+    return Loaded.collect(checked, limit)
+
+
+def _require_id(row: dict[str, Any]) -> str:
+    if row.get("_id") is None:
+        raise ValueError("missing field '_id'")
+    return str(row["_id"])
 
 
 def _longbench_row(row: dict[str, Any]) -> dict[str, Any]:
+    row_id = _require_id(row)
     _text(row, "context")
     _text(row, "input", allow_empty=True)  # summarisation and code tasks have no question
     answers = row.get("answers")
@@ -152,7 +135,7 @@ def _longbench_row(row: dict[str, Any]) -> dict[str, Any]:
     length = row.get("length")
     if not isinstance(length, int) or isinstance(length, bool):
         raise ValueError("field 'length' must be an integer")
-    return {**row, "_id": str(row["_id"])}
+    return {**row, "_id": row_id}
 
 
 def load_longbench(dataset: str, source: str | Path | None = None, *, longbench_e: bool = False, limit: int | None = None) -> Loaded:
@@ -166,6 +149,7 @@ def load_longbench(dataset: str, source: str | Path | None = None, *, longbench_
 
 
 def _v2_row(row: dict[str, Any]) -> dict[str, Any]:
+    row_id = _require_id(row)
     for name in ("question", "context", *(f"choice_{c}" for c in V2_CHOICES)):
         _text(row, name)
     if row.get("answer") not in V2_CHOICES:
@@ -174,10 +158,10 @@ def _v2_row(row: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"field 'difficulty' must be 'easy' or 'hard', got {row.get('difficulty')!r}")
     if row.get("length") not in ("short", "medium", "long"):
         raise ValueError(f"field 'length' must be 'short', 'medium' or 'long', got {row.get('length')!r}")
-    return {**row, "_id": str(row["_id"])}
+    return {**row, "_id": row_id}
 
 
-def _json_list_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str, str | None]]:
+def _json_list_rows(path: Path) -> Iterator[RowRead]:
     """Rows of a file holding one JSON list, numbered from 1, in read_rows' shape."""
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
@@ -235,5 +219,4 @@ def load_longbench_chat(source: str | Path, *, limit: int | None = None) -> Load
             examples=tuple(examples),
         )
 
-    rows = ((n, {**row, "_id": row.get("idx")} if row else row, raw, reason) for n, row, raw, reason in _json_list_rows(cases_path))
-    return _validate_rows(cases_path, rows, case, limit)
+    return _validate_rows(cases_path, _json_list_rows(cases_path), case, limit, id_field="idx")

@@ -30,8 +30,10 @@ from typing import Any
 
 from longreward_core.data.io import (
     InputError,
+    ValidRow,
     atomic_write_bytes,
     read_rows,
+    validated_rows,
     write_quarantine,
 )
 from longreward_core.data.records import QuarantinedRow
@@ -130,7 +132,7 @@ def _string_list(row: dict[str, Any], name: str, *, nullable: bool) -> list[str]
     return value
 
 
-def _parse_row(row: dict[str, Any], need_length: bool) -> tuple[str, list[str], list[str] | None, int | None]:
+def _parse_row(row: dict[str, Any], task: LongBenchTask, need_length: bool) -> tuple[str, list[str], list[str] | None, int | None]:
     if "pred" not in row or row["pred"] is None:
         raise ValueError("missing field 'pred'")
     if not isinstance(row["pred"], str):
@@ -141,6 +143,11 @@ def _parse_row(row: dict[str, Any], need_length: bool) -> tuple[str, list[str], 
     length = row.get("length")
     if need_length and (not isinstance(length, int) or isinstance(length, bool)):
         raise ValueError("LongBench-E needs an integer field 'length'")
+    if task.metric_name in PARAGRAPH_PATTERNS:
+        for answer in answers:  # a reference naming no paragraph cannot be scored
+            paragraph_id(answer, task.metric_name)
+    if task.metric_name == "classification" and all_classes is None:
+        raise ValueError(f"{task.name} needs 'all_classes'")
     return row["pred"], answers, all_classes, length
 
 
@@ -149,22 +156,11 @@ def read_prediction_file(path: str | Path, task: LongBenchTask, *, need_length: 
     path = Path(path)
     rows: list[PredictionRow] = []
     quarantined: list[QuarantinedRow] = []
-    for line, row, raw, reason in read_rows(path):
-        row_id = str(row["_id"]) if row and row.get("_id") is not None else None
-        try:
-            if reason:
-                raise ValueError(reason)
-            assert row is not None
-            pred, answers, all_classes, length = _parse_row(row, need_length)
-            if task.metric_name in PARAGRAPH_PATTERNS:
-                for answer in answers:  # a reference naming no paragraph cannot be scored
-                    paragraph_id(answer, task.metric_name)
-            if task.metric_name == "classification" and all_classes is None:
-                raise ValueError(f"{task.name} needs 'all_classes'")
-        except ValueError as exc:
-            quarantined.append(QuarantinedRow(source=str(path), line=line, row_id=row_id, reason=str(exc), raw=raw))
-            continue
-        rows.append(PredictionRow(pred, answers, all_classes, length, line, raw, row_id))
+    for item in validated_rows(path, read_rows(path), lambda row: _parse_row(row, task, need_length), id_fields=("_id",)):
+        if isinstance(item, ValidRow):
+            rows.append(PredictionRow(*item.record, item.line, item.raw, item.row_id))
+        else:
+            quarantined.append(item)
     return rows, quarantined
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -123,7 +122,7 @@ def onnx_model_path(model_path: str | Path | None = None, *, refresh: bool = Fal
     """The ONNX export of the packaged model in the cache folder, named by a hash of the model's
     files: exported once (to a temp file renamed into place, so a crash leaves no partial file
     under the name) and re-used after. `refresh` exports again (a file that did not load)."""
-    from longreward_core.data.io import cache_dir
+    from longreward_core.data.io import atomic_path, cache_dir
 
     source = Path(model_path or embedded_minilm_path()).resolve()
     digest = hashlib.sha256(str(source).encode())
@@ -131,19 +130,12 @@ def onnx_model_path(model_path: str | Path | None = None, *, refresh: bool = Fal
         file = source / name  # size and modification time: a reinstalled package gets a new export
         stat = file.stat() if file.is_file() else None
         digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode() if stat else name.encode())
-    folder = cache_dir() / "onnx"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"all-MiniLM-L6-v2-{digest.hexdigest()[:16]}-v{_ONNX_EXPORT_VERSION}.onnx"
+    target = cache_dir() / "onnx" / f"all-MiniLM-L6-v2-{digest.hexdigest()[:16]}-v{_ONNX_EXPORT_VERSION}.onnx"
     if target.is_file() and not refresh:
         return target
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with LOAD_LOCK:  # builds the torch model: no other load may change the default dtype meanwhile
-            export_onnx(source, Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # The export builds the torch model: no other load may change the default dtype meanwhile.
+    with atomic_path(target) as tmp, LOAD_LOCK:
+        export_onnx(source, tmp)
     return target
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from tests.judge_double import JudgeDouble, JudgeServer
+from longreward_testing.judge_double import JudgeDouble, JudgeServer
 from tests.test_flow import helpfulness_by_length
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ class Worker:
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    from tests.conftest import TEST_API_KEY
+    from longreward_testing.scenarios import TEST_API_KEY
 
     return cli_env(
         # Keys come from the worker's environment, never from the run's parameters.

@@ -29,8 +29,8 @@ from longreward_core.models.call_cache import (
 )
 from longreward_core.reward.judge import Judge
 from longreward_core.reward.verdicts import RATING
-from tests.conftest import TEST_API_KEY, judge_config_for
-from tests.judge_double import Fault
+from longreward_testing.judge_double import Fault
+from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 from tests.stack.cache_client import question
 
 REPO = Path(__file__).resolve().parents[2]

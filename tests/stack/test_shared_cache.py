@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from longreward_testing.scenarios import write_inputs
 from tests.stack.conftest import (
     NIGHTLY,
     Worker,
@@ -24,7 +25,6 @@ from tests.stack.conftest import (
     wait_final,
     worker_env,
 )
-from tests.test_flow import write_inputs
 
 pytestmark = pytest.mark.timeout(600)
 

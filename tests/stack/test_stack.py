@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TEST_API_KEY
-from tests.judge_double import Fault, JudgeDouble
+from longreward_testing.judge_double import Fault, JudgeDouble
+from longreward_testing.scenarios import TEST_API_KEY, write_inputs
 from tests.stack.browser import rendered_dom, screenshot
 from tests.stack.conftest import (
     NIGHTLY,
@@ -26,7 +26,7 @@ from tests.stack.conftest import (
     start_run,
     wait_final,
 )
-from tests.test_flow import cedar_logicality_outage, write_inputs
+from tests.test_flow import cedar_logicality_outage
 
 pytestmark = pytest.mark.timeout(600)
 

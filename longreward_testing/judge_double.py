@@ -71,7 +71,8 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+|(?<=[。！？])", text) if s.strip()]
 
 
-def _normal(text: str) -> str:
+def normal_text(text: str) -> str:
+    """`text` with white space collapsed, a final full stop dropped, and case folded, for matching."""
     return re.sub(r"\s+", " ", text).strip().rstrip(".。").casefold()
 
 
@@ -209,7 +210,7 @@ class JudgeDouble:
             return "[[statements]]\n" + "\n".join(f"- {s}" for s in found) + "\n[[end]]"
         if request.task == "support":
             statement, evidence = slot(c, "statement"), slot(c, "document_excerpts")
-            supported = _normal(statement) in _normal(evidence)
+            supported = normal_text(statement) in normal_text(evidence)
             return "Checked.\n" + ("[[Fully supported]]" if supported else "[[No support]]")
         if request.task == "key_points":
             words = slot(c, "document_chunk").split()[:8]
@@ -403,7 +404,7 @@ class JudgeServer:
 
 
 def main() -> None:
-    """Serve the double in its own process: `python -m tests.judge_double --latency 0.1`.
+    """Serve the double in its own process: `python -m longreward_testing.judge_double --latency 0.1`.
 
     Prints the API base on the first line of stdout, then serves until killed.
     """
