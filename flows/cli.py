@@ -99,8 +99,23 @@ def _cache_url() -> Any:
     return option(BuildParams, "cache_url", "--cache-url", help=_CACHE_URL_HELP)
 
 
-def _judge_config(model: str, api_base: Optional[str], concurrency: int, rpm: Optional[int], timeout_s: float) -> JudgeConfig:
-    return JudgeConfig(model=model, api_base=api_base, concurrency=concurrency, rpm=rpm, timeout_s=timeout_s)
+def _judge_config(
+    model: str, api_base: Optional[str], concurrency: int, rpm: Optional[int], timeout_s: float, batch: bool = False,
+    batch_poll_s: float = 60.0,
+) -> JudgeConfig:
+    """The judge's settings; with `batch`, refused at once (exit 2) when the judge cannot batch."""
+    from longreward_core.models.batch import batch_provider
+
+    config = JudgeConfig(model=model, api_base=api_base, concurrency=concurrency, rpm=rpm, timeout_s=timeout_s,
+                         batch=batch, batch_poll_s=batch_poll_s)
+    if batch:
+        batch_provider(config)
+    return config
+
+
+def _print_wave(wave: Any) -> None:
+    batches = ", ".join(f"{batch_id} {status}" for batch_id, status in wave.status.items())
+    console.print(f"wave {wave.wave}: {wave.lines} lines; {batches}; {wave.elapsed_s:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +142,8 @@ def score(
     min_candidates: int = option(PairConfig, "min_candidates", help="With --prune: the pair rule pruning keeps exact "
                                  "(use the same or a smaller --min-candidates with `longreward pairs`)."),
     cache_url: Optional[str] = _cache_url(),
+    batch: bool = option(JudgeConfig, "batch", "--batch/--no-batch"),
+    batch_poll_s: float = option(JudgeConfig, "batch_poll_s", "--batch-poll-s"),
 ) -> None:
     """Score candidates with LongReward: writes OUT/scores.parquet and OUT/accounting.json.
 
@@ -137,12 +154,13 @@ def score(
     run again with a larger budget), or it refused the credentials; 2 on bad input.
     """
     from longreward_core.models.call_cache import check_cache_url
+    from longreward_core.models.batch import BatchFailed
     from longreward_core.models.client import AuthenticationFailed
     from longreward_core.pipeline.score import score_files
 
     with _input_errors():
         cache_path = check_cache_url(cache_url)
-        judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout)
+        judge = _judge_config(judge_model, judge_api_base, concurrency, rpm, timeout, batch, batch_poll_s)
         scoring = ScoringConfig(
             retrieval_chunk_tokens=retrieval_chunk_tokens, completeness_chunk_tokens=completeness_chunk_tokens,
             qdrant_url=qdrant_url, embedding_model=embedding_model, prune=prune,
@@ -157,9 +175,9 @@ def score(
                     prompts, candidates, out, judge, scoring, cache_path=cache_path,
                     on_start=lambda n: progress.update(task, total=n),
                     on_scored=lambda _: progress.advance(task),
-                    pair_config=PairConfig(min_candidates=min_candidates),
+                    pair_config=PairConfig(min_candidates=min_candidates), on_wave=_print_wave,
                 )
-            except AuthenticationFailed as exc:
+            except (AuthenticationFailed, BatchFailed) as exc:
                 _fail(str(exc), 1)
     _print_summary(run)
     s = run.summary
@@ -200,6 +218,7 @@ def _print_summary(run: ScoreRun) -> None:
         ("mean reward", _fmt(s.mean_reward)),
         *[(f"mean {d}", _fmt(v)) for d, v in s.mean_by_dimension.items()],
         ("judge requests", total["calls"]),
+        ("  of them by batch", total["batch_calls"]),
         ("judge cache hits", total["cache_hits"]),
         ("judge tokens (prompt / completion)", f"{total['prompt_tokens']} / {total['completion_tokens']}"),
         ("judge cost (USD, where known)", f"{total['cost_usd']:.4f}"),
@@ -294,6 +313,8 @@ def build(
     dask_address: Optional[str] = option(BuildParams, "dask_address"),
     run_date: Optional[str] = option(BuildParams, "run_date", help="YYYY-MM-DD (default: today, UTC)."),
     cache_url: Optional[str] = _cache_url(),
+    batch: bool = option(JudgeConfig, "batch", "--batch/--no-batch"),
+    batch_poll_s: float = option(JudgeConfig, "batch_poll_s", "--batch-poll-s"),
 ) -> None:
     """Build a DPO preference dataset: shard, sample, score, pair, publish (a Prefect flow)."""
     with _input_errors():
@@ -311,7 +332,7 @@ def build(
                                 timeout_s=policy_timeout, max_context_tokens=policy_max_context_tokens,
                                 allow_truncation=policy_allow_truncation,
                                 sample_in_one_request=policy_sample_in_one_request),
-            judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout),
+            judge=_judge_config(judge_model, judge_api_base, concurrency, rpm, timeout, batch, batch_poll_s),
             pairs=PairConfig(min_candidates=min_candidates),
             scoring=ScoringConfig(prune=prune, max_judge_cost_usd=max_judge_cost_usd, max_judge_tokens=max_judge_tokens),
         )

@@ -17,7 +17,7 @@ Prompts that open with no task line (a model under test answering a benchmark) a
 "unknown", or "completion" when sent to the plain `/completions` endpoint; script their answers
 with `answers`.
 
-Batch requests (`/v1/files`, `/v1/batches`) go to `batch_api` (`tests.batch_double`), whose
+Batch requests (`/v1/files`, `/v1/batches`) go to `batch_api` (`longreward_testing.batch_double`), whose
 lines are answered by the same script and logged apart from online requests.
 
 Usage counts 4 characters as a token and reports a prompt cache as OpenAI does
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tests.batch_double import BatchAPI
+from longreward_testing.batch_double import BatchAPI
 
 TASKS = {
     "[Task: grade HELPFULNESS]": "helpfulness",
@@ -179,7 +179,10 @@ class JudgeDouble:
         self._lock = threading.Lock()
         self._prompts: dict[str, list[str]] = {}  # per model, earlier prompts in sorted order
         # `/v1/files` and `/v1/batches`; its lines are answered as chat requests are.
-        self.batch_api = BatchAPI(lambda request, body, index, fault: self.completion(request, body, index, True, fault))
+        self.batch_api = BatchAPI(
+            lambda body: Request(task_of(text := message_text(body["messages"][-1]["content"])), body.get("temperature"), text, time.monotonic()),
+            lambda request, body, index, fault: self.completion(request, body, index, True, fault),
+        )
 
     def cached_tokens(self, model: str, content: str) -> int:
         """Tokens of `content` a provider's prefix cache serves: the longest prefix shared with an

@@ -20,8 +20,8 @@ from longreward_core.models.batch import (
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
-from tests.conftest import judge_config_for
-from tests.judge_double import Fault, fault_mix
+from longreward_testing.scenarios import judge_config_for
+from longreward_testing.judge_double import Fault, fault_mix
 from tests.test_scoring import SCORING, small_input  # noqa: F401 (a fixture)
 
 HELP = [{"role": "user", "content": "[Task: grade HELPFULNESS]\nhow helpful?"}]
@@ -141,6 +141,7 @@ def test_batch_mode_scores_as_online_with_no_online_request(judge_server, small_
     batch = run.summary.batch
     assert batch["waves"] >= 2 and batch["batch_ids"] == list(judge_server.double.batch_api.batches)
     assert batch["pricing"] == "unknown (litellm has no price for the model)"
+    assert batch["requests_online"] == 0 and batch["requests_by_batch"] == total["calls"]
     assert {w.wave for w in waves} == set(range(batch["waves"]))
     submitted = judge_server.double.batch_api.submitted
     assert len(submitted) == len(set(submitted))
@@ -231,3 +232,54 @@ def test_a_broken_batch_stops_the_run_naming_it_and_a_rerun_finishes(judge_serve
     assert frame(run).equals(expected)
     ledger = [json.loads(line) for line in (tmp_path / "batch" / "batches.jsonl").read_text().splitlines()]
     assert any(row.get("batch_id") == "batch_0001" and row["event"] == "read" for row in ledger)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_score_batch_on_the_command_line_prints_each_wave(judge_server, sample_paths, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from longreward_testing.scenarios import TEST_API_KEY
+
+    monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
+    prompts, candidates = sample_paths
+    result = CliRunner().invoke(app, [
+        "score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(tmp_path / "out"),
+        "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base, "--batch", "--batch-poll-s", "0.01",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "wave 0:" in result.output and "batch_0000 completed" in result.output and TEST_API_KEY not in result.output
+    assert judge_server.double.count() == 0
+    accounting = json.loads((tmp_path / "out" / "accounting.json").read_text())
+    assert accounting["batch"]["batch_ids"] == list(judge_server.double.batch_api.batches)
+    assert accounting["judge"]["total"]["batch_calls"] == judge_server.double.batch_api.count()
+
+
+def test_score_batch_with_the_embedded_judge_is_refused_before_anything_starts(sample_paths, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    prompts, candidates = sample_paths
+    result = CliRunner().invoke(app, ["score", "--prompts", str(prompts), "--candidates", str(candidates),
+                                      "--out", str(tmp_path / "out"), "--batch"])
+    assert result.exit_code == 2
+    assert "embedded/smollm2-135m-instruct has no Batch API" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_judge_budget_is_checked_before_each_wave(judge_server, small_input, tmp_path):
+    first = score_files(*small_input, tmp_path / "probe", batch_config(judge_server), SCORING)
+    wave0 = json.loads((tmp_path / "probe" / "batches.jsonl").read_text().splitlines()[0])["custom_ids"]
+    judge_server.double.batch_api.reset()
+    # Tokens for a bit less than the first wave: it is submitted (the budget is not reached yet), the second is not.
+    tokens = first.summary.judge["total"]["prompt_tokens"] + first.summary.judge["total"]["completion_tokens"]
+    budget = SCORING.model_copy(update={"max_judge_tokens": tokens // 4})
+    run = score_files(*small_input, tmp_path / "batch", batch_config(judge_server), budget)
+    assert judge_server.double.batch_api.submitted == wave0
+    assert run.summary.budget_reached and run.summary.not_scored_prompts == ["p1", "p2"]
+    larger = score_files(*small_input, tmp_path / "batch", batch_config(judge_server), SCORING)
+    assert larger.summary.not_scored_prompts == [] and larger.summary.scored == first.summary.scored
+    assert len(judge_server.double.batch_api.submitted) == len(set(judge_server.double.batch_api.submitted))

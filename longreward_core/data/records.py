@@ -355,3 +355,6 @@ class BuildManifest(BaseModel):
     judge_accounting: dict[str, Any] = Field(description="Judge requests over all shards (RunAccounting.to_dict()).")
     judge_cost_usd: float
     pairs_sha256: str | None = Field(None, description="Content hash of pairs.parquet, set when published.")
+    batch_ids: list[str] = Field(
+        default_factory=list, description="Batch mode: the ids of every batch the shards submitted (their ledgers name the lines)."
+    )

@@ -182,7 +182,7 @@ def score_files(
         worker_pid=os.getpid(),
         judge=accounting.to_dict(),
         embedded_judge=embedded_judge,
-        batch=batch_summary(batch, transport, out / LEDGER_FILE) if transport is not None else None,
+        batch=batch_summary(batch, transport, out / LEDGER_FILE, accounting.to_dict()) if transport is not None else None,
     )
     accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
     return ScoreRun(scores_path, accounting_path, quarantine_path, summary)

@@ -380,11 +380,14 @@ def batch_pricing(transport: BatchTransport) -> str:
     return "50% of the online prices"
 
 
-def batch_summary(outcome: BatchOutcome, transport: BatchTransport, ledger_path: Path) -> dict[str, Any]:
+def batch_summary(outcome: BatchOutcome, transport: BatchTransport, ledger_path: Path, judge: dict[str, Any]) -> dict[str, Any]:
     """Batch mode's part of `accounting.json`: every batch of the run (this one and those it
-    resumed), its waves, lines, and how batch answers were priced."""
+    resumed), its waves, lines, requests by batch and online, and how batch answers were priced."""
     ledger = BatchLedger(ledger_path)
+    total = judge["total"]
     return {
+        "requests_by_batch": total["batch_calls"],
+        "requests_online": total["calls"] - total["batch_calls"],
         "batch_ids": list(ledger.records),
         "waves": ledger.waves(),
         "lines_submitted": sum(len(r.custom_ids) for r in ledger.records.values()),

@@ -34,6 +34,7 @@ AnswerLine = Callable[[Any, dict[str, Any], int, Any], dict[str, Any]]
 
 @dataclass
 class BatchAPI:
+    read_line: Callable[[dict[str, Any]], Any]  # a line's chat body -> the double's Request
     answer_line: AnswerLine
     delay_s: float = 0.0
     line_fault: Callable[[Any, int], Any] | None = None  # (Request, line number) -> Fault | None
@@ -143,15 +144,12 @@ class BatchAPI:
 
     def _finish(self, batch: dict[str, Any]) -> None:
         """Answer a batch's lines (under the lock): output and error files, counts, final status."""
-        from tests.judge_double import Request, message_text, task_of
-
         lines = batch["_lines"]
         expired = batch["_number"] in self.expire
         answered = lines[: len(lines) // 2] if expired else lines
         output, errors = [], []
         for line in answered:
-            content = message_text(line["body"]["messages"][-1]["content"])
-            request = Request(task_of(content), line["body"].get("temperature"), content, time.monotonic())
+            request = self.read_line(line["body"])
             index = len(self.lines)
             self.lines.append(request)
             fault = self.line_fault(request, index) if self.line_fault is not None else None
