@@ -7,7 +7,7 @@ request's call-cache key), and its answers come back as an output file (answered
 error file (failed or expired lines; a batch whose every line failed has only the error file).
 
 `BatchLedger` is the durable record of the batches a run submitted (`batches.jsonl` in the output
-folder): each batch is written down with its lines before anyone waits for it, and what came of
+folder, and a PostgreSQL table when the call cache is shared there): each batch is written down with its lines before anyone waits for it, and what came of
 its lines once its answers were stored. A re-run, or a worker that died while waiting, reads it
 back, polls the same batches and never submits a line that a live or finished batch holds.
 """
@@ -25,12 +25,14 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from longreward_core.models.client import LLMCallFailed, LLMConfig, litellm_module, redact
+from longreward_core.models.call_cache import CallCacheUnavailable, redact_url, url_password
+from longreward_core.models.client import LLMCallFailed, LLMConfig, litellm_module, redact, register_secret
 
 # Providers whose batches litellm creates (`litellm.create_batch`), OpenAI's batch format.
 BATCH_PROVIDERS = ("openai", "azure", "vertex_ai", "bedrock", "hosted_vllm", "litellm_proxy", "mistral", "xai")
 BATCH_ENDPOINT = "/v1/chat/completions"
 LEDGER_FILE = "batches.jsonl"  # the batches of a run, in its output folder
+LEDGER_TABLE = "longreward_batches"  # the same rows in the shared call cache's database, when there is one
 FINISHED = ("completed", "expired", "failed", "cancelled")  # a batch in one of these changes no more
 BROKEN = ("failed", "cancelled")  # a batch that did not run its lines: the run stops there
 
@@ -233,18 +235,65 @@ class BatchRecord:
         return self.status in FINISHED
 
 
+class PostgresLedger:
+    """A ledger's rows in the shared PostgreSQL call cache's database (table `longreward_batches`),
+    under the ledger's name (its output folder), so a worker on another host that resumes the run
+    finds its batches even where the output folder's file is not shared."""
+
+    def __init__(self, url: str, name: str):
+        self.label, self.name = redact_url(url), name
+        register_secret(url_password(url))
+        try:
+            import psycopg
+
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=30)
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (id BIGSERIAL PRIMARY KEY, ledger TEXT NOT NULL, row JSONB NOT NULL)"
+            )
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {LEDGER_TABLE}_ledger ON {LEDGER_TABLE} (ledger)")
+        except Exception as exc:
+            raise self._fail("connecting", exc) from None
+
+    def _fail(self, doing: str, exc: Exception) -> CallCacheUnavailable:
+        return CallCacheUnavailable(f"batch ledger in {self.label}: {doing} failed: {redact(f'{type(exc).__name__}: {exc}')}")
+
+    def rows(self) -> list[dict[str, Any]]:
+        try:
+            found = self._db.execute(f"SELECT row FROM {LEDGER_TABLE} WHERE ledger = %s ORDER BY id", (self.name,)).fetchall()
+        except Exception as exc:
+            raise self._fail("reading", exc) from None
+        return [row for (row,) in found]
+
+    def append(self, row: dict[str, Any]) -> None:
+        from psycopg.types.json import Jsonb
+
+        try:
+            self._db.execute(f"INSERT INTO {LEDGER_TABLE} (ledger, row) VALUES (%s, %s)", (self.name, Jsonb(row)))
+        except Exception as exc:
+            raise self._fail("writing", exc) from None
+
+    def close(self) -> None:
+        self._db.close()
+
+
 class BatchLedger:
     """The batches of a run, appended to `path` (JSON lines: a 'submitted' row written and synced
-    before the batch is waited for, a 'read' row once its answers were stored)."""
+    before the batch is waited for, a 'read' row once its answers were stored), and to `mirror`
+    (the shared PostgreSQL database) when given: the run resumes from what either holds."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, mirror: PostgresLedger | None = None):
         self.path = Path(path)
+        self.mirror = mirror
         self._lock = threading.Lock()
         self.records: dict[str, BatchRecord] = {}
+        rows = []
         if self.path.exists():
-            for raw in self.path.read_text(encoding="utf-8").splitlines():
-                if raw.strip():
-                    self._apply(json.loads(raw))
+            rows = [json.loads(raw) for raw in self.path.read_text(encoding="utf-8").splitlines() if raw.strip()]
+        for row in (mirror.rows() if mirror is not None else []):
+            if row not in rows:
+                rows.append(row)
+        for row in sorted(rows, key=lambda r: r["event"] != "submitted"):  # a batch before what came of it
+            self._apply(row)
 
     def _apply(self, row: dict[str, Any]) -> None:
         if row["event"] == "submitted":
@@ -260,6 +309,8 @@ class BatchLedger:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            if self.mirror is not None:
+                self.mirror.append(row)
             self._apply(row)
 
     def submitted(self, record: BatchRecord) -> None:

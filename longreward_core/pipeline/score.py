@@ -44,8 +44,8 @@ from longreward_core.data.records import (
 )
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.budget import Budget
-from longreward_core.models.batch import LEDGER_FILE, BatchLedger, BatchTransport
-from longreward_core.models.call_cache import open_call_cache
+from longreward_core.models.batch import LEDGER_FILE, BatchLedger, BatchTransport, PostgresLedger
+from longreward_core.models.call_cache import is_database_url, open_call_cache
 from longreward_core.models.client import CALL_CACHE_FILE
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.prefix_share import PrefixShare
@@ -108,6 +108,10 @@ def score_files(
     candidates.records.clear()  # held by prompt from here, and let go as each prompt is scored
 
     cache = open_call_cache(cache_path or out / CALL_CACHE_FILE)
+    ledger = None
+    if transport is not None:
+        mirror = PostgresLedger(str(cache_path), str(out.resolve())) if is_database_url(cache_path) else None
+        ledger = BatchLedger(out / LEDGER_FILE, mirror)
     accounting = RunAccounting()
 
     pruning = PruningStats()
@@ -122,9 +126,9 @@ def score_files(
         scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
         scorer.pruning = pruning
         executor = None
-        if transport is not None:
+        if transport is not None and ledger is not None:
             executor = BatchExecutor(
-                judge, transport, BatchLedger(out / LEDGER_FILE), poll_s=judge_config.batch_poll_s,
+                judge, transport, ledger, poll_s=judge_config.batch_poll_s,
                 max_lines=judge_config.batch_max_lines, max_bytes=judge_config.batch_max_bytes, on_wave=on_wave,
             )
             executor.outcome = batch
@@ -151,6 +155,8 @@ def score_files(
             chunks_embedded, statements_embedded, embedding_seconds = run_async(run(spool))
         finally:
             cache.close()
+            if ledger is not None and ledger.mirror is not None:
+                ledger.mirror.close()
         frame = spool.frame()
     scores_path = write_parquet_atomic(frame, out / "scores.parquet")
 
@@ -182,7 +188,7 @@ def score_files(
         worker_pid=os.getpid(),
         judge=accounting.to_dict(),
         embedded_judge=embedded_judge,
-        batch=batch_summary(batch, transport, out / LEDGER_FILE, accounting.to_dict()) if transport is not None else None,
+        batch=batch_summary(batch, transport, ledger, accounting.to_dict()) if transport is not None and ledger is not None else None,
     )
     accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
     return ScoreRun(scores_path, accounting_path, quarantine_path, summary)

@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from longreward_core.data.records import Candidate, CandidateScore, Prompt
@@ -380,10 +379,9 @@ def batch_pricing(transport: BatchTransport) -> str:
     return "50% of the online prices"
 
 
-def batch_summary(outcome: BatchOutcome, transport: BatchTransport, ledger_path: Path, judge: dict[str, Any]) -> dict[str, Any]:
+def batch_summary(outcome: BatchOutcome, transport: BatchTransport, ledger: BatchLedger, judge: dict[str, Any]) -> dict[str, Any]:
     """Batch mode's part of `accounting.json`: every batch of the run (this one and those it
     resumed), its waves, lines, requests by batch and online, and how batch answers were priced."""
-    ledger = BatchLedger(ledger_path)
     total = judge["total"]
     return {
         "requests_by_batch": total["batch_calls"],
@@ -394,7 +392,7 @@ def batch_summary(outcome: BatchOutcome, transport: BatchTransport, ledger_path:
         "waves_this_run": outcome.waves,
         "lines_submitted_this_run": outcome.lines_submitted,
         "pricing": batch_pricing(transport),
-        "ledger": str(ledger_path),
+        "ledger": str(ledger.path),
     }
 
 
