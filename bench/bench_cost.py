@@ -40,6 +40,7 @@ from pathlib import Path
 import litellm
 
 from longreward_core.data.pairs import PairConfig
+from longreward_core.data.records import CallAccounting
 from longreward_core.models.batch import LEDGER_FILE, BatchLedger
 from longreward_core.pipeline.score import pairs_files, score_files
 from longreward_core.reward.judge import JudgeConfig
@@ -114,7 +115,6 @@ MODES = (
 KILLED_RUN = """
 import sys
 from longreward_core.data.pairs import PairConfig
-from longreward_core.models.batch import LEDGER_FILE, BatchLedger
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
@@ -148,8 +148,8 @@ def kill_mid_wave(server: JudgeServer, prompts: Path, candidates: Path, work: Pa
     return {"killed_with_live_batches": live, "lines_submitted_before_the_kill": len(api.submitted)}
 
 
-def bill(total: dict) -> float:
-    return total["prompt_tokens"] * PRICES["input_cost_per_token"] + total["completion_tokens"] * PRICES["output_cost_per_token"]
+def bill(total: CallAccounting) -> float:
+    return total.prompt_tokens * PRICES["input_cost_per_token"] + total.completion_tokens * PRICES["output_cost_per_token"]
 
 
 def main() -> None:
@@ -186,22 +186,22 @@ def main() -> None:
                                   cache_path=work / f"cache-{mode}.sqlite", pair_config=pair_config)
                 wall = time.perf_counter() - t0
                 pairs = pairs_files(run.scores_path, prompts, candidates, work / f"pairs-{mode}.parquet", pair_config)
-                s, total = run.summary, run.summary.judge["total"]
+                s, total = run.summary, run.summary.judge.total
                 modes[mode] = {
-                    "judge_calls": total["calls"],
+                    "judge_calls": total.calls,
                     "online_chat_requests": server.double.count(),
                     "batch_lines_answered": api.count(),
                     "support_calls": server.double.count("support") + api.count("support"),
-                    "judge_calls_per_prompt": total["calls"] / args.prompts,
-                    "prompt_tokens": total["prompt_tokens"],
-                    "provider_cached_tokens": total["cached_tokens"],
-                    "completion_tokens": total["completion_tokens"],
-                    "cacheable_share": round(total["cacheable_share"], 4),
+                    "judge_calls_per_prompt": total.calls / args.prompts,
+                    "prompt_tokens": total.prompt_tokens,
+                    "provider_cached_tokens": total.cached_tokens,
+                    "completion_tokens": total.completion_tokens,
+                    "cacheable_share": round(total.cacheable_share, 4),
                     "cacheable_share_per_dimension": {
-                        d: round(v["cacheable_share"], 4) for d, v in s.judge["per_purpose"].items() if v["cacheable_share"] is not None
+                        d: round(v.cacheable_share, 4) for d, v in s.judge.per_purpose.items() if v.cacheable_share is not None
                     },
                     "usd_uncached": round(bill(total), 6),
-                    "usd_at_cached_prices": round(total["cost_usd"], 6),
+                    "usd_at_cached_prices": round(total.cost_usd, 6),
                     "pairs": len(pairs.pairs),
                     "prompts_without_pair": dict(pairs.skipped),
                     "scored": s.scored, "pruned": s.pruned, "failed": s.failed,
@@ -211,9 +211,9 @@ def main() -> None:
                 }
                 if batch:
                     modes[mode].update(
-                        waves=s.batch["waves"], batches=len(s.batch["batch_ids"]), batch_pricing=s.batch["pricing"],
+                        waves=s.batch.waves, batches=len(s.batch.batch_ids), batch_pricing=s.batch.pricing,
                         lines_submitted=len(api.submitted), lines_submitted_twice=len(api.submitted) - len(set(api.submitted)),
-                        failed_lines=total["batch_failed_lines"],
+                        failed_lines=total.batch_failed_lines,
                         expired_batches=sum(b["status"] == "expired" for b in api.batches.values()),
                     )
                 if killed is not None:

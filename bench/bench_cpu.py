@@ -105,7 +105,7 @@ def score(backend: str, prompts: Path, candidates: Path, out: Path, api_base: st
     done = subprocess.run(
         [sys.executable, "-c", _LAUNCHER] + command
         + ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
-           "--judge-model", "openai/judge-double", "--judge-api-base", api_base, "--concurrency", str(concurrency)],
+           "--judge-model", "openai/judge-double", "--judge-api-base", api_base, "--judge-concurrency", str(concurrency)],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
     if done.returncode != 0:

@@ -59,14 +59,14 @@ def faulted_then_rerun(work: Path, inputs, clean: pl.DataFrame, label: str, rate
         rule(double)
         first = score_files(*inputs, work / label, judge(server), SCORING)
         requests, faults, verdicts = double.count(), injected(double), answered(double)
-        total = first.summary.judge["total"]
+        total = first.summary.judge.total
         double.reset()
         double.fault_rule = None
         second = score_files(*inputs, work / label, judge_config_for(server), SCORING)
         repeats = sum(1 for key in asked(double) if key in verdicts)
     return {
         "fault": label, "rate": rate, "requests": requests, "injected": sum(faults.values()),
-        "counted": total["transport_errors"] + total["parse_failures"],
+        "counted": total.transport_errors + total.parse_failures,
         "scored": f"{first.summary.scored} -> {second.summary.scored}",
         "rerun_requests": double.count(), "repeats": repeats, "lost_rows": lost_rows(read_scores(second), clean),
     }

@@ -123,8 +123,8 @@ def main() -> None:
         cold_label, cold_wall, cold_requests, cold = runs[0]
         _, warm_wall, warm_requests, warm = runs[1]
         _, rerun_wall, rerun_requests, rerun = runs[2]
-        total = cold.judge["total"]
-        calls = total["calls"]
+        total = cold.judge.total
+        calls = total.calls
         floor_throughput = calls * args.latency / args.concurrency
         critical_path = 2 * args.latency  # statement extraction -> verification (or key points -> judgement)
         floor = max(critical_path, floor_throughput)
@@ -139,9 +139,9 @@ def main() -> None:
             "judge_calls": calls,
             "judge_requests_seen_by_server": cold_requests,
             "judge_calls_per_prompt": calls / args.prompts,
-            "judge_calls_per_purpose": {d: v["calls"] for d, v in cold.judge["per_purpose"].items()},
-            "prompt_tokens_per_prompt": total["prompt_tokens"] / args.prompts,
-            "completion_tokens_per_prompt": total["completion_tokens"] / args.prompts,
+            "judge_calls_per_purpose": {d: v.calls for d, v in cold.judge.per_purpose.items()},
+            "prompt_tokens_per_prompt": total.prompt_tokens / args.prompts,
+            "completion_tokens_per_prompt": total.completion_tokens / args.prompts,
             "wall_seconds": round(cold_wall, 2),
             "floor_seconds": round(floor, 2),
             "wall_over_floor": round(cold_wall / floor, 3),

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flows.params import refuse_keys
 from longreward_core.data.form import form_order
 from longreward_core.data.io import atomic_write_bytes
+from longreward_core.data.records import EvaluationSummary
 from longreward_core.evaluation.compare import write_comparison
 from longreward_core.evaluation.evaluate import Benchmark, DataSources
 from longreward_core.evaluation.predict import ModelSpec
@@ -91,7 +92,7 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
     logger = get_run_logger()
     results: dict[str, dict[str, Any]] = {m.label: {} for m in params.models}
     partial: dict[str, dict[str, dict[str, int]]] = {}
-    summaries: list[dict[str, Any]] = []
+    summaries: list[EvaluationSummary] = []
     failed: dict[str, str] = {}
     for model in params.models:
         for benchmark in params.benchmarks:
@@ -104,9 +105,9 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
             if state.is_completed():
                 summary = state.result()
                 summaries.append(summary)
-                results[model.label][benchmark] = summary["scores"]
-                if summary["partial"]:
-                    partial.setdefault(model.label, {})[benchmark] = {"cases": summary["cases"], "scored": summary["scored"]}
+                results[model.label][benchmark] = summary.scores
+                if summary.partial:
+                    partial.setdefault(model.label, {})[benchmark] = {"cases": summary.cases, "scored": summary.scored}
             else:
                 failed[f"{benchmark}-{model.label}"] = state.message or state.name
 
@@ -117,7 +118,8 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
     results_path = atomic_write_bytes(
         Path(params.output_dir) / "results.json",
         json.dumps({"finished_at": datetime.now(timezone.utc).isoformat(), "parameters": params.model_dump(mode="json"),
-                    "summaries": summaries, "failed": failed}, indent=2, ensure_ascii=False, default=str).encode("utf-8"),
+                    "summaries": [s.model_dump(mode="json") for s in summaries], "failed": failed},
+                   indent=2, ensure_ascii=False, default=str).encode("utf-8"),
     )
     logger.info("comparison: %s (chart %s)", comparison["markdown"], comparison["chart"])
     if failed:

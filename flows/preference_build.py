@@ -35,7 +35,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import BuildParams
 from longreward_core.data.records import BuildModels
 from longreward_core.models.accounting import RunAccounting
-from longreward_core.models.batch import batch_provider
 from longreward_core.reward.scorer import budget_share
 from longreward_core.pipeline.build import (
     RewardDistribution,
@@ -59,8 +58,6 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     logger = get_run_logger()
     if params.judge_slots and params.judge_limit_strict:
         judge_limit(params.judge_slots, strict=True)  # fail before indexing anything
-    if params.judge.batch:
-        batch_provider(params.judge)  # a judge without a Batch API is refused before anything starts
     build = params.build_dir()
     cache_path = str(params.cache_path())
     # Task results (the cache records of finished stages) live beside the outputs they point to:
@@ -199,10 +196,10 @@ def _shard_table(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> 
     for name in sorted(set(results) | set(failed)):
         if name in results:
             s = results[name]["summary"]
-            t = s.judge["total"]
+            t = s.judge.total
             rows.append({"shard": name, "status": "completed", "candidates": s.candidates, "scored": s.scored,
-                         "failed": s.failed, "judge requests": t["calls"], "cache hits": t["cache_hits"],
-                         "batches": len(s.batch["batch_ids"]) if s.batch else 0})
+                         "failed": s.failed, "judge requests": t.calls, "cache hits": t.cache_hits,
+                         "batches": len(s.batch.batch_ids) if s.batch else 0})
         else:
             rows.append({"shard": name, "status": "failed", "candidates": None, "scored": None, "failed": None,
                          "judge requests": None, "cache hits": None, "batches": None, "reason": failed[name][:200]})
@@ -234,7 +231,7 @@ def _score_artifacts(distribution: RewardDistribution, accounting: RunAccounting
     )
     create_table_artifact(
         key="judge-accounting",
-        table=[{"dimension": k, **v.to_dict()} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **accounting.total.to_dict()}],
+        table=[{"dimension": k, **v.model_dump()} for k, v in accounting.per_purpose.items()] + [{"dimension": "total", **accounting.total.model_dump()}],
         description=f"Judge requests, cache hits, tokens, cost, failures ({_attempt()})",
     )
 

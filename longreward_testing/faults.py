@@ -73,7 +73,7 @@ def score_command(server: JudgeServer, inputs: tuple[Path, Path], out: Path) -> 
     return [
         sys.executable, "-m", "flows.cli", "score", "--prompts", str(inputs[0]), "--candidates", str(inputs[1]),
         "--out", str(out), "--judge-model", "openai/judge-double", "--judge-api-base", server.api_base,
-        "--concurrency", str(KILL_CONCURRENCY), "--timeout", "5",
+        "--judge-concurrency", str(KILL_CONCURRENCY), "--judge-timeout", "5",
         "--retrieval-chunk-tokens", str(SCORING.retrieval_chunk_tokens),
         "--completeness-chunk-tokens", str(SCORING.completeness_chunk_tokens),
     ]

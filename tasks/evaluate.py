@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import Task, get_run_logger, task
 from prefect.client.schemas.objects import State, TaskRun
 
+from longreward_core.data.records import EvaluationSummary
 from longreward_core.evaluation.evaluate import (
     DataSources,
     EvaluationIncomplete,
@@ -50,7 +50,7 @@ def evaluate_model(
     judge_key_secret: str | None = None,
     allow_partial: bool = False,
     model_key_secret: str | None = None,
-) -> dict[str, Any]:
+) -> EvaluationSummary:
     """The summary of `evaluate_benchmark`, files under `output_dir/<benchmark>/<model>/`.
     Predictions are kept per example and requests are cached in `output_dir/call_cache.sqlite`,
     so a retry (or a new run) generates and judges only what is missing: no task cache needed.
@@ -62,11 +62,11 @@ def evaluate_model(
         cache_path=Path(output_dir) / CALL_CACHE_FILE, allow_partial=allow_partial,
     )
     logger = get_run_logger()
-    generated = sum(p["generated"] for p in summary["predictions"])
-    reused = sum(p["already_done"] for p in summary["predictions"])
-    logger.info("%s on %s: %d answers generated, %d reused; result %s", model.label, benchmark, generated, reused, summary["result_path"])
-    if summary["partial"]:
-        logger.warning("%s on %s is partial: %d of %d cases scored", model.label, benchmark, summary["scored"], summary["cases"])
-    if summary.get("quarantined_inputs"):
-        logger.warning("%d dataset rows quarantined: %s", summary["quarantined_inputs"], summary["input_quarantine"])
+    generated = sum(p.generated for p in summary.predictions)
+    reused = sum(p.already_done for p in summary.predictions)
+    logger.info("%s on %s: %d answers generated, %d reused; result %s", model.label, benchmark, generated, reused, summary.result_path)
+    if summary.partial:
+        logger.warning("%s on %s is partial: %d of %d cases scored", model.label, benchmark, summary.scored, summary.cases)
+    if summary.quarantined_inputs:
+        logger.warning("%d dataset rows quarantined: %s", summary.quarantined_inputs, summary.input_quarantine)
     return summary

@@ -26,7 +26,7 @@ from tasks.caching import (
     with_secret_key,
 )
 
-VERSION = 3  # 2: the summary is a ScoreSummary; 3: pair pruning (the pair rules are part of the key)
+VERSION = 4  # 2: the summary is a ScoreSummary; 3: pair pruning (the pair rules are part of the key); 4: typed accounting
 
 
 @shard_stage(
@@ -72,10 +72,10 @@ def score_shard(
                           on_wave=lambda wave: _batches_artifact(shard_name, wave))
     summary = run.summary
     logger = get_run_logger()
-    total = summary.judge["total"]
+    total = summary.judge.total
     logger.info(
         "%s: %d scored, %d failed; %d judge requests, %d cache hits",
-        shard_name, summary.scored, summary.failed, total["calls"], total["cache_hits"],
+        shard_name, summary.scored, summary.failed, total.calls, total.cache_hits,
     )
     if summary.unreachable:
         raise ShardIncomplete(f"{shard_name}: the judge was unreachable for {summary.unreachable} candidates")

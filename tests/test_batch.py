@@ -94,10 +94,12 @@ def test_files_are_split_at_the_line_and_byte_limits(judge_server):
 
 
 def test_the_embedded_judge_and_unbatchable_providers_are_refused():
-    with pytest.raises(BatchUnsupported, match="embedded/smollm2.*openai, azure"):
-        BatchTransport(JudgeConfig(batch=True))
-    with pytest.raises(BatchUnsupported, match="ollama/llama3.*provider ollama"):
-        BatchTransport(JudgeConfig(model="ollama/llama3", batch=True))
+    with pytest.raises(ValueError, match="embedded/smollm2.*openai, azure"):
+        JudgeConfig(batch=True)
+    with pytest.raises(ValueError, match="ollama/llama3.*provider ollama"):
+        JudgeConfig(model="ollama/llama3", batch=True)
+    with pytest.raises(BatchUnsupported, match="embedded/smollm2"):
+        BatchTransport(JudgeConfig())
 
 
 def test_ledger_reads_back_live_and_finished_batches(tmp_path, judge_server):
@@ -136,13 +138,13 @@ def test_batch_mode_scores_as_online_with_no_online_request(judge_server, small_
     run = score_files(*small_input, tmp_path / "batch", batch_config(judge_server), scoring, on_wave=waves.append)
     assert frame(run).equals(expected)
     assert judge_server.double.count() == 0
-    total = run.summary.judge["total"]
-    assert total["batch_calls"] == total["calls"] == judge_server.double.batch_api.count() > 0
+    total = run.summary.judge.total
+    assert total.batch_calls == total.calls == judge_server.double.batch_api.count() > 0
     batch = run.summary.batch
-    assert batch["waves"] >= 2 and batch["batch_ids"] == list(judge_server.double.batch_api.batches)
-    assert batch["pricing"] == "unknown (litellm has no price for the model)"
-    assert batch["requests_online"] == 0 and batch["requests_by_batch"] == total["calls"]
-    assert {w.wave for w in waves} == set(range(batch["waves"]))
+    assert batch.waves >= 2 and batch.batch_ids == list(judge_server.double.batch_api.batches)
+    assert batch.pricing == "unknown (litellm has no price for the model)"
+    assert batch.requests_online == 0 and batch.requests_by_batch == total.calls
+    assert {w.wave for w in waves} == set(range(batch.waves))
     submitted = judge_server.double.batch_api.submitted
     assert len(submitted) == len(set(submitted))
     # Run again: every answer is cached, nothing is submitted.
@@ -185,7 +187,7 @@ def test_failed_lines_and_an_expired_batch_are_asked_again(judge_server, small_i
     api.expire = {1}
     run = score_files(*small_input, tmp_path / "batch", batch_config(judge_server, transport_retries=5), SCORING)
     assert frame(run).equals(expected)
-    assert run.summary.judge["total"]["batch_failed_lines"] > 0
+    assert run.summary.judge.total.batch_failed_lines > 0
     assert api.batches["batch_0001"]["status"] == "expired"
 
 
@@ -275,7 +277,7 @@ def test_the_judge_budget_is_checked_before_each_wave(judge_server, small_input,
     wave0 = json.loads((tmp_path / "probe" / "batches.jsonl").read_text().splitlines()[0])["custom_ids"]
     judge_server.double.batch_api.reset()
     # Tokens for a bit less than the first wave: it is submitted (the budget is not reached yet), the second is not.
-    tokens = first.summary.judge["total"]["prompt_tokens"] + first.summary.judge["total"]["completion_tokens"]
+    tokens = first.summary.judge.total.prompt_tokens + first.summary.judge.total.completion_tokens
     budget = SCORING.model_copy(update={"max_judge_tokens": tokens // 4})
     run = score_files(*small_input, tmp_path / "batch", batch_config(judge_server), budget)
     assert judge_server.double.batch_api.submitted == wave0

@@ -33,8 +33,8 @@ def test_a_budget_stops_new_prompts_and_a_larger_one_goes_on_without_repeating(j
     double = judge_server.double
     # What one prompt costs in tokens, from an unlimited run elsewhere.
     full = score_files(prompts, candidates, tmp_path / "full", judge, ScoringConfig(**SCORING))
-    total = full.summary.judge["total"]
-    per_prompt = (total["prompt_tokens"] + total["completion_tokens"]) / 4
+    total = full.summary.judge.total
+    per_prompt = (total.prompt_tokens + total.completion_tokens) / 4
     full_requests = double.count()
     double.reset()
 

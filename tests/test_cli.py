@@ -9,8 +9,10 @@ import polars as pl
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.cli.train import parse_dpo_overrides
 from longreward_testing.judge_double import Fault, slot
 from longreward_testing.scenarios import TEST_API_KEY
+from tests.test_training import pair_row, save_tiny_llama, write_pairs
 
 runner = CliRunner()
 
@@ -25,7 +27,7 @@ def test_score_then_pairs(judge_server, sample_paths, tmp_path, monkeypatch):
         app,
         ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
          "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base,
-         "--concurrency", "4", "--rpm", "60000"],
+         "--judge-concurrency", "4", "--judge-rpm", "60000"],
     )
     assert result.exit_code == 0, result.output
     assert "LongReward scores" in result.output and TEST_API_KEY not in result.output
@@ -87,7 +89,7 @@ def test_missing_input_file_is_a_clear_error(tmp_path):
 def _score(judge_server, prompts, candidates, out):
     return runner.invoke(
         app, ["score", "--prompts", str(prompts), "--candidates", str(candidates), "--out", str(out),
-              "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base, "--timeout", "5"],
+              "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base, "--judge-timeout", "5"],
     )
 
 
@@ -137,3 +139,34 @@ def test_score_with_prune_publishes_the_same_pairs(judge_server, sample_paths, t
     # save any here (tests/test_pruning.py measures the savings); the counts are reported.
     assert accounting["scored"] + accounting["failed"] + accounting["pruned"] == 12
     assert "support_checks_saved" in accounting
+
+
+def test_dpo_overrides_are_parsed_as_json_where_they_parse():
+    assert parse_dpo_overrides(["max_grad_norm=0.5", "lr_scheduler_type=constant", "use_cpu=true",
+                                "run_name=a=b", "warmup_steps=-1"]) == {
+        "max_grad_norm": 0.5, "lr_scheduler_type": "constant", "use_cpu": True, "run_name": "a=b", "warmup_steps": -1,
+    }
+    assert parse_dpo_overrides([]) == {}
+
+
+def test_a_malformed_dpo_override_is_refused_before_training(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.parquet", [pair_row(0)])
+    for item in ("max_grad_norm", "=0.5"):
+        result = runner.invoke(app, ["train", "--pairs", str(pairs), "--out", str(tmp_path / "run"),
+                                     "--dpo-override", "seed=3", "--dpo-override", item])
+        assert result.exit_code == 2, result.output
+        assert f"--dpo-override '{item}': expected KEY=VALUE" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_dpo_overrides_reach_the_trainer(tmp_path):
+    """`--dpo-override` items end in the DPOConfig of the run, as the manifest reports it."""
+    policy = save_tiny_llama(tmp_path / "policy", seed=0)
+    pairs = write_pairs(tmp_path / "pairs.parquet", [pair_row(i) for i in range(2)])
+    result = runner.invoke(app, ["train", "--pairs", str(pairs), "--out", str(tmp_path / "run"), "--base-model", str(policy),
+                                 "--max-steps", "1", "--effective-batch-size", "2", "--per-device-batch-size", "2",
+                                 "--accelerate-config", "cpu",
+                                 "--dpo-override", "max_grad_norm=0.5", "--dpo-override", "lr_scheduler_type=constant"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["dpo_config"]["max_grad_norm"] == 0.5 and manifest["dpo_config"]["lr_scheduler_type"] == "constant"

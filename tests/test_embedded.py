@@ -28,13 +28,11 @@ def test_embedded_judge_scores_a_small_prompt(tmp_path):
     assert row["status"] == "scored", row["error"]
     for dimension in ("helpfulness", "logicality", "faithfulness", "completeness"):
         assert 0.0 <= row[dimension] <= 10.0
-    total = run.summary.judge["total"]
-    assert total["parse_failures"] == 0 and total["failed_calls"] == 0
+    total = run.summary.judge.total
+    assert total.parse_failures == 0 and total.failed_calls == 0
     after = run.summary.embedded_judge
-    verdicts = (after["verdicts_unaided"] + after["verdicts_constrained"]) - (
-        before["verdicts_unaided"] + before["verdicts_constrained"]
-    )
-    assert verdicts == total["calls"] >= 5
+    verdicts = (after.verdicts_unaided + after.verdicts_constrained) - (before.verdicts_unaided + before.verdicts_constrained)
+    assert verdicts == total.calls >= 5
 
 
 def test_decoding_stops_only_at_a_verdict_the_parser_reads():

@@ -114,8 +114,8 @@ def test_longbench_chat_rates_answers_1_to_10_with_the_graded_examples(judge_ser
     summary = evaluate_benchmark(spec, "longbench-chat", out, data=DataSources(longbench_chat=str(folder)),
                                  judge=judge_config_for(judge_server), cache_path=tmp_path / "c.sqlite")
     # ratings 8 and 5: mean 6.5, score 65 on the 0-100 scale
-    assert summary["scores"] == {"score": 65.0, "mean_rating": 6.5}
-    assert (summary["cases"], summary["scored"], summary["partial"]) == (2, 2, False)
+    assert summary.scores == {"score": 65.0, "mean_rating": 6.5}
+    assert (summary.cases, summary.scored, summary.partial) == (2, 2, False)
     prompt = next(r.content for r in double.requests if r.task == "longbench_chat" and "memo 0" in r.content)
     assert slot(prompt, "question") == "What does memo 0 recommend?"
     assert slot(prompt, "reference_answer") == "It recommends supplier 0."
@@ -141,14 +141,14 @@ def test_a_chat_result_without_one_refused_verdict_is_partial(judge_server, tmp_
     options = dict(data=DataSources(longbench_chat=str(folder)), judge=judge_config_for(judge_server), cache_path=tmp_path / "c.sqlite")
     with pytest.raises(EvaluationPartial, match="stands on 2 of 3 cases") as refused:
         evaluate_benchmark(spec, "longbench-chat", out, **options)
-    assert (refused.value.summary["scored"], refused.value.summary["judge_failed"]) == (2, 1)
+    assert (refused.value.summary.scored, refused.value.summary.judge_failed) == (2, 1)
     expected = {"score": 80.0, "mean_rating": 8.0, "cases": 3, "scored": 2, "partial": True}
     assert json.loads((out / "judged_result.json").read_text()) == expected
     # The refusal is final: it is recorded, not asked again within the run.
     assert sum(1 for r in judge_server.double.requests if r.task == "longbench_chat" and "memo 1 " in r.content) == 1
 
     summary = evaluate_benchmark(spec, "longbench-chat", out, allow_partial=True, **options)
-    assert (summary["cases"], summary["scored"], summary["partial"]) == (3, 2, True)
+    assert (summary.cases, summary.scored, summary.partial) == (3, 2, True)
     assert json.loads((out / "judged_result.json").read_text()) == expected
 
 
@@ -169,7 +169,7 @@ def test_the_chat_command_fails_on_a_partial_result_unless_allowed(judge_server,
     monkeypatch.setenv("LONGREWARD_JUDGE_API_KEY", TEST_API_KEY)
     monkeypatch.setenv(POLICY_API_KEY_ENV, TEST_API_KEY)
     folder = chat_with_a_refused_verdict(judge_server, tmp_path)
-    command = ["eval", "longbench-chat", "--model", "openai/model-under-test", "--api-base", judge_server.api_base,
+    command = ["eval", "longbench-chat", "--model", "openai/model-under-test", "--model-api-base", judge_server.api_base,
                "--data", str(folder), "--out", str(tmp_path / "out"), "--name", "served",
                "--judge-model", "openai/judge-double", "--judge-api-base", judge_server.api_base]
     refused = CliRunner().invoke(app, command)

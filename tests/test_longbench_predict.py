@@ -60,7 +60,7 @@ def test_litellm_prediction_is_scored_and_resumes_after_a_crash(judge_server, se
     out = tmp_path / "pred" / "served"
     summary = evaluate_benchmark(served_model, "longbench", out, data=DataSources(longbench=str(source)),
                                  datasets=["hotpotqa", "trec"], cache_path=tmp_path / "cache-1.sqlite")
-    assert summary["scores"] == {"hotpotqa": 100.0, "trec": 100.0}  # trec: scored on the first line only
+    assert summary.scores == {"hotpotqa": 100.0, "trec": 100.0}  # trec: scored on the first line only
     assert json.loads((out / "result.json").read_text()) == {"hotpotqa": 100.0, "trec": 100.0, "cases": 5, "scored": 5, "partial": False}
     rows = read_jsonl(out / "hotpotqa.jsonl")
     assert sorted(r["_id"] for r in rows) == ["hotpotqa-0", "hotpotqa-1", "hotpotqa-2"]
@@ -81,8 +81,8 @@ def test_litellm_prediction_is_scored_and_resumes_after_a_crash(judge_server, se
     summary = evaluate_benchmark(served_model, "longbench", out, data=DataSources(longbench=str(source)),
                                  datasets=["hotpotqa", "trec"], cache_path=tmp_path / "cache-2.sqlite")
     assert judge_server.double.count() == 1
-    assert [(p["generated"], p["already_done"]) for p in summary["predictions"]] == [(1, 2), (0, 2)]
-    assert len(read_jsonl(out / "hotpotqa.jsonl")) == 3 and summary["scores"]["hotpotqa"] == 100.0
+    assert [(p.generated, p.already_done) for p in summary.predictions] == [(1, 2), (0, 2)]
+    assert len(read_jsonl(out / "hotpotqa.jsonl")) == 3 and summary.scores["hotpotqa"] == 100.0
 
 
 def test_a_prediction_refused_for_good_makes_the_result_partial_until_a_rerun(judge_server, served_model, tmp_path):
@@ -94,15 +94,15 @@ def test_a_prediction_refused_for_good_makes_the_result_partial_until_a_rerun(ju
     options = dict(data=DataSources(longbench=str(source)), datasets=["hotpotqa"], cache_path=tmp_path / "cache.sqlite")
     with pytest.raises(EvaluationPartial, match="stands on 2 of 3 cases") as refused:
         evaluate_benchmark(served_model, "longbench", out, **options)
-    assert refused.value.summary["predictions"][0]["rejected"] == 1
+    assert refused.value.summary.predictions[0].rejected == 1
     assert sorted(r["_id"] for r in read_jsonl(out / "hotpotqa.jsonl")) == ["hotpotqa-0", "hotpotqa-2"]
     assert json.loads((out / "result.json").read_text()) == {"hotpotqa": 100.0, "cases": 3, "scored": 2, "partial": True}
-    assert evaluate_benchmark(served_model, "longbench", out, allow_partial=True, **options)["partial"]
+    assert evaluate_benchmark(served_model, "longbench", out, allow_partial=True, **options).partial
     judge_server.double.fault_rule = None
     judge_server.double.reset()
     summary = evaluate_benchmark(served_model, "longbench", out, **options)
-    assert judge_server.double.count() == 1 and summary["scores"] == {"hotpotqa": 100.0}
-    assert (summary["cases"], summary["scored"], summary["partial"]) == (3, 3, False)
+    assert judge_server.double.count() == 1 and summary.scores == {"hotpotqa": 100.0}
+    assert (summary.cases, summary.scored, summary.partial) == (3, 3, False)
 
 
 def test_a_tiny_local_model_answers_greedily_with_the_chat_template_where_longbench_uses_one(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_a_tiny_local_model_answers_greedily_with_the_chat_template_where_longbe
     assert len(answered) == 3 and all(r.truncated for r in answered)  # every fixture prompt exceeds 64 tokens
     preds = {r["_id"]: r["pred"] for r in read_jsonl(out / "hotpotqa.jsonl") + read_jsonl(out / "trec.jsonl")}
     assert set(preds) == {"hotpotqa-0", "hotpotqa-1", "trec-0"} and all(isinstance(p, str) for p in preds.values())
-    assert set(summary["scores"]) == {"hotpotqa", "trec"}
+    assert set(summary.scores) == {"hotpotqa", "trec"}
     # Greedy: the same prompt gives the same answer again.
     assert generator.answer(answered[0]) == preds["hotpotqa-0"]
     # The chat template wraps hotpotqa's prompt, not trec's.
@@ -134,7 +134,7 @@ def test_a_tiny_local_model_answers_greedily_with_the_chat_template_where_longbe
     answered.clear()
     again = evaluate_benchmark(spec, "longbench", out, data=DataSources(longbench=str(source)), datasets=["hotpotqa", "trec"],
                                cache_path=tmp_path / "cache.sqlite")
-    assert answered == [] and again["scores"] == summary["scores"]
+    assert answered == [] and again.scores == summary.scores
 
 
 def test_resuming_keeps_finished_rows_and_refuses_files_it_cannot_tell_apart(tmp_path):
@@ -163,7 +163,7 @@ def test_the_longbench_command_predicts_then_scores(judge_server, tmp_path, monk
     judge_server.double.answers = {"unknown": capital_answer}
     source = write_longbench(tmp_path / "lb", {"hotpotqa": 2})
     out = tmp_path / "pred"
-    command = ["eval", "longbench", "--model", "openai/model-under-test", "--api-base", judge_server.api_base,
+    command = ["eval", "longbench", "--model", "openai/model-under-test", "--model-api-base", judge_server.api_base,
                "--name", "served", "--data", str(source), "--out", str(out)]
     result = CliRunner().invoke(app, [*command, "--datasets", "hotpotqa"])
     assert result.exit_code == 0, result.output

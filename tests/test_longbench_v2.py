@@ -72,8 +72,8 @@ def test_prediction_and_scoring_through_a_served_model(judge_server, tmp_path):
     assert by_id["v2-1"]["pred"] == "B" and by_id["v2-1"]["judge"] is True and by_id["v2-2"]["pred"] is None
     assert len(by_id["v2-0"]["context"]) == 1000 and by_id["v2-0"]["response"].startswith("Reading")
     # v2-0 easy/short right, v2-1 hard/medium right, v2-2 easy/long no answer.
-    assert summary["scores"] == {"overall": 66.7, "easy": 50.0, "hard": 100.0, "short": 100.0, "medium": 100.0, "long": 0.0,
+    assert summary.scores == {"overall": 66.7, "easy": 50.0, "hard": 100.0, "short": 100.0, "medium": 100.0, "long": 0.0,
                                  "questions": 3, "no_answer_found": 1}
-    assert summary["predictions"][0]["not_written"] == 1
+    assert summary.predictions[0].not_written == 1
     assert json.loads((out / "result.json").read_text())["overall"] == 66.7
     assert all(r.temperature == 0.0 for r in judge_server.double.requests)  # greedy

@@ -118,8 +118,8 @@ def test_rerun_makes_zero_calls_and_same_scores(judge_server, small_input, tmp_p
     second = score_files(prompts, candidates, tmp_path / "out", judge_config_for(judge_server), SCORING)
     assert judge_server.double.count() == calls
     assert pl.read_parquet(second.scores_path).equals(first_scores)
-    assert second.summary.judge["total"]["calls"] == 0
-    assert second.summary.judge["total"]["cache_hits"] == calls
+    assert second.summary.judge.total.calls == 0
+    assert second.summary.judge.total.cache_hits == calls
     # The document chunks were embedded once, in the first run only.
     assert second.summary.chunk_embeddings == 0
     assert first.summary.chunk_embeddings > 0
@@ -166,8 +166,8 @@ def test_failed_dimension_is_recorded_and_run_goes_on(judge_server, small_input,
     # Its other dimensions were still scored, and every other candidate is complete.
     assert failed["helpfulness"][0] == 7.0
     assert scores.filter(pl.col("status") == "scored").height == 3
-    acc = run.summary.judge["per_purpose"]["logicality"]
-    assert acc["parse_failures"] == 3 and acc["failed_calls"] == 1
+    acc = run.summary.judge.per_purpose["logicality"]
+    assert acc.parse_failures == 3 and acc.failed_calls == 1
     # Later attempts run hotter than the first.
     temps = [r.temperature for r in double.requests if r.task == "logicality" and "steel" in r.content]
     assert temps == [0.0, 0.95, 0.95]

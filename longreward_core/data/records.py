@@ -10,7 +10,7 @@ import json
 from typing import Annotated, Any
 
 import polars as pl
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, computed_field, field_validator
 from pydantic_core import PydanticCustomError
 
 DIMENSIONS: tuple[str, ...] = ("helpfulness", "logicality", "faithfulness", "completeness")
@@ -245,6 +245,70 @@ class TrainingManifest(BaseModel):
     versions: dict[str, str] = Field(description="torch, transformers and trl versions.")
 
 
+class CallAccounting(BaseModel):
+    """Model requests for one purpose (a judged dimension, `sampling`, `generation`, ...) or in total:
+    counted as a run goes (`models.accounting.RunAccounting`), written in `accounting.json`, the
+    build manifest and the evaluation summaries."""
+
+    calls: int = Field(0, description="Requests that reached the model (cache hits excluded).")
+    cache_hits: int = Field(0, description="Requests answered from the call cache.")
+    coalesced: int = Field(0, description="Requests answered by an identical request already in flight.")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = Field(0.0, description="0 where litellm does not know the model's price; at cached prices where reported.")
+    cached_tokens: int = Field(0, description="Prompt tokens the provider reports served from its prompt cache.")
+    tokenized_prompt_tokens: int = Field(0, description="Prompt tokens in the configured tokenizer (where counted).")
+    cacheable_tokens: int = Field(0, description="Of those, the prefix shared with an earlier request to the same model.")
+    parse_failures: int = Field(0, description="Judge answers without a parseable verdict (judging purposes only).")
+    transport_errors: int = Field(0, description="429 / 5xx / timeouts / connection errors, each retried or fatal.")
+    rejected: int = Field(0, description="Requests the provider refused for good (4xx: context length, content filter, ...).")
+    failed_calls: int = Field(
+        0, description="Logical calls that gave up (unreachable, refused, or no verdict after every attempt)."
+    )
+    batch_calls: int = Field(0, description="Of the requests that reached the model, those answered through a Batch API.")
+    batch_failed_lines: int = Field(0, description="Batch lines that came back failed or expired (each asked again or given up).")
+
+    def add(self, other: CallAccounting) -> None:
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def cacheable_share(self) -> float | None:
+        """Share of the prompt tokens a provider's prefix cache could serve (None: nothing counted)."""
+        return self.cacheable_tokens / self.tokenized_prompt_tokens if self.tokenized_prompt_tokens else None
+
+
+class RequestAccounting(BaseModel):
+    """Model requests of a run in total and per purpose, as reported (`RunAccounting.record()`)."""
+
+    total: CallAccounting
+    per_purpose: dict[str, CallAccounting]
+
+
+class EmbeddedJudgeStats(BaseModel):
+    """How the embedded judge came to its verdicts, over the process's life."""
+
+    requests: int = 0
+    verdicts_unaided: int = Field(0, description="The model wrote a valid verdict by itself.")
+    verdicts_constrained: int = Field(0, description="The verdict was chosen under the constraint.")
+    seconds: float = 0.0
+
+
+class BatchSummary(BaseModel):
+    """What batch mode did in a scoring run (`accounting.json`'s `batch`)."""
+
+    batch_ids: list[str] = Field(description="Every batch of the run's ledger (this run's and those it resumed).")
+    waves: int = Field(description="Waves in the ledger.")
+    lines_submitted: int = Field(description="Lines of every batch in the ledger.")
+    waves_this_run: int = Field(description="Waves this run submitted.")
+    lines_submitted_this_run: int = Field(description="Lines this run submitted.")
+    requests_by_batch: int = Field(description="Judge answers this run obtained through the Batch API.")
+    requests_online: int = Field(description="Judge requests this run sent online.")
+    pricing: str = Field(description="How batch answers are priced: the provider's batch prices, or 50% of the online ones.")
+    ledger: str = Field(description="The ledger file (`batches.jsonl`).")
+
+
 class ScoreSummary(BaseModel):
     """What a scoring run did: counts, mean scores, embedding work and judge accounting.
 
@@ -275,11 +339,9 @@ class ScoreSummary(BaseModel):
     wall_seconds: float = Field(description="Duration of the run, seconds.")
     judge_model: str = Field(description="litellm model string of the judge.")
     worker_pid: int = Field(description="The process that scored (shards may run on several).")
-    judge: dict[str, Any] = Field(description="Judge requests per purpose and in total (RunAccounting.to_dict()).")
-    embedded_judge: dict[str, Any] | None = Field(None, description="Verdict statistics of the embedded judge.")
-    batch: dict[str, Any] | None = Field(
-        None, description="Batch mode: the batch ids, waves, lines submitted, and how batch answers were priced."
-    )
+    judge: RequestAccounting = Field(description="Judge requests in total and per purpose.")
+    embedded_judge: EmbeddedJudgeStats | None = Field(None, description="Verdict statistics of the embedded judge.")
+    batch: BatchSummary | None = Field(None, description="Batch mode: its batches, waves and lines, and how they were priced.")
 
     def to_json(self) -> bytes:
         """The summary as `accounting.json` content."""
@@ -358,3 +420,40 @@ class BuildManifest(BaseModel):
     batch_ids: list[str] = Field(
         default_factory=list, description="Batch mode: the ids of every batch the shards submitted (their ledgers name the lines)."
     )
+
+
+class PredictionSummary(BaseModel):
+    """What predicting one file of a benchmark did (`PredictionRun.summary()`)."""
+
+    file: str = Field(description="The predictions file.")
+    examples: int = Field(description="Examples asked for.")
+    already_done: int = Field(description="Answers found in the file from an earlier run.")
+    generated: int = Field(description="Answers generated in this run.")
+    truncated_prompts: int = Field(description="Prompts over the input budget, cut in the middle.")
+    not_written: int = Field(description="Empty answers, left out by the benchmark's own rule.")
+    failed: int = Field(description="Examples without an answer: the model could not be reached (run again).")
+    rejected: int = Field(description="Examples whose request the provider refused for good.")
+
+
+class EvaluationSummary(BaseModel):
+    """One model on one benchmark (`evaluate_benchmark`): the scores, the result file and what the
+    result stands on (`cases`, `scored`, `partial`)."""
+
+    model: str = Field(description="The model's label.")
+    benchmark: str
+    folder: str = Field(description="The model's folder for the benchmark.")
+    limit: int | None = Field(description="Examples per dataset at most (quick runs), or None.")
+    predictions: list[PredictionSummary]
+    scores: dict[str, Any] = Field(description="The result file's scores (per dataset, bucket, or overall).")
+    result_path: str
+    cases: int = Field(description="Cases the result should stand on.")
+    scored: int = Field(description="Cases it stands on.")
+    partial: bool = Field(description="Whether some cases are not in the score (refused for good, set aside).")
+    quarantined_inputs: int = Field(0, description="Dataset rows quarantined.")
+    input_quarantine: str | None = Field(None, description="Their file, with the reasons.")
+    quarantined_predictions: int | None = Field(None, description="Prediction rows refused by scoring or judging (LongBench).")
+    examples_scored: dict[str, int] | None = Field(None, description="Rows scored per dataset (LongBench, LongBench-E).")
+    unscored: dict[str, str] | None = Field(None, description="Datasets without a score, and why (LongBench, LongBench-E).")
+    judge: RequestAccounting | None = Field(None, description="Judge requests (judged benchmarks).")
+    judge_failed: int | None = Field(None, description="Answers without a verdict, left out of the score (judged benchmarks).")
+    generation: RequestAccounting | None = Field(None, description="Requests to a served model (litellm backend).")

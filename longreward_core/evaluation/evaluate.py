@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError, write_quarantine
-from longreward_core.data.records import QuarantinedRow
+from longreward_core.data.records import EvaluationSummary, QuarantinedRow
 from longreward_core.evaluation import v2
 from longreward_core.evaluation.chat import judge_longbench_chat, predict_longbench_chat
 from longreward_core.evaluation.data import load_longbench_chat
@@ -63,11 +63,11 @@ class EvaluationPartial(RuntimeError):
     """The result stands on a subset of the cases and the run did not allow that; `summary` is
     what `evaluate_benchmark` would have returned."""
 
-    def __init__(self, summary: dict[str, Any]):
+    def __init__(self, summary: EvaluationSummary):
         self.summary = summary
         super().__init__(
-            f"{summary['model']} on {summary['benchmark']}: the result stands on {summary['scored']} of {summary['cases']} "
-            f"cases (the others were refused for good or set aside; see {summary['folder']}); allow partial results to keep it"
+            f"{summary.model} on {summary.benchmark}: the result stands on {summary.scored} of {summary.cases} "
+            f"cases (the others were refused for good or set aside; see {summary.folder}); allow partial results to keep it"
         )
 
 
@@ -119,11 +119,11 @@ def evaluate_benchmark(
     cache_path: str | Path | None = None,
     generator: Generator | None = None,
     allow_partial: bool = False,
-) -> dict[str, Any]:
-    """Evaluate `spec` on `benchmark` into `model_dir` (see the module docstring); returns a
-    summary with `scores`, the result file's path and its coverage (`cases`, `scored`,
-    `partial`). `datasets` selects LongBench tasks, `limit` caps the examples per dataset (quick
-    runs; scores are then not comparable with published ones). Requests are cached in
+) -> EvaluationSummary:
+    """Evaluate `spec` on `benchmark` into `model_dir` (see the module docstring); returns its
+    summary: `scores`, the result file's path and its coverage (`cases`, `scored`, `partial`).
+    `datasets` selects LongBench tasks, `limit` caps the examples per dataset (quick runs; scores
+    are then not comparable with published ones). Requests are cached in
     `cache_path` (default: `call_cache.sqlite` beside `model_dir`). Raises EvaluationIncomplete
     when a model could not be reached, and EvaluationPartial for a partial result unless
     `allow_partial`."""
@@ -137,7 +137,7 @@ def evaluate_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     cache_path = cache_path or out.parent / CALL_CACHE_FILE  # a file path or a database URL
     generator = generator or load_generator(spec, cache_path)
-    summary: dict[str, Any] = {"model": spec.label, "benchmark": benchmark, "folder": str(out), "limit": limit}
+    details: dict[str, Any] = {}  # the benchmark's own fields of the summary
     input_quarantine: list[QuarantinedRow] = []
 
     if benchmark in ("longbench", "longbench-e", "longbench-judged"):
@@ -153,49 +153,49 @@ def evaluate_benchmark(
             predicted = predict_longbench(generator, spec, name, out, source=data.longbench, longbench_e=longbench_e, limit=limit)
             runs.append(predicted.run)
             input_quarantine += predicted.quarantined
-        summary["predictions"] = [r.summary() for r in runs]
         _incomplete(runs)
         cases = sum(r.requested for r in runs)
         if benchmark == "longbench-judged":
             judged_run = judge_longbench_dir(out, judge, cache_path, source=data.longbench, datasets=names)
             _judge_incomplete(judged_run)
-            summary.update(scores=judged_run.scores, result_path=str(judged_run.result_path), judge=judged_run.accounting.to_dict(),
-                           judge_failed=judged_run.failed, quarantined_predictions=len(judged_run.quarantined))
-            scored_cases = judged_run.judged
+            scores, result_path, scored_cases = judged_run.scores, judged_run.result_path, judged_run.judged
+            details.update(judge=judged_run.accounting.record(), judge_failed=judged_run.failed,
+                           quarantined_predictions=len(judged_run.quarantined))
         else:
             scored = score_prediction_dir(out, longbench_e=longbench_e)
-            summary.update(scores={n: scored.scores[n] for n in names if n in scored.scores}, result_path=str(scored.result_path),
-                           examples_scored=scored.rows, quarantined_predictions=len(scored.quarantined), unscored=scored.unscored)
+            scores, result_path = {n: scored.scores[n] for n in names if n in scored.scores}, scored.result_path
             scored_cases = sum(scored.rows.get(n, 0) for n in names)
+            details.update(examples_scored=scored.rows, quarantined_predictions=len(scored.quarantined), unscored=scored.unscored)
     elif benchmark == "longbench-v2":
         predicted_v2 = v2.predict_longbench_v2(generator, spec, out, source=data.longbench_v2, limit=limit)
         input_quarantine += predicted_v2.quarantined
-        summary["predictions"] = [predicted_v2.run.summary()]
-        _incomplete([predicted_v2.run])
-        summary.update(scores=v2.score_predictions(out), result_path=str(out / v2.RESULT_FILE))
+        runs = [predicted_v2.run]
+        _incomplete(runs)
+        scores, result_path = v2.score_predictions(out), out / v2.RESULT_FILE
         # Empty answers are left out by the benchmark's own rule, not lost.
         cases = predicted_v2.run.requested - predicted_v2.run.not_written
-        scored_cases = summary["scores"]["questions"]
+        scored_cases = scores["questions"]
     else:
         assert data.longbench_chat is not None  # checked above
         loaded = load_longbench_chat(data.longbench_chat, limit=limit)
         input_quarantine += loaded.quarantined
-        chat_run = predict_longbench_chat(generator, spec, out, loaded.records)
-        summary["predictions"] = [chat_run.summary()]
-        _incomplete([chat_run])
+        runs = [predict_longbench_chat(generator, spec, out, loaded.records)]
+        _incomplete(runs)
         judged_run = judge_longbench_chat(out, loaded.records, judge, cache_path)
         _judge_incomplete(judged_run)
-        summary.update(scores=judged_run.scores, result_path=str(judged_run.result_path), judge=judged_run.accounting.to_dict(),
-                       judge_failed=judged_run.failed)
+        scores, result_path = judged_run.scores, judged_run.result_path
+        details.update(judge=judged_run.accounting.record(), judge_failed=judged_run.failed)
         cases, scored_cases = len(loaded.records), judged_run.judged
 
     accounting = getattr(generator, "accounting", None)  # requests to a served model (litellm backend)
-    if accounting is not None:
-        summary["generation"] = accounting.to_dict()
-    summary["quarantined_inputs"] = len(input_quarantine)
-    if input_quarantine:
-        summary["input_quarantine"] = str(write_quarantine(input_quarantine, out / "input_quarantine.parquet"))
-    summary.update(record_coverage(summary["result_path"], cases, scored_cases))
-    if summary["partial"] and not allow_partial:
+    summary = EvaluationSummary(
+        model=spec.label, benchmark=benchmark, folder=str(out), limit=limit, predictions=[r.summary() for r in runs],
+        scores=scores, result_path=str(result_path), **record_coverage(result_path, cases, scored_cases),
+        quarantined_inputs=len(input_quarantine),
+        input_quarantine=str(write_quarantine(input_quarantine, out / "input_quarantine.parquet")) if input_quarantine else None,
+        generation=accounting.record() if accounting is not None else None,
+        **details,
+    )
+    if summary.partial and not allow_partial:
         raise EvaluationPartial(summary)
     return summary

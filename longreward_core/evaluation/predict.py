@@ -32,7 +32,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError, atomic_write_bytes
-from longreward_core.data.records import QuarantinedRow
+from longreward_core.data.records import PredictionSummary, QuarantinedRow
 from longreward_core.evaluation.data import load_longbench
 from longreward_core.evaluation.tasks import LongBenchTask, get_task
 from longreward_core.models.accounting import RunAccounting
@@ -293,12 +293,12 @@ class PredictionRun:
     failed: dict[str, str] = field(default_factory=dict)  # id -> why no answer came (unreachable: run again)
     rejected: dict[str, str] = field(default_factory=dict)  # id -> the provider's reason for refusing for good
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "file": str(self.path), "examples": self.requested, "already_done": self.already_done,
-            "generated": self.generated, "truncated_prompts": self.truncated, "not_written": self.not_written,
-            "failed": len(self.failed), "rejected": len(self.rejected),
-        }
+    def summary(self) -> PredictionSummary:
+        return PredictionSummary(
+            file=str(self.path), examples=self.requested, already_done=self.already_done, generated=self.generated,
+            truncated_prompts=self.truncated, not_written=self.not_written, failed=len(self.failed),
+            rejected=len(self.rejected),
+        )
 
 
 def finished_ids(path: str | Path) -> set[str]:

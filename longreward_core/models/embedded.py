@@ -26,12 +26,12 @@ import os
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import litellm
 from litellm import CustomLLM
 
+from longreward_core.data.records import EmbeddedJudgeStats
 from longreward_core.models.loading import LOAD_LOCK
 from longreward_core.models.smollm2 import embedded_checkpoint
 from longreward_core.models.tokenizers import common_prefix
@@ -45,19 +45,12 @@ DRAFT_NGRAM = 3  # tokens looked up to draft what follows
 DRAFT_TOKENS = 8  # drafted tokens checked by one forward
 
 
-@dataclass
-class EmbeddedStats:
-    requests: int = 0
-    verdicts_unaided: int = 0  # the model wrote a valid verdict by itself
-    verdicts_constrained: int = 0  # the verdict was chosen under the constraint
-    seconds: float = 0.0
+_stats = EmbeddedJudgeStats()
 
 
-_stats = EmbeddedStats()
-
-
-def embedded_stats() -> dict[str, Any]:
-    return asdict(_stats)
+def embedded_stats() -> EmbeddedJudgeStats:
+    """The embedded judge's verdict statistics so far in this process (a copy)."""
+    return _stats.model_copy()
 
 
 def _load() -> tuple[Any, Any]:

@@ -159,7 +159,7 @@ def build_manifest(
     `pairs_sha256` is set by `publish_dataset`."""
     accounting = RunAccounting()
     for summary in shard_summaries:
-        accounting.add(RunAccounting.from_dict(summary.judge))
+        accounting.add(summary.judge)
     return BuildManifest(
         built_at=datetime.now(timezone.utc).isoformat(),
         inputs={
@@ -184,7 +184,7 @@ def build_manifest(
         quarantine=str(plan.quarantine_path) if plan.quarantine_path else None,
         judge_accounting=accounting.to_dict(),
         judge_cost_usd=accounting.total.cost_usd,
-        batch_ids=[batch_id for s in shard_summaries if s.batch for batch_id in s.batch["batch_ids"]],
+        batch_ids=[batch_id for s in shard_summaries if s.batch for batch_id in s.batch.batch_ids],
     )
 
 

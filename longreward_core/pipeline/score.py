@@ -186,9 +186,9 @@ def score_files(
         wall_seconds=round(time.perf_counter() - started, 3),
         judge_model=judge_config.model,
         worker_pid=os.getpid(),
-        judge=accounting.to_dict(),
+        judge=accounting.record(),
         embedded_judge=embedded_judge,
-        batch=batch_summary(batch, transport, ledger, accounting.to_dict()) if transport is not None and ledger is not None else None,
+        batch=batch_summary(batch, transport, ledger, accounting.record()) if transport is not None and ledger is not None else None,
     )
     accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
     return ScoreRun(scores_path, accounting_path, quarantine_path, summary)

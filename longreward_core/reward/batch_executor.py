@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from longreward_core.data.records import Candidate, CandidateScore, Prompt
+from longreward_core.data.records import BatchSummary, Candidate, CandidateScore, Prompt, RequestAccounting
 from longreward_core.models.batch import (
     BROKEN,
     UNACCEPTED,
@@ -379,21 +379,20 @@ def batch_pricing(transport: BatchTransport) -> str:
     return "50% of the online prices"
 
 
-def batch_summary(outcome: BatchOutcome, transport: BatchTransport, ledger: BatchLedger, judge: dict[str, Any]) -> dict[str, Any]:
+def batch_summary(outcome: BatchOutcome, transport: BatchTransport, ledger: BatchLedger, judge: RequestAccounting) -> BatchSummary:
     """Batch mode's part of `accounting.json`: every batch of the run (this one and those it
     resumed), its waves, lines, requests by batch and online, and how batch answers were priced."""
-    total = judge["total"]
-    return {
-        "requests_by_batch": total["batch_calls"],
-        "requests_online": total["calls"] - total["batch_calls"],
-        "batch_ids": list(ledger.records),
-        "waves": ledger.waves(),
-        "lines_submitted": sum(len(r.custom_ids) for r in ledger.records.values()),
-        "waves_this_run": outcome.waves,
-        "lines_submitted_this_run": outcome.lines_submitted,
-        "pricing": batch_pricing(transport),
-        "ledger": str(ledger.path),
-    }
+    return BatchSummary(
+        batch_ids=list(ledger.records),
+        waves=ledger.waves(),
+        lines_submitted=sum(len(r.custom_ids) for r in ledger.records.values()),
+        waves_this_run=outcome.waves,
+        lines_submitted_this_run=outcome.lines_submitted,
+        requests_by_batch=judge.total.batch_calls,
+        requests_online=judge.total.calls - judge.total.batch_calls,
+        pricing=batch_pricing(transport),
+        ledger=str(ledger.path),
+    )
 
 
 async def score_batched(

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.batch import batch_provider
 from longreward_core.models.client import (
     JUDGE_API_KEY_ENV,
     CallCache,
@@ -64,6 +65,13 @@ class JudgeConfig(LLMConfig):
         description="Mark the end of each prompt's shared instructions as an Anthropic cache_control breakpoint "
         "(for Anthropic models; other providers cache prefixes without it).",
     )
+
+    @model_validator(mode="after")
+    def _batchable(self) -> JudgeConfig:
+        """Batch mode needs a judge whose provider litellm batches for: refused here, before anything starts."""
+        if self.batch:
+            batch_provider(self)
+        return self
 
 
 class Judge:

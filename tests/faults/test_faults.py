@@ -69,15 +69,15 @@ def test_scoring_under_faults_counts_every_fault_and_matches_a_clean_run(judge_s
     inject(double, kinds, seed=len(kinds))
     run = score_files(*inputs, tmp_path / "out", faulty_judge(judge_server), SCORING)
     assert read_scores(run).equals(clean_scores)
-    faults, total = injected(double), run.summary.judge["total"]
+    faults, total = injected(double), run.summary.judge.total
     assert sum(faults.values()) > 0, "the seeded rule injected nothing"
     # Each request gets at most one fault, and a retried request is a new one that may get
     # another: every injected fault is one failed send (transport) or one unparseable answer.
-    assert total["transport_errors"] == sum(faults[k] for k in TRANSPORT)
-    assert total["parse_failures"] == sum(faults[k] for k in NO_VERDICT)
+    assert total.transport_errors == sum(faults[k] for k in TRANSPORT)
+    assert total.parse_failures == sum(faults[k] for k in NO_VERDICT)
     # Every request the double saw is either an answer the client read or a transport error.
-    assert total["calls"] + total["transport_errors"] == double.count()
-    assert total["failed_calls"] == 0 and total["rejected"] == 0
+    assert total.calls + total.transport_errors == double.count()
+    assert total.failed_calls == 0 and total.rejected == 0
 
 
 @pytest.mark.parametrize("burst", ["every request", "every grading request"])
@@ -116,7 +116,7 @@ def test_kill_9_then_rerun_repeats_only_requests_in_flight(judge_server, inputs,
     assert len(repeated) <= KILL_CONCURRENCY and len(set(repeated)) == len(repeated)
     assert read_scores(runs["rerun"]).equals(clean_scores)
     # Everything answered before the kill is read from the cache the killed process left.
-    assert runs["rerun"].summary.judge["total"]["cache_hits"] >= len(set(runs["before"]) - set(repeated))
+    assert runs["rerun"].summary.judge.total.cache_hits >= len(set(runs["before"]) - set(repeated))
 
 
 def test_a_provider_key_reaches_no_output_under_faults_or_refusal(judge_server, inputs, tmp_path, monkeypatch):

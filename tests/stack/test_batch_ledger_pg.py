@@ -41,6 +41,6 @@ def test_a_run_resumes_its_batches_from_the_database(judge_server, small_input, 
     (tmp_path / "out" / LEDGER_FILE).unlink()  # another host: the folder's ledger is not there
     api.delay_s = 0
     run = score_files(*small_input, tmp_path / "out", config, SCORING, cache_path=pg_url)
-    assert run.summary.scored == 4 and run.summary.batch["batch_ids"][0] == "batch_0000"
+    assert run.summary.scored == 4 and run.summary.batch.batch_ids[0] == "batch_0000"
     assert len(api.submitted) == len(set(api.submitted)), "no line submitted twice"
     assert judge_server.double.count() == 0
