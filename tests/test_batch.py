@@ -204,10 +204,21 @@ def test_a_line_failing_every_time_fails_its_candidate_only(judge_server, small_
 def test_every_line_of_the_first_batch_failing_is_asked_again(judge_server, small_input, tmp_path):
     expected = online_scores(judge_server, small_input, tmp_path)
     api = judge_server.double.batch_api
-    first = {}
-    api.line_fault = lambda request, index: Fault("status", 500) if first.setdefault("n", index) == index or index < 5 else None
+    api.line_fault = lambda request, index: Fault("status", 500) if len(api.batches) == 1 else None
     run = score_files(*small_input, tmp_path / "batch", batch_config(judge_server), SCORING)
     assert frame(run).equals(expected)
+    assert api.batches["batch_0000"]["output_file_id"] is None
+    first, second = ({line["custom_id"] for line in api.batches[b]["_lines"]} for b in ("batch_0000", "batch_0001"))
+    assert first <= second  # every line of the failed batch asked again in the next wave
+
+
+def test_waves_are_split_into_files_within_the_line_limit(judge_server, small_input, tmp_path):
+    expected = online_scores(judge_server, small_input, tmp_path)
+    api = judge_server.double.batch_api
+    run = score_files(*small_input, tmp_path / "batch", batch_config(judge_server, batch_max_lines=7), SCORING)
+    assert frame(run).equals(expected)
+    sizes = [b["request_counts"]["total"] for b in api.batches.values()]
+    assert max(sizes) == 7 and len(sizes) > run.summary.batch.waves
 
 
 @pytest.mark.parametrize("how", ["fail_validation", "cancel"])
