@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from longreward_core.models.accounting import RunAccounting  # noqa: E402
-from longreward_core.models.client import CallCache, LLMClient, LLMConfig  # noqa: E402
+from longreward_core.models.call_cache import CallCache  # noqa: E402
+from longreward_core.models.client import LLMClient, LLMConfig  # noqa: E402
 from longreward_core.reward.prompts import render  # noqa: E402
 
 ROUTES = ("before", "litellm", "direct")

@@ -42,7 +42,7 @@ import litellm
 from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import CallAccounting
 from longreward_core.models.batch import LEDGER_FILE, BatchLedger
-from longreward_core.pipeline.score import pairs_files, score_files
+from longreward_core.pipeline.score_files import pairs_files, score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.judge_double import JudgeDouble, JudgeServer, fault_mix, normal_text, slot
@@ -115,7 +115,7 @@ MODES = (
 KILLED_RUN = """
 import sys
 from longreward_core.data.pairs import PairConfig
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 score_files(sys.argv[1], sys.argv[2], sys.argv[3], JudgeConfig.model_validate_json(sys.argv[4]), ScoringConfig(prune=True),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_testing.faults import (
     CANDIDATES,
     KILL_CONCURRENCY,

@@ -40,7 +40,7 @@ def worker(mode: str, prompts: int, candidates: int, shard_size: int, api_base: 
     scoring = ScoringConfig()
     result: dict = {"mode": mode, "candidates": prompts * candidates}
     if mode == "score":
-        from longreward_core.pipeline.score import score_files
+        from longreward_core.pipeline.score_files import score_files
 
         started = time.perf_counter()
         run = score_files(prompts_path, candidates_path, work / "out", judge, scoring)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
 from longreward_core.models.tokenizers import load_tokenizer
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.chunking import chunk_document
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig

@@ -36,8 +36,9 @@ from longreward_core.data.records import EvaluationSummary
 from longreward_core.evaluation.compare import write_comparison
 from longreward_core.evaluation.evaluate import Benchmark, DataSources
 from longreward_core.evaluation.predict import ModelSpec
-from longreward_core.evaluation.tasks import resolve_datasets
+from longreward_core.evaluation.longbench import resolve_datasets
 from longreward_core.reward.judge import JudgeConfig
+from tasks.caching import configuration_fault
 from tasks.evaluate import evaluate_model
 
 
@@ -94,6 +95,7 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
     partial: dict[str, dict[str, dict[str, int]]] = {}
     summaries: list[EvaluationSummary] = []
     failed: dict[str, str] = {}
+    fix: str | None = None  # the error of an evaluation that failed on the configuration
     for model in params.models:
         for benchmark in params.benchmarks:
             state = evaluate_model(
@@ -110,6 +112,7 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
                     partial.setdefault(model.label, {})[benchmark] = {"cases": summary.cases, "scored": summary.scored}
             else:
                 failed[f"{benchmark}-{model.label}"] = state.message or state.name
+                fix = fix or (state.message if configuration_fault(state) else None)
 
     comparison = write_comparison(results, params.output_dir, partial)
     create_markdown_artifact(key="longbench-comparison", markdown=comparison["markdown_text"],
@@ -125,8 +128,9 @@ def longbench_eval(params: EvalParams) -> dict[str, Any]:
     if failed:
         for name, reason in sorted(failed.items()):
             logger.error("%s failed: %s", name, reason)
-        return Failed(message=f"{len(failed)} evaluations failed: {', '.join(sorted(failed))}; run again: "
-                              "finished answers are kept and requests are cached")
+        advice = (f"a re-run fails alike until the configuration is fixed: {fix}" if fix
+                  else "run again: finished answers are kept and requests are cached")
+        return Failed(message=f"{len(failed)} evaluations failed: {', '.join(sorted(failed))}; {advice}")
     return {"results": results, "results_path": str(results_path),
             **{k: comparison[k] for k in ("json", "markdown", "chart")}}
 

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from longreward_core.data.form import form_order
 from longreward_core.data.pairs import PairConfig
-from longreward_core.models.call_cache import check_cache_url
-from longreward_core.models.client import CALL_CACHE_FILE
+from longreward_core.models.call_cache import CALL_CACHE_FILE, check_cache_url
 from longreward_core.pipeline.sampling import PolicyConfig
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig

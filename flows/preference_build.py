@@ -41,6 +41,7 @@ from longreward_core.pipeline.build import (
     build_manifest,
     reward_distribution,
 )
+from tasks.caching import configuration_fault
 from tasks.index import index_documents
 from tasks.pairs import build_pairs
 from tasks.publish import publish
@@ -70,6 +71,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    fix: str | None = None  # the error of a shard that failed on the configuration
     retried = {"retries": params.task_retries, **stored}
     index_task, sample_task, score_task = (t.with_options(**retried) for t in (index_documents, sample_candidates, score_shard))
     # The judge budget is split evenly over the shards (each shard's run checks its own share).
@@ -108,14 +110,16 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                 results[name] = future.result()
             else:
                 failed[name] = state.message or state.name
+                fix = fix or (failed[name] if configuration_fault(state) else None)
             update_progress_artifact(progress, 100.0 * done / len(names))
 
     _shard_table(results, failed)
     if failed:
         for name, reason in sorted(failed.items()):
             logger.error("%s failed: %s", name, reason)
-        return Failed(message=f"{len(failed)} of {len(names)} shards failed: {', '.join(sorted(failed))}; "
-                              "retry the run: finished shards are cached and no judge call is repeated")
+        advice = (f"a retry fails alike until the configuration is fixed: {fix}" if fix
+                  else "retry the run: finished shards are cached and no judge call is repeated")
+        return Failed(message=f"{len(failed)} of {len(names)} shards failed: {', '.join(sorted(failed))}; {advice}")
 
     unscored = {n: results[n]["summary"] for n in names if results[n]["summary"].not_scored_prompts}
     if unscored:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
-from longreward_core.models.client import JUDGE_API_KEY_ENV
-from longreward_core.pipeline.score import ScoreRun, score_files
+from longreward_core.models.secrets import JUDGE_API_KEY_ENV
+from longreward_core.pipeline.score_files import ScoreRun, score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.judge_double import KINDS, JudgeDouble, JudgeServer, fault_mix

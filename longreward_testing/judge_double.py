@@ -15,7 +15,9 @@ Default answers follow the task, so scores depend on the content:
 - key points: the first words of the chunk.
 Prompts that open with no task line (a model under test answering a benchmark) are task
 "unknown", or "completion" when sent to the plain `/completions` endpoint; script their answers
-with `answers`.
+with `answers`. `POST .../embeddings` answers 8 numbers per text, from its hash (task
+"embedding"). The `model` of every request and its Authorization header are recorded (`models`,
+`authorization`; `listed_by` for `GET /models`); `only_served_models` answers 404 for a model not in `served_models`, as vLLM does.
 
 Batch requests (`/v1/files`, `/v1/batches`) go to `batch_api` (`longreward_testing.batch_double`), whose
 lines are answered by the same script and logged apart from online requests.
@@ -27,6 +29,7 @@ same model, in whole 128-token blocks, for prompts of 1024 tokens or more.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -167,6 +170,10 @@ class JudgeDouble:
     in_flight: int = 0
     max_in_flight: int = 0
     authorization: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # the `model` of every POST, as the body names it
+    listed_by: list[str] = field(default_factory=list)  # the Authorization header of every GET /models
+    # Answer 404 "model does not exist" for a model not in `served_models`, as vLLM does.
+    only_served_models: bool = False
     # What `GET /v1/models` reports, as vLLM does: served names and their context window.
     served_models: tuple[str, ...] = ("judge-double", "policy-double")
     max_model_len: int = 32_768
@@ -302,12 +309,32 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def _embed(self, payload: dict[str, Any]) -> None:
+            """`/embeddings`: a vector of 8 numbers per text, from the text's hash (status faults apply)."""
+            texts = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
+            request = Request("embedding", None, "\n".join(texts), time.monotonic())
+            with double._lock:
+                double.requests.append(request)
+                double.authorization.append(self.headers.get("Authorization", ""))
+            fault = double._next_fault(request, len(double.requests) - 1)
+            if fault is not None and fault.kind == "status":
+                self._send(fault.status, json.dumps({"error": {"message": f"injected {fault.status}"}}).encode())
+                return
+            digests = [hashlib.sha256(t.encode()).digest() for t in texts]
+            data = [{"object": "embedding", "index": i, "embedding": [b / 255 + 0.01 for b in d[:8]]} for i, d in enumerate(digests)]
+            tokens = sum(len(t) // 4 for t in texts)
+            body = {"object": "list", "data": data, "model": payload.get("model"),
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            self._send(200, json.dumps(body).encode())
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self._batch_api("GET"):
                 return
             if self.path == "/stats":
                 self._send(200, json.dumps({"requests": double.count(), "by_task": double.counts()}).encode())
             elif self.path.endswith("/models"):
+                with double._lock:
+                    double.listed_by.append(self.headers.get("Authorization", ""))
                 listed = [{"id": name, "object": "model", "max_model_len": double.max_model_len} for name in double.served_models]
                 self._send(200, json.dumps({"object": "list", "data": listed}).encode())
             else:
@@ -325,6 +352,15 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                 return
             length = int(self.headers.get("Content-Length", 0))
             payload = json.loads(self.rfile.read(length) or b"{}")
+            with double._lock:
+                double.models.append(payload.get("model", ""))
+            if double.only_served_models and payload.get("model") not in double.served_models:
+                body = {"error": {"message": f"The model `{payload.get('model')}` does not exist.", "type": "NotFoundError"}}
+                self._send(404, json.dumps(body).encode())
+                return
+            if self.path.endswith("/embeddings"):
+                self._embed(payload)
+                return
             chat = self.path.endswith("/chat/completions")
             if not self.path.endswith("/completions"):
                 self._send(404, b'{"error": {"message": "not found"}}')

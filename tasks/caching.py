@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from longreward_core.data.io import InputError, file_hash
 from longreward_core.models.call_cache import is_database_url, with_password
-from longreward_core.models.client import AuthenticationFailed
+from longreward_core.models.errors import ConfigurationError
 
 # Retries of a stage task: 10 s, 20 s, 40 s ... each with up to 50% jitter.
 RETRY_DELAYS = exponential_backoff(backoff_factor=10)
@@ -68,7 +68,13 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """A task's retry_condition_fn: refused credentials, bad input and a missing server setup fail
     every retry alike, so the task (and the run) ends at once; any other failure goes to the retry
     policy."""
-    return not isinstance(state.data, (AuthenticationFailed, InputError, ServerSetupMissing))
+    return not isinstance(state.data, (ConfigurationError, InputError, ServerSetupMissing))
+
+
+def configuration_fault(state: Any) -> bool:
+    """Whether a finished task run failed on its configuration (credentials, an unknown model): a
+    re-run fails alike until it is fixed, so the run's message must not advise one."""
+    return state.is_failed() and isinstance(state.result(raise_on_failure=False), ConfigurationError)
 
 
 def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...]):

@@ -15,7 +15,7 @@ from longreward_core.evaluation.evaluate import (
     evaluate_benchmark,
 )
 from longreward_core.evaluation.predict import ModelSpec
-from longreward_core.models.client import CALL_CACHE_FILE
+from longreward_core.models.call_cache import CALL_CACHE_FILE
 from longreward_core.reward.judge import JudgeConfig
 from tasks.caching import RETRY_DELAYS, RETRY_JITTER, with_secret_key
 

@@ -140,3 +140,69 @@ def test_a_training_rank_imports_no_serving_stack_when_run():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+CLIENT = "longreward_core.models.client"
+# The modules that send model requests: the client, and its direct route's SDK transport.
+REQUEST_MODULES = {CLIENT, "longreward_core.models.direct"}
+HTTP_LIBRARIES = {"httpx", "requests", "aiohttp", "urllib3", "openai"}
+LITELLM_REQUESTS = {"completion", "acompletion", "text_completion", "atext_completion", "embedding", "aembedding"}
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_the_client_is_imported_for_the_client_not_for_its_errors_or_secrets():
+    """What is imported from the client is defined there (no re-exports): errors, secrets and the
+    call cache are imported from their own modules, without the client."""
+    modules = _modules()
+    defined = _top_level_names(modules[CLIENT])
+    errors = _top_level_names(modules["longreward_core.models.errors"])
+    assert not defined & {name for name in errors if name[0].isupper() and not name.isupper()}
+    offenders = [
+        f"{name}: {n}"
+        for name, tree in modules.items()
+        for module, names in _imports(tree)
+        if module == CLIENT
+        for n in names
+        if n not in defined
+    ]
+    test_files = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
+    offenders += [
+        f"{path.relative_to(ROOT)}: {n}"
+        for path in test_files
+        for module, names in _imports(ast.parse(path.read_text(encoding="utf-8")))
+        if module == CLIENT
+        for n in names
+        if n not in defined
+    ]
+    assert offenders == []
+    assert not any(module == CLIENT for module, _ in _imports(modules["longreward_core.models.call_cache"]))
+
+
+def test_every_model_request_goes_through_the_client():
+    """No module but the client's own sends a model request: no HTTP library, no litellm request
+    function (completion, embedding) called anywhere else."""
+    offenders = []
+    for name, tree in _modules().items():
+        if name in REQUEST_MODULES:
+            continue
+        offenders += [
+            f"{name} imports {module}" for module, _ in _imports(tree) if module.split(".")[0] in HTTP_LIBRARIES
+        ]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LITELLM_REQUESTS:
+                owner = node.func.value
+                if (isinstance(owner, ast.Name) and owner.id == "litellm") or (
+                    isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "litellm_module"
+                ):
+                    offenders.append(f"{name} calls litellm.{node.func.attr} (line {node.lineno})")
+    assert offenders == []

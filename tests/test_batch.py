@@ -17,7 +17,7 @@ from longreward_core.models.batch import (
     BatchUnsupported,
     split_lines,
 )
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.scenarios import judge_config_for

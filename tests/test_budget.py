@@ -8,7 +8,7 @@ import json
 from typer.testing import CliRunner
 
 from flows.cli import app
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 from tests.test_scoring import DOC, write_jsonl

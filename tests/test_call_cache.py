@@ -10,13 +10,14 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.params import BuildParams
 from longreward_core.models.call_cache import (
+    CallCache,
     CallCacheUnavailable,
     check_cache_url,
     open_call_cache,
     redact_url,
     with_password,
 )
-from longreward_core.models.client import CallCache, redact
+from longreward_core.models.secrets import redact
 
 SECRET = "pw-not-for-logs-5d1e9a"
 

@@ -109,7 +109,7 @@ def test_score_exit_codes_say_when_nothing_was_scored(judge_server, sample_paths
 
     judge_server.double.faults = [Fault("status", 401)] * 1000
     result = _score(judge_server, prompts, candidates, tmp_path / "unauthorised")
-    assert result.exit_code == 1 and "refused the credentials (HTTP 401)" in result.output
+    assert result.exit_code == 2 and "refused the credentials (HTTP 401)" in result.output
     assert TEST_API_KEY not in result.output
 
 

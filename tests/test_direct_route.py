@@ -9,12 +9,8 @@ import asyncio
 import litellm
 import pytest
 
-from longreward_core.models.client import (
-    AuthenticationFailed,
-    LLMCallFailed,
-    LLMClient,
-    RequestRejected,
-)
+from longreward_core.models.client import LLMClient
+from longreward_core.models.errors import AuthenticationFailed, ConfigurationError, LLMCallFailed, RequestRejected
 from longreward_core.models.direct import direct_model
 from longreward_testing.judge_double import Fault
 from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
@@ -26,12 +22,14 @@ ROUTES = ("direct", "litellm")
 
 
 def send(server, route, messages=MESSAGES, times=1, **overrides):
-    """`times` distinct requests through one client; (answers or the exception, the accounting)."""
+    """`times` distinct requests through one client (a call cache: `cache`); (answers or the
+    exception, the accounting)."""
     sampling = overrides.pop("sampling", {})
     raw_prompt = overrides.pop("raw_prompt", False)
+    cache = overrides.pop("cache", None)
 
     async def run():
-        client = LLMClient(judge_config_for(server, **overrides), None, direct=route == "direct")
+        client = LLMClient(judge_config_for(server, **overrides), cache, direct=route == "direct")
         assert client.route == route
         out = []
         for attempt in range(times):
@@ -123,7 +121,7 @@ def test_transient_faults_after_every_retry_are_a_transport_failure(judge_server
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("status", [400, 404, 422])
+@pytest.mark.parametrize("status", [400, 422])
 def test_a_refusal_is_not_retried(judge_server, route, status):
     judge_server.double.faults = [Fault("status", status)]
     [rejected], acc = send(judge_server, route)
@@ -131,6 +129,15 @@ def test_a_refusal_is_not_retried(judge_server, route, status):
     assert f"HTTP {status}" in str(rejected) and acc.rejected == 1 and judge_server.double.count() == 1
     if status == 400:
         assert "maximum context length" in str(rejected)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_unknown_model_is_a_configuration_error_that_stops_the_client(judge_server, route):
+    judge_server.double.faults = [Fault("status", 404)]
+    [unknown, again], acc = send(judge_server, route, times=2)
+    assert isinstance(unknown, ConfigurationError) and not isinstance(unknown, RequestRejected) and again is unknown
+    assert "HTTP 404" in str(unknown) and "openai/<id>" in str(unknown) and "again" not in str(unknown)
+    assert judge_server.double.count() == 1 and acc.transport_errors == 0 and acc.rejected == 0
 
 
 @pytest.mark.parametrize("route", ROUTES)

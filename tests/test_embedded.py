@@ -7,7 +7,7 @@ import json
 import polars as pl
 
 from longreward_core.models.embedded import embedded_stats
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 

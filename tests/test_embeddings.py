@@ -1,9 +1,11 @@
 """The embedded embedding model on ONNX Runtime: the same vectors as sentence-transformers, an
-export made once and re-used, a damaged or interrupted export recovered, no torch on the scoring path."""
+export made once and re-used, a damaged or interrupted export recovered, no torch on the scoring path;
+a litellm embedding model asked through the LLM client."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,8 @@ import numpy as np
 import pytest
 
 from longreward_core.models import embeddings
+from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.call_cache import CallCache
 from longreward_core.models.embeddings import (
     EMBEDDING_BACKEND_ENV,
     OnnxEmbedder,
@@ -20,6 +24,7 @@ from longreward_core.models.embeddings import (
     make_embedder,
     onnx_model_path,
 )
+from longreward_testing.judge_double import Fault
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +144,7 @@ def test_scoring_with_the_embedded_model_does_not_import_torch(tmp_path, exporte
     }) + "\n")
     script = f"""
 import sys
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.judge_double import JudgeServer
@@ -239,3 +244,23 @@ def test_the_onnx_export_holds_the_process_load_lock(tmp_path, monkeypatch):
     path = embeddings.onnx_model_path()
     assert path.read_bytes() == b"graph" and path.parent.parent == tmp_path
     assert held == [True]
+
+
+def test_a_litellm_embedding_model_is_asked_through_the_client(judge_server, tmp_path, monkeypatch):
+    """Embeddings from a server (the loopback double's /embeddings): through the LLM client, so a
+    transient fault is retried, the keyless placeholder is sent, the answer is cached (a second
+    embedder with the same cache asks nothing) and the requests are counted."""
+    for name in [n for n in os.environ if n.endswith("API_KEY")]:
+        monkeypatch.delenv(name)
+    judge_server.double.faults = [Fault("status", 503)]
+    cache, accounting = CallCache(tmp_path / "cache.sqlite"), RunAccounting()
+    embedder = make_embedder("openai/embed-double", judge_server.api_base, cache=cache, accounting=accounting)
+    vectors = embedder.embed(TEXTS[:3])
+    assert vectors.shape == (3, 8) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert judge_server.double.count("embedding") == 2 and judge_server.double.models == ["embed-double"] * 2
+    assert judge_server.double.authorization == ["Bearer EMPTY"] * 2
+    used = accounting.purpose("embedding")
+    assert used.calls == 1 and used.transport_errors == 1 and used.prompt_tokens > 0
+
+    again = make_embedder("openai/embed-double", judge_server.api_base, cache=cache).embed(TEXTS[:3])
+    assert np.array_equal(again, vectors) and judge_server.double.count("embedding") == 2

@@ -7,12 +7,8 @@ import asyncio
 import pytest
 
 from longreward_core.evaluation.judging import CHAT_RATING
-from longreward_core.models.client import (
-    AuthenticationFailed,
-    CallCache,
-    LLMCallFailed,
-    RequestRejected,
-)
+from longreward_core.models.call_cache import CallCache
+from longreward_core.models.errors import AuthenticationFailed, LLMCallFailed, RequestRejected
 from longreward_core.reward.dimensions.faithfulness import parse_support
 from longreward_core.reward.judge import Judge, JudgeCallFailed
 from longreward_core.reward.verdicts import (

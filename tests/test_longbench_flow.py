@@ -117,7 +117,7 @@ def test_a_partial_result_fails_its_evaluation_unless_allowed_then_is_marked(jud
 
 def test_parameters_are_validated_with_clear_messages(tmp_path):
     with pytest.raises(ValidationError, match="model labels must differ"):
-        EvalParams(models=[ModelSpec(model="openai/a/m"), ModelSpec(model="openai/b/m")])
+        EvalParams(models=[ModelSpec(model="openai/m"), ModelSpec(name="m", model="openai/other")])
     with pytest.raises(ValidationError, match="unknown LongBench dataset 'hotpot'"):
         EvalParams(models=[ModelSpec(model="openai/m")], datasets=["hotpot"])
     with pytest.raises(ValidationError, match="longbench-chat needs data.longbench_chat"):

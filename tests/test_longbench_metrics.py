@@ -6,12 +6,12 @@ import jieba
 import pytest
 
 from longreward_core.evaluation import metrics as m
-from longreward_core.evaluation.scoring import example_score
-from longreward_core.evaluation.tasks import (
+from longreward_core.evaluation.grading import example_score
+from longreward_core.evaluation.longbench import (
     CATEGORIES,
     LONGBENCH_E_DATASETS,
-    all_tasks,
-    get_task,
+    all_datasets,
+    get_dataset,
     resolve_datasets,
 )
 
@@ -106,19 +106,19 @@ def test_code_similarity_scores_the_first_line_without_comment_or_fence():
 
 
 def test_first_line_rule_and_max_over_answers():
-    trec = get_task("trec")
+    trec = get_dataset("trec")
     classes = ["Location", "City"]
     # Only "Location" is on the first line; on the whole text both classes would be named.
     assert example_score(trec, "\nLocation\nCity", ["Location"], classes) == 1.0
     assert m.classification_score("\nLocation\nCity", "Location", all_classes=classes) == 0.5
     # hotpotqa keeps every line, and the best reference counts.
-    hotpot = get_task("hotpotqa")
+    hotpot = get_dataset("hotpotqa")
     assert example_score(hotpot, "Paris", ["the city of Paris", "Paris"], None) == 1.0
     assert example_score(hotpot, "\nParis", ["Paris"], None) == 1.0
 
 
 def test_the_21_tasks_metrics_and_prompting():
-    tasks = all_tasks()
+    tasks = all_datasets()
     assert len(tasks) == 21 and sum(len(v) for v in CATEGORIES.values()) == 21
     assert {n for n, t in tasks.items() if not t.chat_template} == {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
     assert {n for n, t in tasks.items() if t.first_line_only} == {"trec", "triviaqa", "samsum", "lsht"}

@@ -18,7 +18,7 @@ from longreward_core.evaluation.predict import (
     GenerationRequest,
     ModelSpec,
     load_generator,
-    truncate_middle,
+    longbench_truncate_middle,
 )
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_testing.judge_double import Fault
@@ -34,12 +34,12 @@ def test_truncation_keeps_the_head_half_and_the_tail_half_of_the_tokens():
     tokenizer = load_tokenizer(None)
     prompt = "HEAD first words. " + " ".join(f"filler{i}" for i in range(400)) + " last words TAIL"
     ids = tokenizer(prompt)["input_ids"]
-    cut, total, truncated = truncate_middle(prompt, tokenizer, 40)
+    cut, total, truncated = longbench_truncate_middle(prompt, tokenizer, 40)
     assert truncated and total == len(ids) > 40
     assert cut == tokenizer.decode(ids[:20]) + tokenizer.decode(ids[-20:])
     assert cut.startswith("HEAD first words.") and cut.endswith("last words TAIL")
     assert "filler200" not in cut and len(tokenizer(cut)["input_ids"]) <= 41  # retokenising may merge at the seam
-    assert truncate_middle("short prompt", tokenizer, 40) == ("short prompt", len(tokenizer("short prompt")["input_ids"]), False)
+    assert longbench_truncate_middle("short prompt", tokenizer, 40) == ("short prompt", len(tokenizer("short prompt")["input_ids"]), False)
 
 
 def capital_answer(request) -> str:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from longreward_core.evaluation.scoring import score_prediction_dir
+from longreward_core.evaluation.grading import score_prediction_dir
 
 runner = CliRunner()
 

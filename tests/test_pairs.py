@@ -21,7 +21,7 @@ from longreward_core.data.records import (
     Candidate,
     Prompt,
 )
-from longreward_core.pipeline.score import pairs_files
+from longreward_core.pipeline.score_files import pairs_files
 
 P1 = Prompt(id="p1", context="Document one: the station was built in 1962.", query="When was it built?")
 P2 = Prompt(id="p2", context="Document two: 云溪镇图书馆 has 52,000 books.", query="How many books?")

@@ -10,7 +10,7 @@ import litellm
 import pytest
 
 from longreward_core.models.prefix_share import PrefixShare
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_testing.scenarios import judge_config_for
 from tests.test_scoring import SCORING, small_input  # noqa: F401 (a fixture)
 

@@ -339,7 +339,7 @@ def write_mixed_input(folder: Path) -> tuple[Path, Path]:
 
 
 def test_pruned_and_full_runs_publish_the_same_pairs_against_the_loopback_judge(judge_server, tmp_path) -> None:
-    from longreward_core.pipeline.score import pairs_files, score_files
+    from longreward_core.pipeline.score_files import pairs_files, score_files
     from longreward_core.reward.scorer import ScoringConfig
     from longreward_testing.scenarios import judge_config_for
 

@@ -8,7 +8,8 @@ import itertools
 import pytest
 
 from longreward_core.data.records import Prompt
-from longreward_core.models.client import CallCache, LLMClient
+from longreward_core.models.call_cache import CallCache
+from longreward_core.models.client import LLMClient
 from longreward_core.models.event_loop import run_async
 from longreward_core.pipeline.sampling import PolicyConfig, sample_candidates
 

@@ -33,6 +33,7 @@ from longreward_core.data.io import InputError
 from longreward_core.evaluation.chat import CHAT_MAX_INPUT_TOKENS
 from longreward_core.evaluation.predict import ModelSpec
 from longreward_core.evaluation.v2 import V2_MAX_INPUT_TOKENS
+from longreward_core.models.errors import ConfigurationError
 from longreward_core.reward.judge import JudgeConfig
 
 app = typer.Typer(help="Evaluate models on LongBench, LongBench-E, LongBench v2 and LongBench-Chat.", no_args_is_help=True)
@@ -76,7 +77,7 @@ def _evaluate(model: ModelSpec, benchmark: str, out: Path, cache_url: Optional[s
     try:
         options["cache_path"] = check_cache_url(cache_url)
         summary = evaluate_benchmark(model, benchmark, out / model.label, **options)
-    except (InputError, ValidationError, ValueError) as exc:
+    except (InputError, ValidationError, ValueError, ConfigurationError) as exc:
         fail(str(exc), 2)
     except EvaluationIncomplete as exc:
         fail(str(exc), 1)
@@ -101,7 +102,7 @@ def longbench_score(
     e: bool = typer.Option(False, "--e", help="LongBench-E: scores by length bucket 0-4k / 4-8k / 8k+."),
 ) -> None:
     """Score predictions in LongBench's format into PRED_DIR/result.json, as LongBench's eval.py."""
-    from longreward_core.evaluation.scoring import score_prediction_dir
+    from longreward_core.evaluation.grading import score_prediction_dir
 
     with input_errors():
         report = score_prediction_dir(pred_dir, longbench_e=e)
@@ -144,8 +145,7 @@ def longbench_judge(
 ) -> None:
     """The paper's judged LongBench (QA 1-3, summaries 1-5) into PRED_DIR/judged_result.json."""
     from longreward_core.evaluation.judging import judge_longbench_dir
-    from longreward_core.models.call_cache import check_cache_url
-    from longreward_core.models.client import CALL_CACHE_FILE
+    from longreward_core.models.call_cache import CALL_CACHE_FILE, check_cache_url
 
     with input_errors():
         cache = check_cache_url(cache_url) or pred_dir.parent / CALL_CACHE_FILE

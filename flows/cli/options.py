@@ -25,6 +25,7 @@ from rich.markup import escape
 from flows.params import BuildParams
 from longreward_core.data.io import InputError
 from longreward_core.evaluation.predict import ModelSpec
+from longreward_core.models.errors import ConfigurationError
 from longreward_core.pipeline.sampling import PolicyConfig
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
@@ -60,10 +61,11 @@ def fail(message: str, code: int) -> NoReturn:
 
 @contextmanager
 def input_errors() -> Iterator[None]:
-    """Bad input (a missing file, a refused value) ends the command with its message and exit code 2."""
+    """Bad input (a missing file, a refused value) or configuration (credentials, an unknown model) ends
+    the command with its message, which names the fix, and exit code 2."""
     try:
         yield
-    except (InputError, ValidationError, ValueError, FileNotFoundError) as exc:
+    except (InputError, ValidationError, ValueError, FileNotFoundError, ConfigurationError) as exc:
         fail(str(exc), 2)
 
 
@@ -120,11 +122,13 @@ class OptionGroup:
 
 
 JUDGE = OptionGroup(
-    JudgeConfig, ("model", "api_base", "concurrency", "rpm", "timeout_s"),
+    JudgeConfig, ("model", "api_base", "concurrency", "rpm", "timeout_s", "max_tokens", "max_attempts"),
     flags={"model": "--judge-model", "api_base": "--judge-api-base", "concurrency": "--judge-concurrency",
-           "rpm": "--judge-rpm", "timeout_s": "--judge-timeout"},
+           "rpm": "--judge-rpm", "timeout_s": "--judge-timeout", "max_tokens": "--judge-max-tokens",
+           "max_attempts": "--judge-max-attempts"},
 )
-"""The judge: which model, where, how many requests at once and per minute, how long one may take."""
+"""The judge: which model, where, how many requests at once and per minute, how long one may take,
+how long an answer may be, and how many requests a verdict may take."""
 
 BATCH_JUDGE = replace(
     JUDGE, fields=(*JUDGE.fields, "batch", "batch_poll_s"),

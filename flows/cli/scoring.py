@@ -31,7 +31,7 @@ from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 
 if TYPE_CHECKING:
-    from longreward_core.pipeline.score import ScoreRun
+    from longreward_core.pipeline.score_files import ScoreRun
     from longreward_core.reward.batch_executor import WaveReport
 
 app = typer.Typer()
@@ -55,12 +55,12 @@ def score(
     scores.parquet, such as a request the provider refused); 1 when nothing could be scored (an
     empty input too), the judge could not be reached for some candidates (run the same command
     again: every answer received is cached), the judge budget was reached (prompts left unscored;
-    run again with a larger budget), or it refused the credentials; 2 on bad input.
+    run again with a larger budget); 2 on bad input or configuration (credentials refused or
+    missing, an unknown model, a malformed api_base: the message names the fix).
     """
     from longreward_core.models.batch import BatchFailed
     from longreward_core.models.call_cache import check_cache_url
-    from longreward_core.models.client import AuthenticationFailed
-    from longreward_core.pipeline.score import score_files
+    from longreward_core.pipeline.score_files import score_files
 
     with input_errors():
         cache_path = check_cache_url(cache_url)
@@ -75,7 +75,7 @@ def score(
                     on_scored=lambda _: progress.advance(task),
                     pair_config=PairConfig(min_candidates=min_candidates), on_wave=_print_wave,
                 )
-            except (AuthenticationFailed, BatchFailed) as exc:
+            except BatchFailed as exc:
                 fail(str(exc), 1)
     _print_summary(run)
     s = run.summary
@@ -155,7 +155,7 @@ def pairs(
     min_margin: float = option(PairConfig, "min_margin"),
 ) -> None:
     """Build DPO preference pairs (TRL conversational format) from scored candidates."""
-    from longreward_core.pipeline.score import pairs_files
+    from longreward_core.pipeline.score_files import pairs_files
 
     with input_errors():
         result = pairs_files(scores, prompts, candidates, out, PairConfig(min_candidates=min_candidates, min_margin=min_margin))

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from longreward_core.data.io import atomic_write_bytes
-from longreward_core.evaluation.scoring import BUCKETS
-from longreward_core.evaluation.tasks import (
+from longreward_core.evaluation.grading import BUCKETS
+from longreward_core.evaluation.longbench import (
     CATEGORIES,
     JUDGED_QA_DATASETS,
     JUDGED_SUMMARY_DATASETS,

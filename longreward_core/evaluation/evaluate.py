@@ -42,13 +42,13 @@ from longreward_core.evaluation.predict import (
     load_generator,
     predict_longbench,
 )
-from longreward_core.evaluation.scoring import record_coverage, score_prediction_dir
-from longreward_core.evaluation.tasks import (
+from longreward_core.evaluation.grading import record_coverage, score_prediction_dir
+from longreward_core.evaluation.longbench import (
     JUDGED_QA_DATASETS,
     JUDGED_SUMMARY_DATASETS,
     resolve_datasets,
 )
-from longreward_core.models.client import CALL_CACHE_FILE
+from longreward_core.models.call_cache import CALL_CACHE_FILE
 from longreward_core.reward.judge import JudgeConfig
 
 Benchmark = Literal["longbench", "longbench-e", "longbench-judged", "longbench-v2", "longbench-chat"]

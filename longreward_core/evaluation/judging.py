@@ -32,15 +32,15 @@ from longreward_core.data.io import (
 )
 from longreward_core.data.records import QuarantinedRow
 from longreward_core.evaluation.data import load_longbench
-from longreward_core.evaluation.scoring import coverage, read_prediction_file
-from longreward_core.evaluation.tasks import (
+from longreward_core.evaluation.grading import coverage, read_prediction_file
+from longreward_core.evaluation.longbench import (
     JUDGED_QA_DATASETS,
     JUDGED_SUMMARY_DATASETS,
-    get_task,
+    get_dataset,
 )
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.call_cache import open_call_cache
-from longreward_core.models.client import AuthenticationFailed, LLMCallFailed
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed
 from longreward_core.models.event_loop import run_async
 from longreward_core.reward.judge import Judge, JudgeConfig
 from longreward_core.reward.prompts import render
@@ -168,7 +168,7 @@ async def _judge_all(jobs: list[JudgeJob], judge_config: JudgeConfig, cache_path
         async def one(dataset: str, row_id: str, call: Callable[..., Awaitable[tuple[float, float]]], args: tuple[Any, ...]) -> dict[str, Any]:
             try:
                 rating, score = await call(judge, *args)
-            except AuthenticationFailed:
+            except ConfigurationError:
                 raise
             except LLMCallFailed as exc:
                 return {"dataset": dataset, "_id": row_id, "rating": None, "score": None, "error": str(exc),
@@ -218,7 +218,7 @@ def judge_longbench_dir(
     quarantined: list[QuarantinedRow] = []
     for dataset in names:
         judged_kind(dataset)  # raises for a dataset the paper did not judge
-        predictions, bad = read_prediction_file(folder / f"{dataset}.jsonl", get_task(dataset))
+        predictions, bad = read_prediction_file(folder / f"{dataset}.jsonl", get_dataset(dataset))
         quarantined += bad
         questions = {row["_id"]: row["input"] for row in load_longbench(dataset, source).records}
         for p in predictions:

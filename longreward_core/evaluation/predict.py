@@ -20,6 +20,7 @@ example's `_id`); a re-run skips the `_id`s already there, so a crash or an outa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -34,18 +35,14 @@ from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError, atomic_write_bytes
 from longreward_core.data.records import PredictionSummary, QuarantinedRow
 from longreward_core.evaluation.data import load_longbench
-from longreward_core.evaluation.tasks import LongBenchTask, get_task
+from longreward_core.evaluation.longbench import LongBenchDataset, get_dataset
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.call_cache import open_call_cache
-from longreward_core.models.client import (
-    POLICY_API_KEY_ENV,
-    AuthenticationFailed,
-    LLMCallFailed,
-    LLMClient,
-    PolicyClientConfig,
-)
+from longreward_core.models.client import ApiBase, LLMClient, PolicyClientConfig
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.loading import LOAD_LOCK
+from longreward_core.models.secrets import POLICY_API_KEY_ENV
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -63,7 +60,7 @@ class ModelSpec(BaseModel):
         "or a checkpoint folder (backend 'transformers')."
     )
     backend: Literal["litellm", "transformers"] = Field("litellm", description="How answers are generated.")
-    api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM).")
+    api_base: ApiBase = Field(None, description="Base URL of an OpenAI-compatible server (vLLM).")
     api_key: SkipJsonSchema[SecretStr | None] = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
     tokenizer: str | None = Field(
         None,
@@ -87,11 +84,17 @@ class ModelSpec(BaseModel):
 
     @property
     def label(self) -> str:
-        """The name results are filed under."""
+        """The name results are filed under: `name`, else the model's last part, made safe for a
+        folder name; a model whose id is a path (`openai/<org>/<model>`, `openai//root/ckpt`, a
+        checkpoint folder) gets a short hash of the whole string after it, so two models that end
+        alike never share a folder."""
         if self.name:
             return self.name
-        tail = self.model.rstrip("/").split("/")[-1]
-        return re.sub(r"[^A-Za-z0-9._-]", "-", tail).lstrip(".-_") or "model"
+        served = self.model.split("/", 1)[1] if self.backend == "litellm" and "/" in self.model else self.model
+        tail = re.sub(r"[^A-Za-z0-9._-]", "-", self.model.rstrip("/").split("/")[-1]).lstrip(".-_") or "model"
+        if tail == served:
+            return tail
+        return f"{tail}-{hashlib.sha256(self.model.encode()).hexdigest()[:8]}"
 
     def client_config(self) -> PolicyClientConfig:
         return PolicyClientConfig(
@@ -125,12 +128,12 @@ class Generator(Protocol):
     ) -> dict[str, LLMCallFailed]: ...
 
 
-def truncate_middle(prompt: str, tokenizer: Any, max_tokens: int) -> tuple[str, int, bool]:
+def longbench_truncate_middle(prompt: str, tokenizer: Any, max_tokens: int) -> tuple[str, int, bool]:
     """LongBench's middle truncation: (prompt, its token count, whether it was cut).
 
     Counted with the tokenizer's special tokens, as pred.py does; a longer prompt becomes the
     decoded first `max_tokens // 2` tokens followed by the decoded last `max_tokens // 2`. Unlike
-    `sampling.truncate_middle`, no marker is inserted, so prompts match the official ones.
+    `sampling.cut_document_middle`, no marker is inserted, so prompts match the official ones.
     """
     if max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
@@ -148,7 +151,7 @@ def make_request(
     row: dict[str, Any], stop_at_newline: bool = False,
 ) -> GenerationRequest:
     """A request for `prompt`, cut in the middle to the model's input budget."""
-    text, _, cut = truncate_middle(prompt, tokenizer, max_input_tokens)
+    text, _, cut = longbench_truncate_middle(prompt, tokenizer, max_input_tokens)
     return GenerationRequest(
         id=row_id, prompt=text, chat=chat, max_new_tokens=max_new_tokens, row=row, stop_at_newline=stop_at_newline, truncated=cut,
     )
@@ -182,7 +185,7 @@ class LitellmGenerator:
                         "generation", [{"role": "user", "content": request.prompt}], 0.0, 0,
                         raw_prompt=not request.chat, max_tokens=request.max_new_tokens,
                     )
-                except AuthenticationFailed:
+                except ConfigurationError:
                     raise
                 except LLMCallFailed as exc:
                     return request, None, exc
@@ -363,7 +366,7 @@ def predict_file(
     return run
 
 
-def longbench_requests(task: LongBenchTask, rows: list[dict[str, Any]], tokenizer: Any, max_input_tokens: int) -> list[GenerationRequest]:
+def longbench_requests(task: LongBenchDataset, rows: list[dict[str, Any]], tokenizer: Any, max_input_tokens: int) -> list[GenerationRequest]:
     """The requests for a LongBench task's rows: its template, middle truncation, its answer
     length, and the chat template unless LongBench leaves it out for this task."""
     return [
@@ -392,7 +395,7 @@ def predict_longbench(
     source: str | Path | None = None, longbench_e: bool = False, limit: int | None = None,
 ) -> DatasetPrediction:
     """Predictions of one LongBench dataset into `out_dir/<dataset>.jsonl` (resumable)."""
-    task = get_task(dataset)
+    task = get_dataset(dataset)
     loaded = load_longbench(dataset, source, longbench_e=longbench_e, limit=limit)
     requests = longbench_requests(task, loaded.records, generator.tokenizer, spec.max_input_tokens)
     run = predict_file(Path(out_dir) / f"{dataset}.jsonl", requests, generator, longbench_row)

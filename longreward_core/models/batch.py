@@ -26,7 +26,9 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from longreward_core.models.call_cache import CallCacheUnavailable, redact_url, url_password
-from longreward_core.models.client import LLMCallFailed, LLMConfig, litellm_module, redact, register_secret
+from longreward_core.models.client import LLMConfig, litellm_module
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed, classify_failure, is_transient
+from longreward_core.models.secrets import JUDGE_API_KEY_ENV, redact, register_secret
 
 # Providers whose batches litellm creates (`litellm.create_batch`), OpenAI's batch format.
 BATCH_PROVIDERS = ("openai", "azure", "vertex_ai", "bedrock", "hosted_vllm", "litellm_proxy", "mistral", "xai")
@@ -129,12 +131,6 @@ class BatchState:
         return self.status in FINISHED
 
 
-def _retryable(exc: BaseException) -> bool:
-    """Faults of the Batch API's own calls worth asking again: no HTTP status (connection), 408, 409, 429, 5xx."""
-    status = getattr(exc, "status_code", None)
-    return not isinstance(status, int) or status in (408, 409, 429) or status >= 500
-
-
 class BatchTransport:
     """Submits, polls, reads and cancels batches of chat requests for one model (blocking calls:
     run them in a thread from async code)."""
@@ -149,16 +145,21 @@ class BatchTransport:
         return BatchLine(custom_id, {"model": self.model_name, "messages": messages, **params})
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        cfg = self.config
         retrying = Retrying(
-            retry=retry_if_exception(_retryable), wait=wait_exponential_jitter(multiplier=self.config.backoff_initial_s, max=self.config.backoff_max_s),
-            stop=stop_after_attempt(self.config.transport_retries + 1), reraise=True,
+            retry=retry_if_exception(is_transient), wait=wait_exponential_jitter(multiplier=cfg.backoff_initial_s, max=cfg.backoff_max_s),
+            stop=stop_after_attempt(cfg.transport_retries + 1), reraise=True,
         )
         try:
             return retrying(fn, *args, **self._kwargs, **kwargs)
         except Exception as exc:
-            raise LLMCallFailed(
-                f"Batch API of {self.config.model}: {what} failed: {redact(f'{type(exc).__name__}: {exc}')}", transport=_retryable(exc)
-            ) from None
+            failure = classify_failure(
+                exc, model=cfg.model, api_base=cfg.api_base, api_key=self._kwargs["api_key"], key_variables=f"${JUDGE_API_KEY_ENV}"
+            )
+            # Refused credentials or an unknown model end the run with their fix; anything else names the batch call.
+            if isinstance(failure, ConfigurationError):
+                raise failure from None
+            raise LLMCallFailed(f"Batch API of {cfg.model}: {what} failed: {failure}", transport=failure.transport) from None
 
     def submit(self, lines: list[BatchLine], wave: int) -> BatchRecord:
         """Upload `lines` as a file and create a batch of it; its record (not yet written down)."""

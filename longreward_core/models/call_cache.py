@@ -3,7 +3,7 @@
 `open_call_cache(location)` is the one way to open a call cache: a `postgresql://` (or
 `postgres://`) URL opens `PostgresCallCache`, anything else is a file path opened as the SQLite
 `CallCache` (the default, `call_cache.sqlite` in the output folder). Both keep the same rows under
-the same keys (`CallCache.key`) with the same rule: the first answer stored for a key wins and
+the same keys (`call_key`) with the same rule: the first answer stored for a key wins and
 every later writer gets the stored one back, so two workers that answered the same request both
 report the answer a re-run reproduces. Which answers are stored (only those that parsed) and the
 coalescing of identical requests in flight are the client's (`LLMClient.complete`), whatever the
@@ -17,13 +17,19 @@ log record that would contain it is redacted. Prefer leaving it out of the URL: 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from longreward_core.models.client import CallCache, redact, register_secret
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from longreward_core.models.secrets import redact, register_secret
+
+CALL_CACHE_FILE = "call_cache.sqlite"  # the request cache's file name, in every output folder
 DATABASE_SCHEMES = ("postgresql", "postgres")
 TABLE = "longreward_calls"
 
@@ -36,6 +42,63 @@ class CallStore(Protocol):
     def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, cost: float) -> str: ...
 
     def close(self) -> None: ...
+
+
+def call_key(model: str, messages: list[dict[str, Any]], params: dict[str, Any], attempt: int) -> str:
+    """The cache key of a request: a hash of (model, messages, params, attempt), the same in every
+    backend and process (the model string as given, whatever characters a served id holds)."""
+    blob = json.dumps(
+        {"model": model, "messages": messages, "params": params, "attempt": attempt},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class CallCache:
+    """The call cache in a local SQLite file: key -> (answer text, token usage, cost). Safe across processes."""
+
+    key = staticmethod(call_key)
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
+        # Switching to WAL takes the file's write lock and does not wait for it: shards opening the
+        # same new cache from several processes at once get "database is locked"; wait and retry.
+        Retrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0), stop=stop_after_delay(60), reraise=True,
+        )(self._db.execute, "PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, text TEXT NOT NULL,"
+            " prompt_tokens INTEGER, completion_tokens INTEGER, cost REAL)"
+        )
+        self._db.commit()
+
+    def get(self, key: str) -> tuple[str, int, int, float] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT text, prompt_tokens, completion_tokens, cost FROM calls WHERE key = ?", (key,)
+            ).fetchone()
+        return row
+
+    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, cost: float) -> str:
+        """Store an answer unless the key already has one (another process may have answered it
+        first); returns the stored answer, so a run reports what a re-run reproduces."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO calls VALUES (?, ?, ?, ?, ?)",
+                (key, text, prompt_tokens, completion_tokens, cost),
+            )
+            self._db.commit()
+            return self._db.execute("SELECT text FROM calls WHERE key = ?", (key,)).fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
 
 class CallCacheUnavailable(RuntimeError):
@@ -94,7 +157,7 @@ def check_cache_url(url: str | None) -> str | None:
     return url
 
 
-def open_call_cache(location: str | Path) -> CallCache | PostgresCallCache:
+def open_call_cache(location: str | Path) -> CallStore:
     """The call cache at `location`: a PostgreSQL URL, or the path of a SQLite file."""
     if is_database_url(location):
         return PostgresCallCache(str(location))
@@ -112,7 +175,7 @@ class PostgresCallCache:
     that opens the same URL. Same keys and first-writer-wins rule as the SQLite `CallCache`:
     `INSERT ... ON CONFLICT DO NOTHING`, then the stored answer is read back."""
 
-    key = staticmethod(CallCache.key)
+    key = staticmethod(call_key)
 
     def __init__(self, url: str):
         self.url = url

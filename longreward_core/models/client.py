@@ -1,146 +1,87 @@
-"""The one LLM client: every model request of the project goes through `LLMClient.complete`.
+"""The one LLM client: every model request of the project goes through `LLMClient`.
 
-The judge, the policy that candidates are sampled from, and the models under evaluation are all
-litellm model strings reached through this client. Each request is retried on transient faults
-(429, 5xx, timeouts, connection errors) with exponential backoff and jitter, passes a concurrency
-limit and an optional requests-per-minute limit, carries a hard timeout, is counted under its
-purpose (a judged dimension, `sampling`, `generation`, ...) and is stored in a persistent SQLite
-cache keyed by (model, messages, sampling params, attempt): the same work run again makes zero
-requests and gets the same answers. Verdict retries (asking again until an answer parses) belong to
-judging: see `longreward_core.reward.judge`.
+The judge, the policy that candidates are sampled from, the models under evaluation and litellm
+embedding models are all litellm model strings reached through this client: completions
+(`complete`), embeddings (`embed`) and a server's model listing (`served_models`). Each request is
+retried on transient faults (429, 5xx, timeouts, connection errors) with exponential backoff and
+jitter, passes a concurrency limit and an optional requests-per-minute limit, carries a hard
+timeout, and is sent with the key `models.secrets` resolves. Answers are counted under their
+purpose (a judged dimension, `sampling`, `generation`, ...) and stored in the call cache
+(`models.call_cache`, any `CallStore`) keyed by (model, messages, sampling params, attempt): the
+same work run again makes zero requests and gets the same answers. A failure becomes one of the
+errors of `models.errors`; a configuration fault (credentials, unknown model) stops the client.
+Verdict retries (asking again until an answer parses) belong to judging: see
+`longreward_core.reward.judge`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import logging
 import os
-import re
-import sqlite3
-import sys
-import threading
-from collections.abc import Callable
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
-from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit
 
 from aiolimiter import AsyncLimiter
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 from pydantic.json_schema import SkipJsonSchema
-from tenacity import (
-    AsyncRetrying,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from longreward_core.data.form import form_order
 from longreward_core.models.accounting import CallAccounting, RunAccounting
 from longreward_core.models.budget import Budget
-from longreward_core.models.direct import DirectRoute, direct_model
+from longreward_core.models.call_cache import CallStore, call_key
+from longreward_core.models.direct import DirectRoute, direct_model, sdk_client
+from longreward_core.models.errors import (
+    ConfigurationError,
+    LLMCallFailed,
+    RequestRejected,
+    classify_failure,
+    is_transient,
+    retry_after,
+)
 from longreward_core.models.prefix_share import PrefixShare
+from longreward_core.models.secrets import (
+    JUDGE_API_KEY_ENV,
+    POLICY_API_KEY_ENV,
+    install_log_redaction,
+    provider_key_variable,
+    resolve_api_key,
+)
 
 
 def litellm_module() -> Any:
     """litellm, imported on first use (about 2 s: a run whose models all take the direct route
-    never pays it) and set up quietly (no debug banner, no telemetry)."""
+    never pays it) and set up quietly (no debug banner, no telemetry, no retries of its own)."""
     import litellm
 
     if not getattr(litellm, "_longreward_configured", False):
         litellm.suppress_debug_info = True
         litellm.telemetry = False
+        # Retries are the client's own; litellm's embedding path reads max_retries=0 as "the default" (2).
+        litellm.DEFAULT_MAX_RETRIES = 0
         litellm._longreward_configured = True
     return litellm
 
 
 EMBEDDED_MODEL = "embedded/smollm2-135m-instruct"
-JUDGE_API_KEY_ENV = "LONGREWARD_JUDGE_API_KEY"
-POLICY_API_KEY_ENV = "LONGREWARD_POLICY_API_KEY"
-CALL_CACHE_FILE = "call_cache.sqlite"  # the request cache's file name, in every output folder
 
 
-def resolve_api_key(configured: SecretStr | None, env_var: str | None) -> str | None:
-    """A model's API key: the configured one, else `$env_var`, else None (litellm then reads the
-    provider's own variable, such as OPENAI_API_KEY). The one place keys are looked up."""
-    key = configured.get_secret_value() if configured is not None else (os.environ.get(env_var) if env_var else None)
-    register_secret(key)
-    return key or None
+def check_api_base(value: str | None) -> str | None:
+    """An api_base as every model config takes it: empty, or an http(s) URL with a host."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"api_base {value!r} is not a server URL: expected http(s)://host[:port][/path], "
+            "e.g. http://127.0.0.1:8000/v1 for vLLM or transformers serve"
+        )
+    return value
 
 
-class LLMCallFailed(RuntimeError):
-    """A request or a logical call gave up.
-
-    `transport` is True when the model could not be reached (outage, rate limit, timeouts after
-    every retry): the work is unfinished rather than answered, and should be retried later.
-    """
-
-    def __init__(self, message: str, *, transport: bool = False):
-        super().__init__(message)
-        self.transport = transport
-
-
-class RequestRejected(LLMCallFailed):
-    """The provider refused this request for good (a 4xx other than 401/403/408/409/429: context
-    length, content filter, invalid request). Asking again cannot help; the message is the
-    provider's reason."""
-
-
-class AuthenticationFailed(LLMCallFailed):
-    """The provider refused the credentials (401/403): every later request would fail the same way,
-    so the client stops sending and the run ends early."""
-
-
-# Environment variables whose values are secrets wherever they appear: the providers' usual key
-# variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...) and ours.
-_SECRET_VARIABLE = re.compile(r"(API_KEY|_TOKEN|SECRET|PASSWORD|ACCESS_KEY)", re.I)
-_MIN_SECRET = 8  # shorter values would redact ordinary words
-_configured_secrets: set[str] = set()
-
-
-def register_secret(value: str | None) -> None:
-    """Remember a secret this process uses, so that `redact` removes it from any text."""
-    if value and len(value) >= _MIN_SECRET:
-        _configured_secrets.add(value)
-
-
-def known_secrets() -> set[str]:
-    """Every secret the process knows: configured keys and the values of key-like variables."""
-    from_environment = {
-        value for name, value in os.environ.items() if _SECRET_VARIABLE.search(name) and len(value) >= _MIN_SECRET
-    }
-    return _configured_secrets | from_environment
-
-
-def redact(text: str) -> str:
-    """`text` with every known secret replaced by '***' (for errors, logs, artifacts, outputs)."""
-    for secret in sorted(known_secrets(), key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
-
-
-_plain_record_factory = logging.getLogRecordFactory()
-
-
-def _redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
-    record = _plain_record_factory(*args, **kwargs)
-    message = record.getMessage()
-    clean = redact(message)
-    if clean != message:
-        record.msg, record.args = clean, ()
-    return record
-
-
-def install_log_redaction() -> None:
-    """Redact known secrets from every log record of the process, whoever logs it (litellm,
-    Prefect, ours): done where records are made, so no handler can see a key. Idempotent."""
-    if logging.getLogRecordFactory() is not _redacted_record:
-        logging.setLogRecordFactory(_redacted_record)
+ApiBase = Annotated[str | None, AfterValidator(check_api_base)]
 
 
 class LLMConfig(BaseModel):
@@ -156,13 +97,14 @@ class LLMConfig(BaseModel):
         description="litellm model string, e.g. `openai/gpt-4o`, `openai/<served-name>` with "
         "api_base for vLLM / `transformers serve`, or the embedded offline default.",
     )
-    api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server.")
+    api_base: ApiBase = Field(None, description="Base URL of an OpenAI-compatible server.")
     # Not in any JSON schema: a run form must not offer a key field (flows take keys from Secret blocks).
     api_key: SkipJsonSchema[SecretStr | None] = Field(
         None,
         description="API key; by default read from the environment ($LONGREWARD_JUDGE_API_KEY for the judge, "
         "$LONGREWARD_POLICY_API_KEY for the policy and evaluated models) or the provider's own variable "
-        "(e.g. OPENAI_API_KEY). Never logged, cached or written.",
+        "(e.g. OPENAI_API_KEY); a model at an api_base with none of these is sent the placeholder 'EMPTY' "
+        "(keyless servers such as vLLM accept it). Never logged, cached or written.",
         exclude=True,
     )
     max_tokens: int = Field(1024, ge=16, description="Completion budget per request.")
@@ -178,7 +120,7 @@ class LLMConfig(BaseModel):
         return self.model.startswith("embedded/")
 
     def resolved_api_key(self) -> str | None:
-        return resolve_api_key(self.api_key, self.api_key_env)
+        return resolve_api_key(self.api_key, self.api_key_env, model=self.model, api_base=self.api_base)
 
 
 class PolicyClientConfig(LLMConfig):
@@ -186,59 +128,6 @@ class PolicyClientConfig(LLMConfig):
     $LONGREWARD_POLICY_API_KEY."""
 
     api_key_env: ClassVar[str | None] = POLICY_API_KEY_ENV
-
-
-class CallCache:
-    """Persistent request cache: key -> (answer text, token usage, cost). Safe across processes."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
-        # Switching to WAL takes the file's write lock and does not wait for it: shards opening the
-        # same new cache from several processes at once get "database is locked"; wait and retry.
-        Retrying(
-            retry=retry_if_exception(lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0), stop=stop_after_delay(60), reraise=True,
-        )(self._db.execute, "PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, text TEXT NOT NULL,"
-            " prompt_tokens INTEGER, completion_tokens INTEGER, cost REAL)"
-        )
-        self._db.commit()
-
-    @staticmethod
-    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any], attempt: int) -> str:
-        blob = json.dumps(
-            {"model": model, "messages": messages, "params": params, "attempt": attempt},
-            sort_keys=True,
-            ensure_ascii=False,
-        )
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-    def get(self, key: str) -> tuple[str, int, int, float] | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT text, prompt_tokens, completion_tokens, cost FROM calls WHERE key = ?", (key,)
-            ).fetchone()
-        return row
-
-    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, cost: float) -> str:
-        """Store an answer unless the key already has one (another process may have answered it
-        first); returns the stored answer, so a run reports what a re-run reproduces."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO calls VALUES (?, ?, ?, ?, ?)",
-                (key, text, prompt_tokens, completion_tokens, cost),
-            )
-            self._db.commit()
-            return self._db.execute("SELECT text FROM calls WHERE key = ?", (key,)).fetchone()[0]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 def cached_prompt_tokens(usage: Any) -> int:
@@ -249,46 +138,6 @@ def cached_prompt_tokens(usage: Any) -> int:
     if not cached:
         cached = getattr(usage, "cache_read_input_tokens", None)
     return int(cached or 0)
-
-
-def _status(exc: BaseException) -> int | None:
-    status = getattr(exc, "status_code", None)
-    return status if isinstance(status, int) else None
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Faults worth retrying: timeouts, connection errors, 408, 409, 429, 5xx."""
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError)):
-        return True
-    # litellm's Timeout and APIConnectionError are the OpenAI SDK's; its RateLimitError carries 429.
-    # (No OpenAI SDK error exists before the SDK is imported.)
-    openai = sys.modules.get("openai")
-    if openai is not None and isinstance(exc, openai.APIConnectionError):
-        return True
-    status = _status(exc)
-    return status is not None and (status in (408, 409, 429) or status >= 500)
-
-
-def _is_refusal(status: int | None) -> bool:
-    """A 4xx that asking again cannot change (401/403 are told apart by the caller)."""
-    return status is not None and 400 <= status < 500 and status not in (408, 409, 429)
-
-
-def _retry_after(exc: BaseException) -> float | None:
-    """Seconds the provider asked us to wait (`Retry-After`: seconds or an HTTP date), if any."""
-    headers = getattr(exc, "litellm_response_headers", None) or getattr(getattr(exc, "response", None), "headers", None)
-    value = headers.get("retry-after") if headers else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _litellm_cost(response: Any) -> float:
@@ -311,7 +160,7 @@ def _backoff(config: LLMConfig) -> Callable[[Any], float]:
     )
 
     def wait(retry_state: Any) -> float:
-        asked = _retry_after(retry_state.outcome.exception())
+        asked = retry_after(retry_state.outcome.exception())
         return min(asked, config.backoff_max_s) if asked is not None else exponential(retry_state)
 
     return wait
@@ -329,7 +178,7 @@ class LLMClient:
     """
 
     def __init__(
-        self, config: LLMConfig, cache: CallCache | None, accounting: RunAccounting | None = None,
+        self, config: LLMConfig, cache: CallStore | None, accounting: RunAccounting | None = None,
         prefix_share: PrefixShare | None = None, budget: Budget | None = None, *, direct: bool = True,
     ):
         self.config = config
@@ -343,7 +192,7 @@ class LLMClient:
         self._api_key = config.resolved_api_key()
         install_log_redaction()
         self._in_flight: dict[str, asyncio.Future[str]] = {}
-        self._refused: AuthenticationFailed | None = None  # set once: no request is sent after it
+        self._refused: ConfigurationError | None = None  # set once: no request is sent after it
         served = direct_model(config.model, config.api_base, self._api_key) if direct else None
         self._direct = (
             DirectRoute(config.model, served, config.api_base, self._api_key, config.timeout_s)
@@ -368,7 +217,7 @@ class LLMClient:
             params["verdict_constraint"] = constraint
         # A raw prompt and the same text as a chat message are different requests.
         keyed = {**params, "endpoint": "completions"} if raw_prompt else params
-        return CallCache.key(self.config.model, messages, keyed, attempt), params
+        return call_key(self.config.model, messages, keyed, attempt), params
 
     def cached(
         self, messages: list[dict[str, str]], temperature: float, attempt: int,
@@ -405,13 +254,90 @@ class LLMClient:
 
         Raises LLMCallFailed(transport=True) when the model cannot be reached after every
         transient-fault retry, RequestRejected when the provider refuses the request (not
-        retried), and AuthenticationFailed on 401/403 (after which no request is sent at all).
+        retried), and ConfigurationError (AuthenticationFailed for credentials) when no request
+        can succeed: refused or missing credentials, an unknown model or provider; after it no
+        request is sent at all.
         """
+        cfg = self.config
+        key, params = self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)
+        # The direct route takes only the OpenAI parameters (the embedded judge's constraint is not one).
+        direct = self._direct if "verdict_constraint" not in params else None
+
+        def call() -> Awaitable[Any]:
+            if direct is not None:
+                return direct.send(messages, params, raw_prompt)
+            common = dict(
+                model=cfg.model, api_base=cfg.api_base, api_key=self._api_key, timeout=cfg.timeout_s,
+                num_retries=0, max_retries=0, **params,
+            )
+            litellm = litellm_module()
+            if raw_prompt:
+                return litellm.atext_completion(prompt=messages[0]["content"], **common)
+            return litellm.acompletion(messages=messages, **common)
+
+        def read(response: Any) -> tuple[str, Any, float]:
+            texts = [(choice.text if raw_prompt else choice.message.content) or "" for choice in response.choices]
+            # Several choices asked for (`n`): the answer is their texts as a JSON list.
+            text = json.dumps(texts, ensure_ascii=False) if params.get("n", 1) > 1 else (texts[0] if texts else "")
+            usage = getattr(response, "usage", None)
+            return text, usage, direct.cost(response) if direct is not None else _litellm_cost(response)
+
+        return await self._request(purpose, key, call, read, accept, messages)
+
+    async def embed(self, purpose: str, texts: list[str]) -> list[list[float]]:
+        """Embedding vectors of `texts` from the model (litellm's embedding endpoint), one request,
+        with the retries, limits, timeout, key, cache and accounting of a completion. Raises as
+        `complete` does."""
+        cfg = self.config
+        key = call_key(cfg.model, [], {"endpoint": "embeddings", "input": texts}, 0)
+
+        def call() -> Awaitable[Any]:
+            return litellm_module().aembedding(
+                model=cfg.model, input=texts, api_base=cfg.api_base, api_key=self._api_key, timeout=cfg.timeout_s,
+                num_retries=0, max_retries=0,
+            )
+
+        def read(response: Any) -> tuple[str, Any, float]:
+            vectors = [item["embedding"] for item in response.data]
+            return json.dumps(vectors), getattr(response, "usage", None), _litellm_cost(response)
+
+        return json.loads(await self._request(purpose, key, call, read, None, None))
+
+    async def served_models(self) -> list[dict[str, Any]]:
+        """The entries of the server's `GET /models` listing (an OpenAI-compatible server at
+        api_base; vLLM adds each model's `max_model_len`), asked with the client's key, timeout
+        and retries. Not cached: a server may be restarted with other models."""
+        if not self.config.api_base:
+            raise ValueError(f"{self.config.model} has no api_base: no server to list models")
+        variable = provider_key_variable(self.config.model)
+        key = self._api_key or (os.environ.get(variable) if variable else None) or ""
+
+        async def call() -> Any:
+            client = await sdk_client(self.config.api_base, key)
+            return await client.get("/models", cast_to=object, options={"timeout": self.config.timeout_s})
+
+        try:
+            listed = await self._send(None, call)
+        except Exception as exc:
+            raise self._classify(exc) from None
+        entries = listed.get("data") if isinstance(listed, dict) else None
+        return [entry for entry in entries or [] if isinstance(entry, dict)]
+
+    async def _request(
+        self,
+        purpose: str,
+        key: str,
+        call: Callable[[], Awaitable[Any]],
+        read: Callable[[Any], tuple[str, Any, float]],
+        accept: Callable[[str], bool] | None,
+        messages: list[dict[str, str]] | None,
+    ) -> str:
+        """A request's answer text: from the cache, from an identical request in flight, or sent
+        (`call`) and read (`read`: text, usage, cost), accounted and cached."""
         acc = self.accounting.purpose(purpose)
         if self._refused is not None:
             acc.failed_calls += 1
             raise self._refused
-        key, params = self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             acc.cache_hits += 1
             if self.budget is not None:
@@ -423,12 +349,15 @@ class LLMClient:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
-            text = await self._send(acc, key, messages, params, raw_prompt, accept)
+            text = self._record(acc, key, *read(await self._send(acc, call)), accept, messages)
         except asyncio.CancelledError:
             future.cancel()
             raise
         except Exception as exc:
-            failure = self._failure(acc, exc)
+            acc.failed_calls += 1
+            failure = self._classify(exc)
+            if isinstance(failure, RequestRejected):
+                acc.rejected += 1
             future.set_exception(failure)
             future.exception()  # retrieved here: waiters, if any, re-raise it
             raise failure from None
@@ -438,36 +367,20 @@ class LLMClient:
         finally:
             del self._in_flight[key]
 
-    def _failure(self, acc: CallAccounting, exc: Exception) -> LLMCallFailed:
-        """The exception a failed request becomes (its message redacted of every known secret)."""
-        acc.failed_calls += 1
-        if isinstance(exc, LLMCallFailed):
-            return exc
-        model, status = self.config.model, _status(exc)
-        reason = redact(f"{type(exc).__name__}: {exc}")
-        if status in (401, 403):
-            self._refused = AuthenticationFailed(
-                f"{model} refused the credentials (HTTP {status}): {reason}. Check the API key "
-                "(LONGREWARD_JUDGE_API_KEY / LONGREWARD_POLICY_API_KEY, the provider's variable, or the Secret block)."
-            )
-            return self._refused
-        if _is_refusal(status):
-            acc.rejected += 1
-            return RequestRejected(f"{model} rejected the request (HTTP {status}): {reason}")
-        return LLMCallFailed(f"request to {model} failed: {reason}", transport=True)
+    def _classify(self, exc: Exception) -> LLMCallFailed:
+        """The exception a failed request becomes (its message redacted of every known secret); a
+        configuration fault stops every later request."""
+        failure = classify_failure(
+            exc, model=self.config.model, api_base=self.config.api_base, api_key=self._api_key,
+            key_variables=" / ".join(f"${v}" for v in (JUDGE_API_KEY_ENV, POLICY_API_KEY_ENV)),
+        )
+        if isinstance(failure, ConfigurationError) and self._refused is None:
+            self._refused = failure
+        return failure
 
-    async def _send(
-        self,
-        acc: CallAccounting,
-        key: str,
-        messages: list[dict[str, str]],
-        params: dict[str, Any],
-        raw_prompt: bool,
-        accept: Callable[[str], bool] | None,
-    ) -> str:
+    async def _send(self, acc: CallAccounting | None, call: Callable[[], Awaitable[Any]]) -> Any:
+        """`call()`'s response, within the limits and the timeout, retried on transient faults."""
         cfg = self.config
-        # The direct route takes only the OpenAI parameters (the embedded judge's constraint is not one).
-        direct = self._direct if "verdict_constraint" not in params else None
 
         async def send() -> Any:
             async with self._semaphore:
@@ -475,38 +388,43 @@ class LLMClient:
                     await self._limiter.acquire()
                 if self._refused is not None:  # refused while this request waited for its turn
                     raise self._refused
-                if direct is not None:
-                    call = direct.send(messages, params, raw_prompt)
-                else:
-                    common = dict(
-                        model=cfg.model, api_base=cfg.api_base, api_key=self._api_key, timeout=cfg.timeout_s,
-                        num_retries=0, max_retries=0, **params,
-                    )
-                    litellm = litellm_module()
-                    call = (
-                        litellm.atext_completion(prompt=messages[0]["content"], **common)
-                        if raw_prompt
-                        else litellm.acompletion(messages=messages, **common)
-                    )
                 try:
-                    return await asyncio.wait_for(call, timeout=cfg.timeout_s)
+                    return await asyncio.wait_for(call(), timeout=cfg.timeout_s)
                 except Exception as exc:
-                    if _is_transient(exc):
+                    if acc is not None and is_transient(exc):
                         acc.transport_errors += 1
                     raise
 
         retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(is_transient),
             wait=_backoff(cfg),
             stop=stop_after_attempt(cfg.transport_retries + 1),
             reraise=True,
         )
-        response = await retrying(send)
-        texts = [(choice.text if raw_prompt else choice.message.content) or "" for choice in response.choices]
-        # Several choices asked for (`n`): the answer is their texts as a JSON list.
-        text = json.dumps(texts, ensure_ascii=False) if params.get("n", 1) > 1 else (texts[0] if texts else "")
-        cost = direct.cost(response) if direct is not None else _litellm_cost(response)
-        return self.record_answer(acc, key, messages, text, getattr(response, "usage", None), cost, accept)
+        return await retrying(send)
+
+    def _record(
+        self, acc: CallAccounting, key: str, text: str, usage: Any, cost: float,
+        accept: Callable[[str], bool] | None, messages: list[dict[str, str]] | None,
+    ) -> str:
+        """Account an answered request and cache its answer (if `accept`ed); returns the answer a
+        re-run reproduces."""
+        acc.calls += 1
+        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        acc.prompt_tokens += prompt_tokens
+        acc.completion_tokens += completion_tokens
+        acc.cost_usd += cost
+        acc.cached_tokens += cached_prompt_tokens(usage)
+        if self.budget is not None:
+            self.budget.spend(prompt_tokens + completion_tokens, cost)
+        if self.prefix_share is not None and messages is not None:
+            counted, shared = self.prefix_share.observe(self.config.model, messages)
+            acc.tokenized_prompt_tokens += counted
+            acc.cacheable_tokens += shared
+        if self.cache is not None and (accept is None or accept(text)):
+            text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost)
+        return text
 
     def request_key(
         self, messages: list[dict[str, str]], temperature: float, attempt: int, constraint: dict[str, Any] | None = None,
@@ -519,22 +437,6 @@ class LLMClient:
         self, acc: CallAccounting, key: str, messages: list[dict[str, str]], text: str, usage: Any, cost: float,
         accept: Callable[[str], bool] | None = None,
     ) -> str:
-        """Account an answer the model gave (tokens, cost, cached tokens, the budget, the cacheable
-        share) and cache it if `accept` takes it; returns the stored answer. `complete` calls it for
-        each answer it gets, and so does whatever obtains answers another way (a Batch API)."""
-        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        acc.calls += 1
-        acc.prompt_tokens += prompt_tokens
-        acc.completion_tokens += completion_tokens
-        acc.cost_usd += cost
-        acc.cached_tokens += cached_prompt_tokens(usage)
-        if self.budget is not None:
-            self.budget.spend(prompt_tokens + completion_tokens, cost)
-        if self.prefix_share is not None:
-            counted, shared = self.prefix_share.observe(self.config.model, messages)
-            acc.tokenized_prompt_tokens += counted
-            acc.cacheable_tokens += shared
-        if self.cache is not None and (accept is None or accept(text)):
-            text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost)
-        return text
+        """Account and cache (if `accept`ed) an answer obtained another way, such as a provider's
+        Batch API, as `complete` does its own; returns the stored answer."""
+        return self._record(acc, key, text, usage, cost, accept, messages)

@@ -6,8 +6,9 @@ model at an `api_base` (vLLM, `transformers serve`, a judge double) litellm adds
 client needs: the request body is the same, and so is the answer. `LLMClient` sends such models
 here and everything else through litellm. What stays the same:
 
-- the model string (`openai/<name>`: the server is asked for `<name>`), the API key (the
-  configured one, else $OPENAI_API_KEY, as litellm reads it);
+- the model string (`openai/<name>`: the server is asked for `<name>`, slashes and all, as vLLM
+  and `transformers serve` name a model by its path), the API key (the one `models.secrets`
+  resolves, the keyless placeholder included, else $OPENAI_API_KEY, as litellm reads it);
 - the errors: an HTTP error keeps its `status_code` and its response headers (Retry-After), a
   connection failure or timeout is an `openai.APIConnectionError` (transient, like litellm's),
   and an unreadable answer body becomes `UnreadableResponse` (HTTP 502, transient);

@@ -3,6 +3,7 @@ embedding model. Vectors come back L2-normalised, so a dot product is the cosine
 
 The embedded model runs on ONNX Runtime by default (`OnnxEmbedder`): the packaged model is exported
 once into the cache folder, and scoring then imports neither torch nor sentence-transformers.
+Any other model is an embedding model reached through the LLM client (`LiteLLMEmbedder`).
 `LONGREWARD_EMBEDDING_BACKEND=torch` selects the sentence-transformers model instead.
 """
 
@@ -19,6 +20,10 @@ from typing import Protocol
 
 import numpy as np
 
+from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.call_cache import CallStore
+from longreward_core.models.client import LLMClient, LLMConfig
+from longreward_core.models.event_loop import run_async
 from longreward_core.models.loading import LOAD_LOCK
 
 EMBEDDED_EMBEDDING = "embedded/all-MiniLM-L6-v2"
@@ -202,22 +207,28 @@ def _onnx_runtime(model_path: str):
 
 
 class LiteLLMEmbedder:
-    """Any embedding model litellm can reach (hosted API or OpenAI-compatible server)."""
+    """Any embedding model litellm can reach (hosted API or OpenAI-compatible server), asked through
+    the LLM client: retried, timed out, keyed, cached (with `cache`) and accounted (under
+    `embedding`, in `accounting`) as every model request is.
 
-    def __init__(self, model: str, api_base: str | None = None):
+    `embed` blocks: it runs the request on the process's background event loop (`run_async`), so
+    it is called from a worker thread, as the chunk index does, never from inside that loop.
+    """
+
+    def __init__(
+        self, model: str, api_base: str | None = None, *, cache: CallStore | None = None,
+        accounting: RunAccounting | None = None,
+    ):
         self.name = model
         self.computed = 0
         self.busy_seconds = 0.0
-        self._api_base = api_base
+        self.client = LLMClient(LLMConfig(model=model, api_base=api_base), cache, accounting)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        from longreward_core.models.client import litellm_module
-
         started = time.perf_counter()
-        response = litellm_module().embedding(model=self.name, input=texts, api_base=self._api_base)
+        vectors = np.asarray(run_async(self.client.embed("embedding", texts)), dtype=np.float32)
         self.busy_seconds += time.perf_counter() - started
         self.computed += len(texts)
-        vectors = np.asarray([item["embedding"] for item in response.data], dtype=np.float32)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
 
 
@@ -237,9 +248,12 @@ def embedded_minilm_path() -> Path:
     raise RuntimeError(f"no model files found under {root}")
 
 
-def make_embedder(model: str, api_base: str | None = None) -> Embedder:
+def make_embedder(
+    model: str, api_base: str | None = None, *, cache: CallStore | None = None, accounting: RunAccounting | None = None
+) -> Embedder:
     """The embedded model for EMBEDDED_EMBEDDING (ONNX Runtime, or sentence-transformers when
-    $LONGREWARD_EMBEDDING_BACKEND is "torch"), otherwise a litellm embedding model."""
+    $LONGREWARD_EMBEDDING_BACKEND is "torch"), otherwise a litellm embedding model asked through
+    the LLM client (its answers kept in `cache`, its requests counted in `accounting`)."""
     if model == EMBEDDED_EMBEDDING:
         backend = os.environ.get(EMBEDDING_BACKEND_ENV, "onnx").strip().lower() or "onnx"
         if backend == "torch":
@@ -247,4 +261,4 @@ def make_embedder(model: str, api_base: str | None = None) -> Embedder:
         if backend != "onnx":
             raise ValueError(f"{EMBEDDING_BACKEND_ENV}={backend!r}: expected 'onnx' or 'torch'")
         return OnnxEmbedder()
-    return LiteLLMEmbedder(model, api_base=api_base)
+    return LiteLLMEmbedder(model, api_base=api_base, cache=cache, accounting=accounting)

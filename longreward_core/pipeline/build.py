@@ -45,7 +45,7 @@ from longreward_core.models.call_cache import open_call_cache
 from longreward_core.models.client import LLMClient
 from longreward_core.models.event_loop import run_async
 from longreward_core.pipeline.sampling import PolicyConfig, sample_candidates
-from longreward_core.pipeline.score import pairs_files
+from longreward_core.pipeline.score_files import pairs_files
 from longreward_core.reward.documents import DocumentConfig, open_chunk_index, prepare_document
 
 REWARD_BINS = 10  # unit bins over the 0-10 reward scale

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.json_schema import SkipJsonSchema
 
@@ -24,16 +23,9 @@ from longreward_core.data.form import form_order
 from longreward_core.data.io import InputError
 from longreward_core.data.pairs import user_message
 from longreward_core.data.records import Candidate, Prompt, SampleReport
-from longreward_core.models.client import (
-    EMBEDDED_MODEL,
-    POLICY_API_KEY_ENV,
-    AuthenticationFailed,
-    LLMCallFailed,
-    LLMClient,
-    PolicyClientConfig,
-    RequestRejected,
-    litellm_module,
-)
+from longreward_core.models.client import EMBEDDED_MODEL, ApiBase, LLMClient, PolicyClientConfig, litellm_module
+from longreward_core.models.errors import AuthenticationFailed, ConfigurationError, LLMCallFailed, RequestRejected
+from longreward_core.models.secrets import POLICY_API_KEY_ENV
 from longreward_core.models.smollm2 import SMOLLM2_CONTEXT_TOKENS
 from longreward_core.models.tokenizers import load_tokenizer
 
@@ -46,7 +38,7 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(json_schema_extra=form_order)  # the form shows required fields first
 
     model: str = Field(EMBEDDED_MODEL, description="litellm model string of the policy (default: the embedded SmolLM2).")
-    api_base: str | None = Field(None, description="Base URL of an OpenAI-compatible server (vLLM, transformers serve).")
+    api_base: ApiBase = Field(None, description="Base URL of an OpenAI-compatible server (vLLM, transformers serve).")
     api_key: SkipJsonSchema[SecretStr | None] = Field(None, exclude=True, description=f"Key; by default ${POLICY_API_KEY_ENV}.")
     candidates_per_prompt: int = Field(10, ge=1, description="Candidates sampled per prompt.")
     temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature.")
@@ -110,16 +102,14 @@ async def policy_context(config: PolicyConfig) -> int:
 
 
 async def _served_context(config: PolicyConfig) -> int | None:
-    """`max_model_len` of the served model from an OpenAI-compatible `GET /models` (None if absent)."""
+    """`max_model_len` of the served model from an OpenAI-compatible `GET /models` (None if absent;
+    refused credentials stop sampling before it starts)."""
     served_name = config.model.split("/", 1)[-1]
-    key = config.client_config().resolved_api_key()
     try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.get(config.api_base.rstrip("/") + "/models",
-                                      headers={"Authorization": f"Bearer {key}"} if key else {})
-            response.raise_for_status()
-            listed = response.json().get("data", [])
-    except (httpx.HTTPError, ValueError, AttributeError):
+        listed = await LLMClient(config.client_config(), None).served_models()
+    except AuthenticationFailed:
+        raise
+    except LLMCallFailed:  # no listing (a server without /models, or unreachable): asked elsewhere
         return None
     for entry in listed:
         if isinstance(entry, dict) and entry.get("id") == served_name and entry.get("max_model_len"):
@@ -127,7 +117,7 @@ async def _served_context(config: PolicyConfig) -> int | None:
     return None
 
 
-def truncate_middle(text: str, tokenizer, budget: int) -> tuple[str, int, int]:
+def cut_document_middle(text: str, tokenizer, budget: int) -> tuple[str, int, int]:
     """Keep the first and last budget/2 tokens of `text`, cut at token boundaries.
 
     Returns (text, kept tokens, original tokens); the text is unchanged when it fits.
@@ -153,7 +143,7 @@ async def sample_candidates(
     budget = max(128, context_tokens - config.max_new_tokens - 256)
 
     async def one_prompt(prompt: Prompt) -> tuple[list[Candidate], SampleReport]:
-        context, kept, total = await asyncio.to_thread(truncate_middle, prompt.context, tokenizer, budget)
+        context, kept, total = await asyncio.to_thread(cut_document_middle, prompt.context, tokenizer, budget)
         if kept < total and not config.allow_truncation:
             return [], SampleReport(
                 prompt_id=prompt.id, context_tokens=total, kept_tokens=0, sampled=0, failed=config.candidates_per_prompt,
@@ -169,7 +159,7 @@ async def sample_candidates(
                         "sampling", messages, config.temperature, attempt, top_p=config.top_p,
                         accept=lambda answer: bool(answer.strip()),  # an empty sample is asked for again
                     )
-                except AuthenticationFailed:
+                except ConfigurationError:
                     raise
                 except LLMCallFailed as exc:
                     return exc
@@ -206,7 +196,7 @@ async def sample_candidates(
                 "sampling", messages, config.temperature, 0, top_p=config.top_p, n=n,
                 accept=lambda answer: len(json.loads(answer)) == n,
             )
-        except AuthenticationFailed:
+        except ConfigurationError:
             raise
         except LLMCallFailed as exc:
             n_refused = n_refused or isinstance(exc, RequestRejected)

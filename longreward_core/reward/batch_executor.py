@@ -36,7 +36,8 @@ from longreward_core.models.batch import (
     LineResult,
     split_lines,
 )
-from longreward_core.models.client import AuthenticationFailed, LLMCallFailed, RequestRejected, litellm_module
+from longreward_core.models.client import litellm_module
+from longreward_core.models.errors import AuthenticationFailed, LLMCallFailed, RequestRejected, is_refusal
 from longreward_core.reward.dimensions import faithfulness
 from longreward_core.reward.judge import Judge, JudgeCallFailed, JudgeRequest, verdict_parses
 from longreward_core.reward.plan import Leaf, PlanRun
@@ -338,8 +339,7 @@ class BatchExecutor:
             acc.batch_failed_lines += 1
             if result.status in (401, 403):
                 raise AuthenticationFailed(f"{self.judge.config.model} refused the credentials of a batch (HTTP {result.status}): {result.error}")
-            refused = result.status is not None and 400 <= result.status < 500 and result.status not in (408, 409, 429)
-            outcomes[key] = ("rejected: " if refused else "failed: ") + (result.error or "no answer")
+            outcomes[key] = ("rejected: " if is_refusal(result.status) else "failed: ") + (result.error or "no answer")
             return outcomes[key]
         choices = result.body.get("choices") or [{}]
         text = (choices[0].get("message") or {}).get("content") or ""

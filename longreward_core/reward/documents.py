@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from longreward_core.data.form import form_order
+from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.call_cache import CallStore
 from longreward_core.models.embeddings import EMBEDDED_EMBEDDING, make_embedder
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.reward.chunking import ChunkSpan, chunk_document
@@ -83,10 +85,14 @@ def prepare_document(context: str, config: DocumentConfig) -> PreparedDocument:
     )
 
 
-def open_chunk_index(config: DocumentConfig, path: str | Path | None) -> ChunkIndex:
-    """The chunk index `config` names: its Qdrant server, else local mode in the folder `path`."""
+def open_chunk_index(
+    config: DocumentConfig, path: str | Path | None, *, cache: CallStore | None = None,
+    accounting: RunAccounting | None = None,
+) -> ChunkIndex:
+    """The chunk index `config` names: its Qdrant server, else local mode in the folder `path`
+    (a litellm embedding model's requests cached in `cache` and counted in `accounting`)."""
     return ChunkIndex(
-        make_embedder(config.embedding_model, config.embedding_api_base),
+        make_embedder(config.embedding_model, config.embedding_api_base, cache=cache, accounting=accounting),
         path=None if config.qdrant_url else path,
         url=config.qdrant_url,
     )

@@ -14,15 +14,12 @@ from pydantic import Field, model_validator
 
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.batch import batch_provider
-from longreward_core.models.client import (
-    JUDGE_API_KEY_ENV,
-    CallCache,
-    LLMCallFailed,
-    LLMClient,
-    LLMConfig,
-)
 from longreward_core.models.budget import Budget
+from longreward_core.models.call_cache import CallStore
+from longreward_core.models.client import LLMClient, LLMConfig
+from longreward_core.models.errors import LLMCallFailed
 from longreward_core.models.prefix_share import PrefixShare
+from longreward_core.models.secrets import JUDGE_API_KEY_ENV
 from longreward_core.reward.prompts import with_cache_breakpoint
 from longreward_core.reward.verdicts import VerdictFormat, VerdictParseError
 
@@ -79,7 +76,7 @@ class Judge:
     limits, accounting per dimension). Create it inside the event loop that uses it."""
 
     def __init__(
-        self, config: JudgeConfig, cache: CallCache | None, accounting: RunAccounting | None = None,
+        self, config: JudgeConfig, cache: CallStore | None, accounting: RunAccounting | None = None,
         prefix_share: PrefixShare | None = None, budget: Budget | None = None,
     ):
         self.config = config

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import DIMENSIONS
-from longreward_core.models.client import AuthenticationFailed
+from longreward_core.models.errors import ConfigurationError
 
 LOW, HIGH = 0.0, 10.0
 # Support checks one prompt asks for in one round: enough to keep the judge busy across prompts,
@@ -220,7 +220,7 @@ class SupportRounds:
         """The verdicts of a round (a value, or the exception its check failed with); refused
         credentials end the prompt."""
         for text, result in zip(picks, results, strict=True):
-            if isinstance(result, AuthenticationFailed):
+            if isinstance(result, ConfigurationError):
                 raise result
             for cid, i in self._holders[text]:
                 contestant = self.race[cid]

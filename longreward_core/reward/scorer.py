@@ -25,12 +25,8 @@ from longreward_core.data.records import (
     DimensionResult,
     Prompt,
 )
-from longreward_core.models.client import (
-    AuthenticationFailed,
-    LLMCallFailed,
-    RequestRejected,
-    redact,
-)
+from longreward_core.models.errors import ConfigurationError, LLMCallFailed, RequestRejected
+from longreward_core.models.secrets import redact
 from longreward_core.reward.dimensions import faithfulness
 from longreward_core.reward.documents import DocumentConfig, PreparedDocument, open_chunk_index, prepare_document
 from longreward_core.reward.judge import Judge
@@ -78,7 +74,7 @@ class Scorer:
         self.pairs = pairs or PairConfig()  # the pair rules pruning decides by
         self.pruning = PruningStats()
         self.not_scored: list[str] = []  # prompts not started because the judge budget was reached
-        self.index = open_chunk_index(config, index_path)
+        self.index = open_chunk_index(config, index_path, cache=judge.client.cache, accounting=judge.accounting)
         self._documents: dict[str, PreparedDocument] = {}
 
     def prepare(self, context: str) -> PreparedDocument:
@@ -131,7 +127,7 @@ class Scorer:
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     yield task.result()
-        finally:  # a failure (refused credentials) or a closed generator stops the other prompts
+        finally:  # a failure (a configuration error such as refused credentials) or a closed generator stops the other prompts
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
@@ -267,8 +263,9 @@ class OnlineExecutor:
     calls asked at once, the client's limits queue them; the evidence of needs that became ready
     together retrieved in one query), and each answer advances the plan at once.
 
-    `on_finished` is called with each candidate whose dimensions all ended. Refused credentials
-    stop everything: `until` raises them, and so does every support check awaited (`release`)."""
+    `on_finished` is called with each candidate whose dimensions all ended. A configuration error
+    (refused credentials, an unknown model) stops everything: `until` raises it, and so does every
+    support check awaited (`release`)."""
 
     def __init__(
         self, run: PlanRun, judge: Judge, retrieve: Callable[[list[str]], Awaitable[list[str]]],
@@ -336,7 +333,7 @@ class OnlineExecutor:
     async def _ask(self, ask: Ask) -> None:
         try:
             value = await self.judge.verdict(ask.dimension, ask.messages, ask.verdict)
-        except AuthenticationFailed as exc:
+        except ConfigurationError as exc:
             self._stop(exc)
         except Exception as exc:
             self._answer(ask, error=exc)
@@ -402,13 +399,14 @@ def candidate_score(prompt_id: str, language: str, run: PlanRun, candidate_id: s
 
 
 def _as_result(outcome: Outcome) -> DimensionResult:
-    """A dimension's outcome: its score, or its failure with the reason. Only refused credentials
-    escape as an exception: they end the run, since every other request would fail alike."""
+    """A dimension's outcome: its score, or its failure with the reason. Only configuration errors
+    (refused credentials, an unknown model) escape as an exception: they end the run, since every
+    other request would fail alike."""
     exc = outcome.error
     if exc is None:
         value = outcome.value
         return value if isinstance(value, DimensionResult) else DimensionResult(score=float(value))
-    if isinstance(exc, AuthenticationFailed):
+    if isinstance(exc, ConfigurationError):
         raise exc
     if isinstance(exc, LLMCallFailed):
         return DimensionResult(error=str(exc), transport=exc.transport, rejected=isinstance(exc, RequestRejected))

@@ -17,8 +17,9 @@ import pytest
 
 from flows.preference_build import preference_build
 from longreward_core.data.pairs import PairConfig
-from longreward_core.models.client import JUDGE_API_KEY_ENV, AuthenticationFailed
-from longreward_core.pipeline.score import score_files
+from longreward_core.models.errors import AuthenticationFailed
+from longreward_core.models.secrets import JUDGE_API_KEY_ENV
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_testing.faults import (
     CANDIDATES,
@@ -184,6 +185,8 @@ def test_refused_credentials_stop_the_build_and_leave_no_key(judge_server, tmp_p
     judge = judge_config_for(judge_server, api_key=None, concurrency=2)
     state = preference_build(build_params(judge_server, inputs, tmp_path / "builds", judge, task_retries=2), return_state=True)
     assert state.is_failed() and "2 of 2 shards failed" in state.message
+    # The fix, never the advice to retry: a retry would be refused alike.
+    assert "refused the credentials (HTTP 401)" in state.message and "retry the run" not in state.message
     # Each shard's client stops at its first refusal, and the task is not retried.
     assert double.count() <= 2 * judge.concurrency
     with get_client(sync_client=True) as client:

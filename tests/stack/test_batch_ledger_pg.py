@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from longreward_core.models.batch import LEDGER_FILE, LEDGER_TABLE
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward import batch_executor
 from longreward_testing.scenarios import judge_config_for
 from tests.stack.test_call_cache_pg import pg_url  # noqa: F401 (a fixture)

@@ -8,7 +8,7 @@ grades the response against them (completeness_judge.*.txt, beside this file), v
 
 from __future__ import annotations
 
-from longreward_core.models.client import LLMCallFailed
+from longreward_core.models.errors import LLMCallFailed
 from longreward_core.reward.prompts import render
 from longreward_core.reward.steps import Ask, Plan, PromptInputs, Step
 from longreward_core.reward.verdicts import RATING, VerdictFormat, parse_marked_list

@@ -1,6 +1,6 @@
 """The 21 LongBench (v1) tasks: prompt template, answer length, metric, and how they are run.
 
-Prompt templates and maximum generation lengths are in `tasks.json` beside this file, with the
+Prompt templates and maximum generation lengths are in `longbench.json` beside this file, with the
 same text and numbers as LongBench's `config/dataset2prompt.json` and `dataset2maxlen.json`
 (including the official narrativeqa template's "asconcisely", so predictions stay comparable).
 The rest is LongBench's code, restated as data:
@@ -70,7 +70,7 @@ JUDGED_SUMMARY_DATASETS = CATEGORIES["Summarization"]
 
 
 @dataclass(frozen=True)
-class LongBenchTask:
+class LongBenchDataset:
     """One LongBench dataset and how it is prompted and scored."""
 
     name: str
@@ -92,14 +92,14 @@ class LongBenchTask:
 
 
 @functools.cache
-def all_tasks() -> dict[str, LongBenchTask]:
+def all_datasets() -> dict[str, LongBenchDataset]:
     """Every LongBench task by dataset name, in the official order."""
-    specs = json.loads((resources.files("longreward_core.evaluation") / "tasks.json").read_text(encoding="utf-8"))
+    specs = json.loads((resources.files("longreward_core.evaluation") / "longbench.json").read_text(encoding="utf-8"))
     category_of = {name: category for category, names in CATEGORIES.items() for name in names}
     if set(specs) != set(_METRIC_OF) or set(specs) != set(category_of):
-        raise RuntimeError("tasks.json, the metric map and the categories must name the same 21 datasets")
+        raise RuntimeError("longbench.json, the metric map and the categories must name the same 21 datasets")
     return {
-        name: LongBenchTask(
+        name: LongBenchDataset(
             name=name,
             prompt=spec["prompt"],
             max_new_tokens=spec["max_new_tokens"],
@@ -113,9 +113,9 @@ def all_tasks() -> dict[str, LongBenchTask]:
     }
 
 
-def get_task(name: str) -> LongBenchTask:
+def get_dataset(name: str) -> LongBenchDataset:
     """The task named `name`; ValueError naming the valid names when there is none."""
-    tasks = all_tasks()
+    tasks = all_datasets()
     if name not in tasks:
         raise ValueError(f"unknown LongBench dataset '{name}' (known: {', '.join(tasks)})")
     return tasks[name]
@@ -124,9 +124,9 @@ def get_task(name: str) -> LongBenchTask:
 def resolve_datasets(names: list[str] | None, *, longbench_e: bool = False) -> list[str]:
     """Validated dataset names; None means every dataset of LongBench (or of LongBench-E)."""
     if not names:
-        return list(LONGBENCH_E_DATASETS if longbench_e else all_tasks())
+        return list(LONGBENCH_E_DATASETS if longbench_e else all_datasets())
     for name in names:
-        get_task(name)
+        get_dataset(name)
         if longbench_e and name not in LONGBENCH_E_DATASETS:
             raise ValueError(f"'{name}' is not part of LongBench-E (its datasets: {', '.join(LONGBENCH_E_DATASETS)})")
     return list(dict.fromkeys(names))

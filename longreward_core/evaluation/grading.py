@@ -38,7 +38,7 @@ from longreward_core.data.io import (
 )
 from longreward_core.data.records import QuarantinedRow
 from longreward_core.evaluation.metrics import PARAGRAPH_PATTERNS, paragraph_id
-from longreward_core.evaluation.tasks import LongBenchTask, all_tasks, get_task
+from longreward_core.evaluation.longbench import LongBenchDataset, all_datasets, get_dataset
 
 BUCKETS = ("0-4k", "4-8k", "8k+")
 RESULT_FILE = "result.json"
@@ -85,7 +85,7 @@ def record_coverage(result_path: str | Path, cases: int, scored: int) -> dict[st
     return counts
 
 
-def example_score(task: LongBenchTask, prediction: str, answers: list[str], all_classes: list[str] | None) -> float:
+def example_score(task: LongBenchDataset, prediction: str, answers: list[str], all_classes: list[str] | None) -> float:
     """One example's score in 0..1: the best over its reference answers."""
     if task.first_line_only:
         prediction = prediction.lstrip("\n").split("\n")[0]
@@ -95,7 +95,7 @@ def example_score(task: LongBenchTask, prediction: str, answers: list[str], all_
     return best
 
 
-def dataset_score(task: LongBenchTask, rows: list[PredictionRow]) -> float:
+def dataset_score(task: LongBenchDataset, rows: list[PredictionRow]) -> float:
     """100 x the mean example score, rounded to 2 places (LongBench's `scorer`)."""
     all_classes = rows[-1].all_classes
     total = sum(example_score(task, r.pred, r.answers, all_classes) for r in rows)
@@ -111,7 +111,7 @@ def bucket_of(length: int) -> str:
     return "8k+"
 
 
-def dataset_score_e(task: LongBenchTask, rows: list[PredictionRow]) -> dict[str, float]:
+def dataset_score_e(task: LongBenchDataset, rows: list[PredictionRow]) -> dict[str, float]:
     """100 x the mean example score per length bucket, rounded to 2 places (`scorer_e`)."""
     all_classes = rows[-1].all_classes
     buckets: dict[str, list[float]] = {b: [] for b in BUCKETS}
@@ -132,7 +132,7 @@ def _string_list(row: dict[str, Any], name: str, *, nullable: bool) -> list[str]
     return value
 
 
-def _parse_row(row: dict[str, Any], task: LongBenchTask, need_length: bool) -> tuple[str, list[str], list[str] | None, int | None]:
+def _parse_row(row: dict[str, Any], task: LongBenchDataset, need_length: bool) -> tuple[str, list[str], list[str] | None, int | None]:
     if "pred" not in row or row["pred"] is None:
         raise ValueError("missing field 'pred'")
     if not isinstance(row["pred"], str):
@@ -151,7 +151,7 @@ def _parse_row(row: dict[str, Any], task: LongBenchTask, need_length: bool) -> t
     return row["pred"], answers, all_classes, length
 
 
-def read_prediction_file(path: str | Path, task: LongBenchTask, *, need_length: bool = False) -> tuple[list[PredictionRow], list[QuarantinedRow]]:
+def read_prediction_file(path: str | Path, task: LongBenchDataset, *, need_length: bool = False) -> tuple[list[PredictionRow], list[QuarantinedRow]]:
     """The valid rows of one prediction file and the quarantined ones (with their reason)."""
     path = Path(path)
     rows: list[PredictionRow] = []
@@ -174,10 +174,10 @@ def prediction_files(pred_dir: str | Path) -> dict[str, Path]:
         # Hidden files are left alone: atomic writes keep their temporary files there.
         if path.is_file() and path.name.endswith("jsonl") and not path.name.startswith("."):
             dataset = path.name.split(".")[0]
-            if dataset not in all_tasks():
+            if dataset not in all_datasets():
                 raise InputError(
                     f"{path}: '{dataset}' is not a LongBench dataset; prediction files are named "
-                    f"<dataset>.jsonl with one of: {', '.join(all_tasks())}"
+                    f"<dataset>.jsonl with one of: {', '.join(all_datasets())}"
                 )
             files[dataset] = path
     if not files:
@@ -193,8 +193,8 @@ def score_prediction_dir(pred_dir: str | Path, *, longbench_e: bool = False) -> 
     files = prediction_files(folder)
     scores: dict[str, Any] = {}
     report = ScoredDir(result_path=folder / RESULT_FILE, scores=scores)
-    for dataset in (name for name in all_tasks() if name in files):
-        task = get_task(dataset)
+    for dataset in (name for name in all_datasets() if name in files):
+        task = get_dataset(dataset)
         rows, quarantined = read_prediction_file(files[dataset], task, need_length=longbench_e)
         report.quarantined += quarantined
         if not rows:

@@ -45,8 +45,7 @@ from longreward_core.data.records import (
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.budget import Budget
 from longreward_core.models.batch import LEDGER_FILE, BatchLedger, BatchTransport, PostgresLedger
-from longreward_core.models.call_cache import is_database_url, open_call_cache
-from longreward_core.models.client import CALL_CACHE_FILE
+from longreward_core.models.call_cache import CALL_CACHE_FILE, is_database_url, open_call_cache
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.prefix_share import PrefixShare
 from longreward_core.models.tokenizers import load_tokenizer
