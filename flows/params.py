@@ -79,6 +79,12 @@ class BuildParams(BaseModel):
         "`s3://bucket/results` (every worker must reach it). Empty: `<output_dir>/.prefect-results`, shared when "
         "output_dir is.",
     )
+    retention_days: int | None = Field(
+        None, ge=1,
+        description="After publishing, delete what was not used for this many days: call-cache answers (by last use), "
+        "and under output_dir the Prefect result records, Qdrant stores of older builds and spools of killed runs "
+        "(never this build's; published datasets stay). Empty: keep everything.",
+    )
     task_retries: int = Field(2, ge=0, le=10, description="Retries of each shard task (exponential backoff with jitter).")
     dask_address: str | None = Field(None, description="Dask scheduler address ('tcp://host:8786'); empty: threads in this process.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy model that candidates are sampled from.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,16 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.deployments import run_deployment
+from prefect.events import emit_event
 from prefect.filesystems import LocalFileSystem
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.variables import Variable
 
 from flows.params import BuildParams
-from longreward_core.data.records import BuildModels
+from longreward_core.data.records import BuildCounts, BuildModels
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.reward.scorer import budget_share
 from longreward_core.pipeline.build import (
@@ -45,9 +48,17 @@ from tasks.caching import configuration_fault
 from tasks.index import index_documents
 from tasks.pairs import build_pairs
 from tasks.publish import publish
+from tasks.retention import call_cache_size, prune_retention
 from tasks.sample import sample_candidates
 from tasks.score import judge_limit, score_shard
 from tasks.shard import load_and_shard
+
+# A published build with more than this share of its candidates without a reward (refused by the
+# provider, or failed for good) emits NEEDS_REVIEW_EVENT; infra/stack/automations.py sends it to
+# the webhook. The Prefect Variable of that name, when set, replaces the default.
+NEEDS_REVIEW_EVENT = "longreward.build.needs-review"
+FAILED_SHARE_VARIABLE = "longreward_notify_failed_share"
+DEFAULT_FAILED_SHARE = 0.05
 
 
 # No log_prints: the run log holds log records only. (With it, whatever a library prints lands
@@ -57,6 +68,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     """Build a DPO preference dataset; returns the manifest (longreward_core.pipeline.build.build_manifest)
     with `manifest_path` and `dataset_dir`."""
     logger = get_run_logger()
+    started = time.time()
     if params.judge_slots and params.judge_limit_strict:
         judge_limit(params.judge_slots, strict=True)  # fail before indexing anything
     build = params.build_dir()
@@ -140,11 +152,13 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
         parameters=params.model_dump(mode="json"),
         models=BuildModels(policy=None if params.candidates else params.policy.model, judge=params.judge.model,
                            embedding=params.scoring.embedding_model),
+        call_cache=call_cache_size(cache_path, params.cache_password_secret),
     )
     scores = pl.concat([pl.read_parquet(results[n]["scores"]) for n in names])
     _score_artifacts(reward_distribution(scores), RunAccounting.from_dict(manifest.judge_accounting))
     manifest_path = publish(pairs["pairs"], str(build), manifest)
     logger.info("dataset published in %s", build)
+    _report_failed_share(build, manifest.counts)
     published = {**manifest.model_dump(mode="json", exclude={"pairs_sha256"}), "manifest_path": manifest_path,
                  "dataset_dir": str(build / "dataset")}
     if params.train_deployment and pairs["count"]:
@@ -156,7 +170,28 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
         )
         logger.info("started %s: flow run %s", params.train_deployment, training.id)
         published["training_flow_run"] = str(training.id)
+    if params.retention_days:
+        published["pruned"] = prune_retention(params.output_dir, cache_path, params.cache_password_secret,
+                                              params.retention_days, str(build), started)
     return published
+
+
+def _report_failed_share(build: Path, counts: BuildCounts) -> None:
+    """Emit NEEDS_REVIEW_EVENT with the build's counts when more than the threshold of its
+    candidates have no reward."""
+    threshold = float(Variable.get(FAILED_SHARE_VARIABLE, default=DEFAULT_FAILED_SHARE))
+    share = counts.failed / counts.candidates if counts.candidates else 0.0
+    if share <= threshold:
+        return
+    get_run_logger().warning("%d of %d candidates have no reward (%.1f%%, threshold %.1f%%): see %s/shards/*/scores.parquet",
+                             counts.failed, counts.candidates, 100 * share, 100 * threshold, build)
+    emit_event(
+        event=NEEDS_REVIEW_EVENT,
+        resource={"prefect.resource.id": f"longreward.build.{build}", "prefect.resource.name": str(build)},
+        payload={"build": str(build), "candidates": counts.candidates, "failed": counts.failed,
+                 "rejected": counts.rejected, "quarantined_rows": counts.quarantined_rows, "pairs": counts.pairs,
+                 "failed_percent": f"{100 * share:.1f}", "threshold_percent": f"{100 * threshold:.1f}"},
+    )
 
 
 def _result_storage(params: BuildParams) -> str:

@@ -41,16 +41,21 @@ EXPECTED_SERVICES = {
 }
 EXPECTED_VOLUMES = {"pgdata", "qdrant", "results"}
 DUMMY_PASSWORD = "compose-config-test-only"
+DUMMY_AUTH = "admin:compose-config-test-only"
+DUMMY_VLLM_KEY = "vllm-key-compose-config-test-only"
 
 # Variables whose name says they hold a secret, and values that look like one.
-SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL|AUTH_STRING)", re.I)
 SECRET_VALUE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}"
     r"|xox[abpr]-[A-Za-z0-9\-]{10,}|-----BEGIN [A-Z ]*PRIVATE KEY-----)"
 )
 # `${VAR}` or `${VAR:?message}` / `${VAR?message}`: a value that must come from the environment.
-# A default (`${VAR:-value}`) would be a value written in the file, so it does not count.
-REQUIRED_INTERPOLATION = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}$")
+# A default (`${VAR:-value}`) would be a value written in the file, so it does not count, unless
+# the default is itself another variable (`${VAR:-${OTHER:-}}`).
+REQUIRED_INTERPOLATION = re.compile(
+    r"^\$\{[A-Za-z_][A-Za-z0-9_]*((:?\?[^}]*)|:-\$\{[A-Za-z_][A-Za-z0-9_]*(:-)?\})?\}$"
+)
 # user:password@ in a URL; the password must be an interpolation as above.
 URL_CREDENTIALS = re.compile(r"://[^:/@\s]+:(?P<password>[^@\s]+)@")
 
@@ -82,7 +87,7 @@ def _compose_env(**extra: str) -> dict[str, str]:
         key: value
         for key, value in os.environ.items()
         if not SECRET_NAME.search(key) and not key.startswith(("COMPOSE_", "DOCKER_"))
-        and key not in {"VLLM_MODEL", "VLLM_IMAGE_TAG", "QDRANT_IMAGE_TAG", "PREFECT_UI_API_URL"}
+        and key not in {"VLLM_MODEL", "VLLM_IMAGE_TAG", "QDRANT_IMAGE_TAG", "PREFECT_UI_API_URL", "LONGREWARD_BIND_ADDRESS"}
     }
     env.update(extra)
     return env
@@ -113,6 +118,10 @@ def _run_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess
     )
 
 
+# What the file requires from the environment.
+REQUIRED = {"POSTGRES_PASSWORD": DUMMY_PASSWORD, "PREFECT_API_AUTH_STRING": DUMMY_AUTH}
+
+
 @pytest.fixture(scope="module")
 def compose_raw() -> dict[str, Any]:
     """The file as written (YAML anchors and merge keys resolved, nothing interpolated)."""
@@ -122,13 +131,13 @@ def compose_raw() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def compose_config() -> dict[str, Any]:
     """The file as Docker Compose loads it: validated, interpolated, normalised."""
-    result = _run_compose("config", "--format", "json", env=_compose_env(POSTGRES_PASSWORD=DUMMY_PASSWORD))
+    result = _run_compose("config", "--format", "json", env=_compose_env(**REQUIRED))
     assert result.returncode == 0, f"docker compose config failed:\n{result.stderr}"
     return json.loads(result.stdout)
 
 
 def test_compose_file_validates():
-    result = _run_compose("config", "--quiet", env=_compose_env(POSTGRES_PASSWORD=DUMMY_PASSWORD))
+    result = _run_compose("config", "--quiet", env=_compose_env(**REQUIRED))
     assert result.returncode == 0, f"docker compose config rejected the file:\n{result.stderr}"
 
 
@@ -142,16 +151,60 @@ def test_compose_validator_catches_errors(tmp_path):
     result = subprocess.run(
         [*command, "--env-file", os.devnull, "--project-directory", str(ROOT), "-f", str(broken),
          "config", "--quiet"],
-        capture_output=True, text=True, env=_compose_env(POSTGRES_PASSWORD=DUMMY_PASSWORD), timeout=120,
+        capture_output=True, text=True, env=_compose_env(**REQUIRED), timeout=120,
     )
     assert result.returncode != 0
     assert "condition" in result.stderr
 
 
-def test_compose_refuses_to_start_without_a_postgres_password():
-    result = _run_compose("config", "--quiet", env=_compose_env())
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_compose_refuses_to_start_without_a_required_secret(missing):
+    result = _run_compose("config", "--quiet", env=_compose_env(**{k: v for k, v in REQUIRED.items() if k != missing}))
     assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr
+    assert missing in result.stderr
+
+
+def _published(service: dict[str, Any]) -> dict[str, str]:
+    return {str(port["target"]): port.get("host_ip", "") for port in service.get("ports", [])}
+
+
+def test_compose_publishes_only_on_loopback_unless_told(compose_config):
+    services = compose_config["services"]
+    published = {name: _published(service) for name, service in services.items() if service.get("ports")}
+    assert published == {"prefect-server": {"4200": "127.0.0.1"}, "qdrant": {"6333": "127.0.0.1"},
+                         "vllm": {"8000": "127.0.0.1"}}
+    opened = _run_compose("config", "--format", "json", env=_compose_env(**REQUIRED, LONGREWARD_BIND_ADDRESS="10.1.2.3"))
+    assert opened.returncode == 0, opened.stderr
+    services = json.loads(opened.stdout)["services"]
+    assert {name: _published(services[name]) for name in published} == {
+        "prefect-server": {"4200": "10.1.2.3"}, "qdrant": {"6333": "10.1.2.3"}, "vllm": {"8000": "10.1.2.3"}}
+
+
+def test_the_prefect_api_asks_for_the_auth_string(compose_config):
+    services = compose_config["services"]
+    for name in ("prefect-server", "prefect-services"):
+        assert services[name]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == DUMMY_AUTH
+    for name in ("cpu-worker", "gpu-worker"):
+        assert services[name]["environment"]["PREFECT_API_AUTH_STRING"] == DUMMY_AUTH
+
+
+def test_vllm_serves_only_with_its_key_and_the_workers_present_it():
+    result = _run_compose("config", "--format", "json", env=_compose_env(**REQUIRED, VLLM_API_KEY=DUMMY_VLLM_KEY))
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    vllm = services["vllm"]
+    assert vllm["environment"]["VLLM_API_KEY"] == DUMMY_VLLM_KEY
+    # The key is checked when the container starts (an unset key stops it there) and given to vLLM.
+    assert vllm["entrypoint"] == ["/bin/sh", "-c"]
+    (script,) = vllm["command"]
+    assert ': "$${VLLM_API_KEY:?' in script and '--api-key "$${VLLM_API_KEY}"' in script and script.index(":?") < script.index("exec vllm serve")
+    for name in ("cpu-worker", "gpu-worker"):
+        env = services[name]["environment"]
+        assert env["LONGREWARD_JUDGE_API_KEY"] == env["LONGREWARD_POLICY_API_KEY"] == DUMMY_VLLM_KEY
+    # A judge key of its own wins over the vLLM key.
+    result = _run_compose("config", "--format", "json",
+                          env=_compose_env(**REQUIRED, VLLM_API_KEY=DUMMY_VLLM_KEY, LONGREWARD_JUDGE_API_KEY="judge-key-test-only"))
+    assert json.loads(result.stdout)["services"]["cpu-worker"]["environment"]["LONGREWARD_JUDGE_API_KEY"] == "judge-key-test-only"
 
 
 def test_compose_services_and_volumes(compose_config):
@@ -209,14 +262,20 @@ def test_compose_workers(compose_config):
         assert worker["build"]["dockerfile"] == "infra/Dockerfile"
         assert Path(worker["build"]["context"]).resolve() == ROOT
         command = worker["command"]
-        assert command[:3] == ["prefect", "worker", "start"]
+        assert command[:3] == ["prefect", "worker", "start"] and "--with-healthcheck" in command
         assert command[command.index("--type") + 1] == "process"
         pools[name] = command[command.index("--pool") + 1]
         env = worker["environment"]
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["PGPASSWORD"] == DUMMY_PASSWORD  # the shared call cache's database
-        # Passed through from the host by name: no value in the file.
-        assert "LONGREWARD_JUDGE_API_KEY" in env and env["LONGREWARD_JUDGE_API_KEY"] is None
+        # Heartbeats for the zombie-run automation: Prefect refuses less than 30 s, and the
+        # automation's default threshold must leave several beats.
+        assert 30 <= int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) <= _automations().DEFAULT_ZOMBIE_AFTER_S // 3
+        # The health check asks the worker's own health server (`--with-healthcheck`).
+        health = " ".join(worker["healthcheck"]["test"])
+        assert f"http://localhost:{env['PREFECT_WORKER_WEBSERVER_PORT']}/health" in health
+        # Passed through from the host: no value in the file, empty when the host has none.
+        assert env["LONGREWARD_JUDGE_API_KEY"] == ""
         assert {m["source"]: m["target"] for m in worker["volumes"]} == {"results": "/data"}
         assert worker["depends_on"]["prefect-server"]["condition"] == "service_healthy"
     assert pools == {"cpu-worker": "cpu", "gpu-worker": "gpu"}
@@ -224,7 +283,8 @@ def test_compose_workers(compose_config):
     for name in ("gpu-worker", "vllm"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in d.get("capabilities", []) for d in devices), f"{name} reserves no GPU"
-    assert "--model" in services["vllm"]["command"]
+    assert 'vllm serve "$${VLLM_MODEL}"' in services["vllm"]["command"][0]
+    assert services["vllm"]["environment"]["VLLM_MODEL"] == "Qwen/Qwen2.5-7B-Instruct"
     assert "vllm" in services["vllm"]["profiles"]
     assert services["vllm"]["image"].startswith("vllm/vllm-openai:")
     # The CPU side of the stack comes up with a plain `docker compose up`.
@@ -463,10 +523,10 @@ def _commands(lines: list[str]) -> list[str]:
 
 def test_the_readme_deploys_with_the_lines_the_stack_suite_runs():
     deploy_script = (ROOT / "infra" / "stack" / "deploy.sh").read_text().splitlines()
-    script_commands = [line for line in _commands(deploy_script) if line.startswith("prefect ")]
+    script_commands = [line for line in _commands(deploy_script) if line.startswith(("prefect ", "python "))]
     deploy, worker, *_ = _readme_blocks("### Against any Prefect server")
-    assert deploy[0].startswith("export PREFECT_API_URL=")
-    assert _commands(deploy[1:]) == script_commands and len(script_commands) == 4
+    assert deploy[0].startswith("export PREFECT_API_URL=") and deploy[1].startswith("export PREFECT_API_AUTH_STRING=")
+    assert _commands(deploy[2:]) == script_commands and len(script_commands) == 5
 
     from tests.stack.conftest import LINK_COMMAND, WORKER_COMMAND
 
@@ -491,3 +551,119 @@ def test_no_tracked_file_points_outside_the_repository():
     ]
     assert offenders == []
     assert (ROOT / "docs" / "method.md").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# infra/stack/automations.py: the automations deploy.sh creates (their effect: tests/stack)
+# --------------------------------------------------------------------------------------------
+
+
+def _automations():
+    spec = importlib.util.spec_from_file_location("longreward_automations", ROOT / "infra" / "stack" / "automations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_zombie_automation_is_prefects_detect_zombie_flows():
+    from prefect.events.schemas.automations import AutomationCore, Posture
+
+    automation = _automations().zombie_automation(300)
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))  # what the API takes
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive and trigger.threshold == 1
+    assert trigger.after == {"prefect.flow-run.heartbeat"} and trigger.expect == {"prefect.flow-run.*"}
+    assert trigger.for_each == {"prefect.resource.id"} and trigger.within.total_seconds() == 300
+    (action,) = automation.actions
+    assert (action.type, action.state.value) == ("change-flow-run-state", "CRASHED")
+
+
+def test_the_retry_automation_retries_only_a_crashed_nightly_a_bounded_number_of_times():
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.events.schemas.events import Resource, RelatedResource
+
+    automation = _automations().retry_automation(2)
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))
+    trigger = automation.trigger
+    assert trigger.expect == {"prefect.flow-run.Crashed"}
+
+    def matches(run_count: int, deployment: str) -> bool:
+        resource = Resource({"prefect.resource.id": "prefect.flow-run.abc", "prefect.run-count": str(run_count)})
+        related = RelatedResource({"prefect.resource.id": "prefect.deployment.def", "prefect.resource.role": "deployment",
+                                   "prefect.resource.name": deployment})
+        return trigger.match.matches(resource) and trigger.match_related.matches(related)
+
+    assert matches(1, "nightly-preference-build") and matches(2, "nightly-preference-build")
+    assert not matches(3, "nightly-preference-build")  # crashed again after two retries: left Crashed
+    assert not matches(1, "dpo-train")
+    (action,) = automation.actions
+    assert (action.state.value, action.name, action.force) == ("SCHEDULED", "AwaitingRetry", True)
+
+
+@pytest.mark.parametrize("value", ["abc", "30", "-1"])
+def test_the_automation_settings_refuse_nonsense(value, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_ZOMBIE_AFTER_S", value)
+    with pytest.raises(SystemExit, match="LONGREWARD_ZOMBIE_AFTER_S"):
+        _automations().main()
+
+
+def _render(template: str, event_resource: dict[str, str], payload: dict | None = None) -> str:
+    """A message as the server renders it (Prefect's own template validation and rendering)."""
+    import asyncio
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.server.utilities.user_templates import render_user_template, validate_user_template
+
+    validate_user_template(template)
+    event = ReceivedEvent(occurred=datetime.now(timezone.utc), event="test", resource=event_resource,
+                          payload=payload or {}, id=uuid4())
+    flow_run = SimpleNamespace(name="calm-otter", id="0b5f")
+    return json.loads(asyncio.run(render_user_template(template, {"event": event, "flow_run": flow_run})))["text"]
+
+
+def test_the_failed_nightly_message_names_the_run_the_reason_and_what_to_do():
+    from prefect.events.schemas.automations import AutomationCore
+    from uuid import uuid4
+
+    module = _automations()
+    automation = module.notify_failed_automation(uuid4(), retries=2)
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))
+    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    template = automation.actions[0].payload
+
+    def message(state: str, attempt: int, reason: str) -> str:
+        return _render(template, {"prefect.resource.id": "prefect.flow-run.0b5f", "prefect.state-name": state,
+                                  "prefect.run-count": str(attempt), "prefect.state-message": reason})
+
+    failed = message("Failed", 1, 'Shards failed: "shard-0001" <x>')  # quotes and markup stay valid JSON
+    assert failed.splitlines() == ["Nightly preference build calm-otter (flow run 0b5f) ended Failed on attempt 1:",
+                                   'Shards failed: "shard-0001" <x>',
+                                   "Retry (finished shards come back from the cache): prefect flow-run retry 0b5f"]
+    assert "retried automatically" in message("Crashed", 2, module.ZOMBIE_MESSAGE)
+    assert "prefect flow-run retry 0b5f" in message("Crashed", 3, module.ZOMBIE_MESSAGE)  # no retry left
+    assert "larger scoring.max_judge_cost_usd" in message("Failed", 1, "budget reached (shard-0000: ...)")
+
+
+def test_the_needs_review_message_gives_the_counts():
+    from prefect.events.schemas.automations import AutomationCore
+    from uuid import uuid4
+
+    from flows.preference_build import NEEDS_REVIEW_EVENT
+
+    automation = _automations().notify_review_automation(uuid4())
+    AutomationCore.model_validate(automation.model_dump(exclude={"id", "owner_resource"}))
+    assert automation.trigger.expect == {NEEDS_REVIEW_EVENT}
+    text = _render(automation.actions[0].payload, {"prefect.resource.id": "longreward.build./data/builds/x"},
+                   {"build": "/data/builds/x", "candidates": 20, "failed": 7, "rejected": 3, "quarantined_rows": 1,
+                    "pairs": 4, "failed_percent": "35.0", "threshold_percent": "5.0"})
+    assert "calm-otter (flow run 0b5f) published /data/builds/x with 7 of 20 candidates without a reward (35.0%, above 5.0%)" in text
+    assert "3 refused by the provider for good" in text and "1 input rows quarantined" in text
+
+
+@pytest.mark.parametrize("value", ["abc", "1", "-0.1"])
+def test_the_failed_share_setting_refuses_nonsense(value, monkeypatch):
+    monkeypatch.setenv("LONGREWARD_NOTIFY_FAILED_SHARE", value)
+    with pytest.raises(SystemExit, match="LONGREWARD_NOTIFY_FAILED_SHARE"):
+        _automations().main()

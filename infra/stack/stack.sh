@@ -6,9 +6,10 @@
 #   infra/stack/stack.sh up DIR     install what is missing, start everything, write DIR/env
 #   infra/stack/stack.sh down DIR   stop everything started under DIR and remove DIR
 #
-# DIR/env holds the settings a client needs (PREFECT_API_URL, the call cache's PostgreSQL URL);
-# `make test-stack` sources it. Run as root (it installs Debian packages and starts PostgreSQL as
-# the `postgres` user: PostgreSQL refuses to run as root). Everything listens on 127.0.0.1 only.
+# DIR/env holds the settings a client needs (PREFECT_API_URL and the auth string, the call cache's
+# PostgreSQL URL, the heartbeat settings); `make test-stack` sources it. Run as root (it installs Debian packages and starts PostgreSQL as
+# the `postgres` user: PostgreSQL refuses to run as root). Everything listens on 127.0.0.1 only,
+# and the Prefect API asks for basic auth, as in docker-compose.yml.
 set -euo pipefail
 
 cmd=${1:?usage: stack.sh up|down DIR}
@@ -43,9 +44,10 @@ up() {
     install_packages
     mkdir -p "$dir"
     chmod 755 "$dir"
-    local pg_port redis_port api_port password bin
+    local pg_port redis_port api_port password auth bin
     pg_port=$(free_port); redis_port=$(free_port); api_port=$(free_port)
     password=$("$python" -c 'import secrets; print(secrets.token_hex(16))')
+    auth="longreward:$("$python" -c 'import secrets; print(secrets.token_hex(16))')"
     bin=$(pg_bin)
 
     # PostgreSQL: a cluster of its own under DIR, owned by the postgres user.
@@ -65,8 +67,9 @@ up() {
     wait_for 30 redis redis-cli -p "$redis_port" ping
 
     # The settings of docker-compose.yml's x-prefect-server-env, pointed at loopback.
-    cat > "$dir/server.env" <<EOF
+    (umask 077; cat > "$dir/server.env") <<EOF
 export PREFECT_HOME=$dir/prefect-home
+export PREFECT_SERVER_API_AUTH_STRING=$auth
 export PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://postgres:$password@127.0.0.1:$pg_port/prefect
 export PREFECT_MESSAGING_BROKER=prefect_redis.messaging
 export PREFECT_MESSAGING_CACHE=prefect_redis.messaging
@@ -96,8 +99,13 @@ EOF
         echo $! > "$dir/services.pid"
     )
 
-    cat > "$dir/env" <<EOF
+    (umask 077; cat > "$dir/env") <<EOF
 export PREFECT_API_URL=http://127.0.0.1:$api_port/api
+export PREFECT_API_AUTH_STRING=$auth
+# Flow runs report a heartbeat every 30 s (Prefect's minimum); deploy.sh's automation marks a run
+# Crashed 90 s after its last one (docker-compose.yml and deploy.sh: 60 s and 300 s).
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
+export LONGREWARD_ZOMBIE_AFTER_S=90
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export LONGREWARD_STACK_DIR=$dir
 export LONGREWARD_TEST_PG_URL=postgresql://postgres@127.0.0.1:$pg_port/longreward

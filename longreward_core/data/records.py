@@ -405,6 +405,13 @@ class BuildCounts(BaseModel):
     prompts_without_pair: dict[str, int] = Field(description="Prompts that yielded no pair, by reason.")
 
 
+class CallCacheSize(BaseModel):
+    """How large a call cache is: its answers and the bytes it takes (file and WAL, or table and indexes)."""
+
+    rows: int
+    bytes: int
+
+
 class BuildManifest(BaseModel):
     """A published preference dataset's `manifest.json`: where it came from and what it holds."""
 
@@ -416,6 +423,7 @@ class BuildManifest(BaseModel):
     quarantine: str | None = Field(description="Path of the refused rows, when there were any.")
     judge_accounting: dict[str, Any] = Field(description="Judge requests over all shards (RunAccounting.to_dict()).")
     judge_cost_usd: float
+    call_cache: CallCacheSize | None = Field(None, description="The call cache's size once every shard was scored.")
     pairs_sha256: str | None = Field(None, description="Content hash of pairs.parquet, set when published.")
     batch_ids: list[str] = Field(
         default_factory=list, description="Batch mode: the ids of every batch the shards submitted (their ledgers name the lines)."

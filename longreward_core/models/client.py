@@ -423,7 +423,7 @@ class LLMClient:
             acc.tokenized_prompt_tokens += counted
             acc.cacheable_tokens += shared
         if self.cache is not None and (accept is None or accept(text)):
-            text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost)
+            text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost, model=self.config.model)
         return text
 
     def request_key(

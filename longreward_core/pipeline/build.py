@@ -35,6 +35,7 @@ from longreward_core.data.records import (
     BuildCounts,
     BuildManifest,
     BuildModels,
+    CallCacheSize,
     Candidate,
     InputFile,
     SampleReport,
@@ -153,10 +154,12 @@ def build_manifest(
     candidates_path: str | Path | None,
     parameters: dict[str, Any],
     models: BuildModels,
+    call_cache: CallCacheSize | None = None,
 ) -> BuildManifest:
     """The manifest of a build: its inputs with their content hashes, the parameters and models,
-    counts over every shard's score summary, and the judge accounting summed over the shards.
-    `pairs_sha256` is set by `publish_dataset`."""
+    counts over every shard's score summary, the judge accounting summed over the shards, and the
+    call cache's size (`call_cache`, measured once the shards are scored). `pairs_sha256` is set
+    by `publish_dataset`."""
     accounting = RunAccounting()
     for summary in shard_summaries:
         accounting.add(summary.judge)
@@ -185,6 +188,7 @@ def build_manifest(
         judge_accounting=accounting.to_dict(),
         judge_cost_usd=accounting.total.cost_usd,
         batch_ids=[batch_id for s in shard_summaries if s.batch for batch_id in s.batch.batch_ids],
+        call_cache=call_cache,
     )
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ NIGHTLY = "preference-build/nightly-preference-build"
 # against the README): the code where the deployments' pull step looks, then the worker. Tests add
 # a name so that each worker's log is its own.
 LINK_COMMAND = 'ln -sfn "$PWD" /opt/longreward'
-WORKER_COMMAND = "prefect worker start --pool cpu"
+WORKER_COMMAND = "prefect worker start --pool cpu --with-healthcheck"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -56,17 +57,27 @@ def prefect(*args: str, check: bool = True) -> str:
 
 
 class Worker:
-    """A `cpu` process worker in its own process group, logging to the stack folder."""
+    """A `cpu` process worker in its own process group, logging to the stack folder, its health
+    check on a port of its own (`health_url`)."""
 
     def __init__(self, name: str, env: dict[str, str]):
         subprocess.run(["bash", "-c", LINK_COMMAND], cwd=ROOT, check=True)
         self.name = name
         self.log_path = stack_dir() / f"worker-{name}.log"
-        command = shlex.split(WORKER_COMMAND) + ["--name", name]
+        self.log_path.write_text("")
+        self._env = env
+        self.start()
+
+    def start(self) -> None:
+        """Start the worker (again, after `stop`: same name, a log that goes on)."""
+        port = free_port()
+        self.health_url = f"http://127.0.0.1:{port}/health"
+        command = shlex.split(WORKER_COMMAND) + ["--name", self.name]
         command[0] = str(BIN / "prefect")
-        self._log = self.log_path.open("w")
+        self._log = self.log_path.open("a")
+        env = {**self._env, "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(port)}
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        (stack_dir() / f"worker-{name}.pid").write_text(str(self.process.pid))
+        (stack_dir() / f"worker-{self.name}.pid").write_text(str(self.process.pid))
 
     def stop(self) -> None:
         try:
@@ -82,6 +93,12 @@ class Worker:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def worker_env(**extra: str) -> dict[str, str]:
@@ -104,7 +121,7 @@ def worker_env(**extra: str) -> dict[str, str]:
 def deployed() -> Path:
     """The project deployed with the README's steps (infra/stack/deploy.sh)."""
     folder = stack_dir()
-    if (folder / "deployed").exists():  # once per stack: a second `prefect deploy` run would find the pools
+    if (folder / "deployed").exists():  # once per stack (deploy.sh can run again, but takes a minute)
         return folder
     done = subprocess.run(["bash", str(ROOT / "infra" / "stack" / "deploy.sh")], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"deploy.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -149,6 +166,20 @@ def wait_final(run_id: str, timeout_s: float = 240, worker: Worker | None = None
             tail = worker.log()[-4000:] if worker else ""
             raise AssertionError(f"flow run {run_id} still {run.state.type.value if run.state else None} after {timeout_s} s\n{tail}")
         time.sleep(1)
+
+
+async def _task_states(run_id: str) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        return [(task.name, task.state.name if task.state else "") for task in tasks]
+
+
+def task_states(run_id: str) -> list[tuple[str, str]]:
+    """(task name, state name) of every task run of the flow run."""
+    return asyncio.run(_task_states(run_id))
 
 
 async def _run_logs(run_id: str) -> list[str]:

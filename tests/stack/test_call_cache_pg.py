@@ -1,5 +1,6 @@
 """The PostgreSQL call cache against a real server: shared across processes and runs, first writer
-wins, only parsed answers stored, identical requests in flight sent once.
+wins, only parsed answers stored, identical requests in flight sent once; an old table migrated in
+place, stats by model and age, pruning while another connection writes, `longreward cache` by URL.
 
 Needs $LONGREWARD_TEST_PG_URL (e.g. postgresql://lr@127.0.0.1:5432/lrcache, the password from
 PGPASSWORD or ~/.pgpass): a role that may create schemas in that database. Each test works in a
@@ -16,13 +17,16 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 
+from longreward_core.models import call_cache
 from longreward_core.models.call_cache import (
+    DAY_S,
     TABLE,
     PostgresCallCache,
     open_call_cache,
@@ -32,6 +36,7 @@ from longreward_core.reward.verdicts import RATING
 from longreward_testing.judge_double import Fault
 from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
 from tests.stack.cache_client import question
+from tests.test_retention import check_stats_by_model_and_age, prune_beside_a_writer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -209,6 +214,97 @@ def test_two_score_runs_share_the_cache_by_url(judge_server, sample_paths, tmp_p
     accounting = json.loads((tmp_path / "second" / "accounting.json").read_text())
     assert accounting["judge"]["total"]["calls"] == 0 and accounting["judge"]["total"]["cache_hits"] > 0
     assert len(rows(pg_url)) == paid  # every answer of the double parsed: one row per request
+
+
+def stamp(url: str, used_days_ago: float, keys: list[str] | None = None) -> None:
+    """Set the answers' last use (all, or `keys`) to `used_days_ago` days ago, as time would."""
+    import psycopg
+
+    used = time.time() - used_days_ago * DAY_S
+    with psycopg.connect(url, autocommit=True) as db:
+        if keys is None:
+            db.execute(f"UPDATE {TABLE} SET used_at = %s, stored_at = %s", (used, used))
+        for key in keys or []:
+            db.execute(f"UPDATE {TABLE} SET used_at = %s, stored_at = %s WHERE key = %s", (used, used, key))
+
+
+def stamps(url: str) -> dict[str, tuple]:
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        return {k: rest for k, *rest in db.execute(f"SELECT key, stored_at, used_at, model FROM {TABLE}").fetchall()}
+
+
+def test_an_old_table_is_migrated_in_place_with_its_answers_stamped_now(pg_url):
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as db:  # the table as made before stamps and models
+        db.execute(f"CREATE TABLE {TABLE} (key TEXT PRIMARY KEY, text TEXT NOT NULL, prompt_tokens INTEGER,"
+                   " completion_tokens INTEGER, cost DOUBLE PRECISION)")
+        for i in range(3):
+            db.execute(f"INSERT INTO {TABLE} VALUES (%s, %s, 3, 4, 0.5)", (f"old{i}", f"answer {i}"))
+    before = time.time()
+    caches = [PostgresCallCache(pg_url) for _ in range(2)]  # a second opener finds it migrated
+    after = time.time()
+    assert caches[1].get("old1") == ("answer 1", 3, 4, 0.5)
+    assert caches[0].put("new", "fresh", 1, 2, 0.0, model="openai/judge") == "fresh"
+    found = stamps(pg_url)
+    assert all(before <= found[f"old{i}"][0] <= after and found[f"old{i}"][2] is None for i in range(3))
+    assert found["new"][0] >= after and found["new"][2] == "openai/judge"
+    assert caches[0].stats().by_model == [("unknown", 3, 24), ("openai/judge", 1, 5)]
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT to_regclass(%s)", (f"{TABLE}_used_at",)).fetchone()[0] is not None
+    for cache in caches:
+        cache.close()
+
+
+def test_stats_count_answers_by_model_and_by_age_of_last_use(pg_url):
+    cache = PostgresCallCache(pg_url)
+    check_stats_by_model_and_age(cache, lambda days, keys: stamp(pg_url, days, keys))
+    cache.close()
+
+
+def test_prune_while_another_connection_writes_loses_no_new_answer(pg_url, monkeypatch):
+    """Old answers go in many short chunks while another connection keeps storing and reading:
+    every answer it stored is kept, and so is an old answer used lately."""
+    import psycopg
+
+    monkeypatch.setattr(call_cache, "PRUNE_CHUNK", 200)
+    PostgresCallCache(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute(f"INSERT INTO {TABLE} (key, text, stored_at, used_at, model) SELECT 'old' || i, repeat('y', 200),"
+                   " 0, 0, 'judge' FROM generate_series(0, 2999) AS i")
+    stamp(pg_url, 40)
+    stamp(pg_url, 10, ["old7"])
+    pruned, stored = prune_beside_a_writer(lambda: PostgresCallCache(pg_url), time.time() - 30 * DAY_S)
+    assert pruned.rows == 2999 and pruned.text_bytes == 2999 * 200
+    assert set(stamps(pg_url)) == {"old7", *stored}
+    assert pruned.space.startswith("the deleted rows' space is reused by new answers")
+
+
+def test_cache_commands_by_url_read_the_password_from_pgpassword(pg_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    url, password = split_password(pg_url)
+    if password:
+        monkeypatch.setenv("PGPASSWORD", password)
+    cache = open_call_cache(pg_url)
+    for i in range(4):
+        cache.put(f"k{i}", "answer", 1, 1, 0.0, model="openai/judge-model")
+    cache.close()
+    stamp(pg_url, 45, ["k0", "k1"])
+    runner = CliRunner()
+    shown = runner.invoke(app, ["cache", "stats", url], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert ": 4 answers" in shown.output and "openai/judge-model" in shown.output and "30-90 days      │ 2" in shown.output
+    pruned = runner.invoke(app, ["cache", "prune", url, "--older-than", "30d"], env={"COLUMNS": "200"})
+    assert pruned.exit_code == 0, pruned.output
+    assert "removed 2 answers not used for 30d (12 B of answer text)" in pruned.output
+    assert set(stamps(pg_url)) == {"k2", "k3"}
+    bad = runner.invoke(app, ["cache", "prune", url, "--older-than", "30days"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "duration '30days'" in bad.output
 
 
 # Two builds sharing the cache through the flow's `cache_url`, on two workers of a real stack with

@@ -8,7 +8,11 @@ retry`) and reads back what the server and the judge saw.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import pytest
 
 from longreward_testing.judge_double import Fault, JudgeDouble
 from longreward_testing.scenarios import TEST_API_KEY, write_inputs
-from tests.stack.browser import rendered_dom, screenshot
+from tests.stack.browser import browser, logged_in
 from tests.stack.conftest import (
     NIGHTLY,
     build_params,
@@ -24,6 +28,7 @@ from tests.stack.conftest import (
     published_pairs,
     run_logs,
     start_run,
+    task_states,
     wait_final,
 )
 from tests.test_flow import cedar_logicality_outage
@@ -32,14 +37,6 @@ pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "out" / "stack" / "ui"  # kept after the stack is removed
-
-async def _task_states(run_id: str) -> list[tuple[str, str]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async with get_client() as client:
-        tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-        return [(task.name, task.state.name if task.state else "") for task in tasks]
 
 
 def test_a_deployment_run_of_the_nightly_build_completes_and_publishes(worker, judge, tmp_path):
@@ -56,18 +53,44 @@ def test_a_deployment_run_of_the_nightly_build_completes_and_publishes(worker, j
     assert TEST_API_KEY not in json.dumps(run.parameters)
     assert set(judge.double.authorization) == {f"Bearer {TEST_API_KEY}"}
 
-    # What the user sees: the build's artifacts rendered by Prefect's UI in a browser.
+    # What the user sees: the build's artifacts rendered by Prefect's UI in a browser, once logged in.
     artifacts = {artifact.key: artifact for artifact in asyncio.run(_artifacts(run_id)) if artifact.key}
     assert {"shards", "rewards", "judge-accounting"} <= set(artifacts), sorted(artifacts)
-    shards_page = rendered_dom(f"/artifacts/artifact/{artifacts['shards'].id}")
-    assert "shard-0000" in shards_page and "shard-0001" in shards_page
-    accounting_page = rendered_dom(f"/artifacts/artifact/{artifacts['judge-accounting'].id}")
-    assert "helpfulness" in accounting_page
-    rewards_page = rendered_dom(f"/artifacts/artifact/{artifacts['rewards'].id}")
-    assert "Reward histogram" in rewards_page and '<img src="data:image/png;base64,' in rewards_page
-    for key in ("rewards", "shards"):
-        shot = screenshot(f"/artifacts/artifact/{artifacts[key].id}", SCREENSHOTS / f"{key}.png")
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with logged_in() as page:
+        shards_page = page.open(f"/artifacts/artifact/{artifacts['shards'].id}", until="shard-0000")
+        assert "shard-0001" in shards_page
+        _png(page.screenshot(SCREENSHOTS / "shards.png", width=1400, height=1200))
+        page.open(f"/artifacts/artifact/{artifacts['judge-accounting'].id}", until="helpfulness")
+        rewards_page = page.open(f"/artifacts/artifact/{artifacts['rewards'].id}", until='<img src="data:image/png;base64,')
+        assert "Reward histogram" in rewards_page
+        _png(page.screenshot(SCREENSHOTS / "rewards.png", width=1400, height=1200))
+
+
+def _png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_api_and_the_ui_ask_strangers_for_the_auth_string(deployed):
+    api = os.environ["PREFECT_API_URL"]
+    # The health check answers anyone (compose's health check and load balancers use it).
+    assert _status(f"{api}/health") == 200
+    for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"longreward:wrong").decode()}):
+        assert _status(f"{api}/deployments/filter", headers, body=b"{}") == 401
+        assert _status(f"{api}/flow_runs/filter", headers, body=b"{}") == 401
+    token = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
+    assert _status(f"{api}/deployments/filter", {"Authorization": f"Basic {token}"}, body=b"{}") == 200
+    # The UI of a browser that has not logged in shows the login form, not the runs.
+    with browser() as page:
+        page.open("/runs", until='placeholder="admin:pass"')
+
+
+def _status(url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 async def _artifacts(run_id: str):
@@ -120,7 +143,7 @@ def test_a_judge_outage_on_one_shard_is_retried_paying_only_what_never_succeeded
     # Only the calls that never got an answer: one logicality verdict per CEDAR candidate.
     assert double.counts() == {"logicality": 5}
     assert all("CEDAR" in r.content and r.content not in answered for r in double.requests)
-    states = asyncio.run(_task_states(run_id))
+    states = task_states(run_id)
     cached_scores = [name for name, state in states if name.startswith("score-shard") and state == "Cached"]
     assert len(cached_scores) == 2, states  # shard-0000 and shard-0002 come back from the first attempt
     assert published_pairs(tmp_path).height == 5
@@ -155,10 +178,14 @@ def test_the_scheduler_creates_runs_and_the_worker_completes_one(worker, judge, 
     # run starts while this one is checked.)
     prompts, candidates = write_inputs(tmp_path, n_prompts=2)
     params = build_params(tmp_path, judge, prompts, candidates)
-    first_slot = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
     prefect("--no-prompt", "deploy", "flows/preference_build.py:preference_build", "--name", "hourly-check",
-            "--pool", "cpu", "--interval", "3600", "--anchor-date", first_slot, "--params", json.dumps({"params": params}))
+            "--pool", "cpu", "--params", json.dumps({"params": params}))
     try:
+        # The schedule comes after the deployment: `prefect deploy` can take longer than the lead
+        # on a busy machine, and a first slot already past would put the first run an hour later.
+        first_slot = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
+        prefect("deployment", "schedule", "create", "preference-build/hourly-check", "--interval", "3600",
+                "--anchor-date", first_slot)
         run_id = _first_scheduled_run("hourly-check", within_s=90)
         run = wait_final(run_id, timeout_s=300, worker=worker)
     finally:
