@@ -1,4 +1,4 @@
-"""Judge bill benchmark: the full schedule against exact pair pruning, side by side in one run.
+"""Judge bill benchmark: the full schedule, exact pair pruning and batch mode, side by side in one run.
 
 P prompts x N candidates against the loopback judge (longreward_testing/judge_double.py, in this process). Each
 document is a few thousand tokens of sentences; each candidate makes 4-12 statements, each one a
@@ -11,8 +11,11 @@ same judge, each with an empty call cache (the chunk index is shared: it costs n
 Reported per mode: judge calls, support calls, prompt / cached / completion tokens, the cacheable
 share (tokens of the configured tokenizer: the longest prefix each request shares with an earlier
 one to the same model), the bill at list prices uncached and at cached prices (as litellm prices
-the double's reported cached tokens), USD per published pair; and whether both modes published the
-same pairs.
+the double's reported cached tokens), USD per published pair; and whether every mode published the
+full run's pairs. Batch modes (the double's Batch API, answers priced at gpt-4.1-mini's batch prices)
+also report their waves, online requests (0 expected), lines submitted twice; one runs under 20%
+failed lines and an expired batch, one is killed (SIGKILL, in a process of its own) while a wave
+waits and then run again.
 
     .venv/bin/python bench/bench_cost.py [--prompts 20] [--candidates 10] [--seed 11]
 """
@@ -21,9 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -34,15 +41,19 @@ import litellm
 
 from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import CallAccounting
+from longreward_core.models.batch import LEDGER_FILE, BatchLedger
 from longreward_core.pipeline.score_files import pairs_files, score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
-from longreward_testing.judge_double import JudgeDouble, JudgeServer, normal_text, slot
+from longreward_testing.judge_double import JudgeDouble, JudgeServer, fault_mix, normal_text, slot
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# List prices of gpt-4.1-mini as in litellm's bundled price table (USD per token).
-PRICES = {"input_cost_per_token": 4e-7, "cache_read_input_token_cost": 1e-7, "output_cost_per_token": 1.6e-6}
+# List prices of gpt-4.1-mini as in litellm's bundled price table (USD per token), its batch prices included.
+PRICES = {
+    "input_cost_per_token": 4e-7, "cache_read_input_token_cost": 1e-7, "output_cost_per_token": 1.6e-6,
+    "input_cost_per_token_batches": 2e-7, "output_cost_per_token_batches": 8e-7,
+}
 PRICED_MODEL = "judge-double-bench"
 # A real judge writes a short analysis before its verdict; the double's answers carry one of this length.
 ANALYSIS = "Analysis: " + ("the response is weighed against the question and the material given; " * 6).strip()
@@ -95,8 +106,59 @@ def scripted_judge(grounding: dict[str, float]) -> JudgeDouble:
     return JudgeDouble(answers={"helpfulness": rating, "logicality": rating, "completeness": rating, "support": support})
 
 
+# (mode, prune, batch): the online runs, the batch runs, and the batch run under faults / killed mid-wave.
+MODES = (
+    ("full", False, False), ("pruned", True, False), ("batch", False, True), ("pruned_batch", True, True),
+    ("pruned_batch_faults", True, True), ("pruned_batch_killed", True, True),
+)
+# The same run in a process of its own, killed (SIGKILL) while it waits for a wave.
+KILLED_RUN = """
+import sys
+from longreward_core.data.pairs import PairConfig
+from longreward_core.pipeline.score_files import score_files
+from longreward_core.reward.judge import JudgeConfig
+from longreward_core.reward.scorer import ScoringConfig
+score_files(sys.argv[1], sys.argv[2], sys.argv[3], JudgeConfig.model_validate_json(sys.argv[4]), ScoringConfig(prune=True),
+            cache_path=sys.argv[5], pair_config=PairConfig(min_candidates=int(sys.argv[6])))
+"""
+
+
+def kill_mid_wave(server: JudgeServer, prompts: Path, candidates: Path, work: Path, config: JudgeConfig, mode: str,
+                  min_candidates: int) -> dict:
+    """Start the run in a subprocess, kill -9 it once its second wave is submitted and waiting;
+    the batch ids it left live (the rerun that follows must poll these, submitting none of their lines)."""
+    api = server.double.batch_api
+    api.delay_s = 3.0
+    ledger = work / "out" / LEDGER_FILE
+    settings = config.model_dump_json(exclude={"api_key"})
+    env = {**os.environ, "LONGREWARD_JUDGE_API_KEY": "bench"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(prompts), str(candidates), str(work / "out"), settings,
+         str(work / f"cache-{mode}.sqlite"), str(min_candidates)], env=env,
+    )
+    try:
+        while process.poll() is None and BatchLedger(ledger).waves() < 2:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    api.delay_s = 0.0
+    live = [r.batch_id for r in BatchLedger(ledger).live()]
+    return {"killed_with_live_batches": live, "lines_submitted_before_the_kill": len(api.submitted)}
+
+
 def bill(total: CallAccounting) -> float:
     return total.prompt_tokens * PRICES["input_cost_per_token"] + total.completion_tokens * PRICES["output_cost_per_token"]
+
+
+def batch_bill_stacked(total: CallAccounting) -> float:
+    """The bill of batch answers if the batch discount also halved the cached-input price, as
+    Anthropic's does (litellm's table has no batch price for cached input of gpt-4.1-mini, so it
+    bills cached input in a batch at the online cached price)."""
+    uncached = total.prompt_tokens - total.cached_tokens
+    return (uncached * PRICES["input_cost_per_token_batches"] + total.cached_tokens * PRICES["cache_read_input_token_cost"] / 2
+            + total.completion_tokens * PRICES["output_cost_per_token_batches"])
 
 
 def main() -> None:
@@ -118,18 +180,27 @@ def main() -> None:
         modes = {}
         with JudgeServer(scripted_judge(grounding)) as server:
             judge = JudgeConfig(model=f"openai/{PRICED_MODEL}", api_base=server.api_base, api_key="bench", concurrency=16)
-            for mode in ("full", "pruned"):
+            api = server.double.batch_api
+            for mode, prune, batch in MODES:
                 server.double.reset()
+                api.reset()
+                api.line_fault, api.expire = (fault_mix(0.2, ["500"], seed=5), {1}) if mode == "pruned_batch_faults" else (None, set())
                 server.double._prompts.clear()  # each mode meets a cold provider cache
+                (work / "out" / LEDGER_FILE).unlink(missing_ok=True)
+                config = judge.model_copy(update={"batch": batch, "batch_poll_s": 0.05})
+                scoring = ScoringConfig(prune=prune)
                 t0 = time.perf_counter()
-                run = score_files(prompts, candidates, work / "out", judge, ScoringConfig(prune=mode == "pruned"),
+                killed = kill_mid_wave(server, prompts, candidates, work, config, mode, args.min_candidates) if mode == "pruned_batch_killed" else None
+                run = score_files(prompts, candidates, work / "out", config, scoring,
                                   cache_path=work / f"cache-{mode}.sqlite", pair_config=pair_config)
                 wall = time.perf_counter() - t0
                 pairs = pairs_files(run.scores_path, prompts, candidates, work / f"pairs-{mode}.parquet", pair_config)
                 s, total = run.summary, run.summary.judge.total
                 modes[mode] = {
                     "judge_calls": total.calls,
-                    "support_calls": server.double.count("support"),
+                    "online_chat_requests": server.double.count(),
+                    "batch_lines_answered": api.count(),
+                    "support_calls": server.double.count("support") + api.count("support"),
                     "judge_calls_per_prompt": total.calls / args.prompts,
                     "prompt_tokens": total.prompt_tokens,
                     "provider_cached_tokens": total.cached_tokens,
@@ -147,26 +218,50 @@ def main() -> None:
                     "wall_seconds": round(wall, 2),
                     "_pairs": sorted((p.prompt_id, p.chosen_id, p.rejected_id, p.chosen_reward, p.rejected_reward) for p in pairs.pairs),
                 }
+                if batch:
+                    modes[mode].update(
+                        usd_if_the_batch_discount_stacked_with_caching=round(batch_bill_stacked(total), 6),
+                        waves=s.batch.waves, batches=len(s.batch.batch_ids), batch_pricing=s.batch.pricing,
+                        lines_submitted=len(api.submitted), lines_submitted_twice=len(api.submitted) - len(set(api.submitted)),
+                        failed_lines=total.batch_failed_lines,
+                        expired_batches=sum(b["status"] == "expired" for b in api.batches.values()),
+                    )
+                if killed is not None:
+                    modes[mode].update(killed)
         full, pruned = modes["full"], modes["pruned"]
-        same = full.pop("_pairs") == pruned.pop("_pairs") and full["prompts_without_pair"] == pruned["prompts_without_pair"]
-        for m in (full, pruned):
+        reference = (full["_pairs"], full["prompts_without_pair"])
+        identical = {mode: (m.pop("_pairs"), m["prompts_without_pair"]) == reference for mode, m in modes.items()}
+        same = identical["pruned"]
+        for m in modes.values():
             m["usd_per_pair_uncached"] = round(m["usd_uncached"] / m["pairs"], 6) if m["pairs"] else None
             m["usd_per_pair_at_cached_prices"] = round(m["usd_at_cached_prices"] / m["pairs"], 6) if m["pairs"] else None
+        pruned_batch = modes["pruned_batch"]
         result = {
             "date": date.today().isoformat(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "prices_usd_per_million_tokens": {k: round(v * 1e6, 4) for k, v in PRICES.items()},
-            "full": full,
-            "pruned": pruned,
+            **modes,
             "pairs_identical": same,
+            "pairs_identical_to_the_full_run": identical,
             "support_calls_saved_share": round(1 - pruned["support_calls"] / full["support_calls"], 4),
             "pruned_cached_bill_over_full_uncached_bill": round(pruned["usd_at_cached_prices"] / full["usd_uncached"], 4),
+            "pruned_batch_bill_over_full_uncached_bill": round(pruned_batch["usd_at_cached_prices"] / full["usd_uncached"], 4),
+            "pruned_batch_bill_over_full_uncached_bill_if_the_discount_stacked": round(
+                pruned_batch["usd_if_the_batch_discount_stacked_with_caching"] / full["usd_uncached"], 4
+            ),
             "targets": {
                 "pairs identical in 100% of prompts": same,
                 ">= 25% fewer support calls": 1 - pruned["support_calls"] / full["support_calls"] >= 0.25,
                 ">= 60% cacheable share (pruned run)": pruned["cacheable_share"] >= 0.60,
                 "bill at cached prices <= 0.5x the full uncached bill": pruned["usd_at_cached_prices"] <= 0.5 * full["usd_uncached"],
+                "batch modes: pairs identical to the full run": all(identical.values()),
+                "pruned batch bill <= 0.25x the full uncached bill": pruned_batch["usd_at_cached_prices"] <= 0.25 * full["usd_uncached"],
+                "batch modes: 0 online chat requests": all(m["online_chat_requests"] == 0 for k, m in modes.items() if "batch" in k),
+                "kill -9 mid-wave: 0 lines submitted twice": modes["pruned_batch_killed"]["lines_submitted_twice"] == 0,
+                "20% failed lines + an expired batch: every candidate scored or pruned": (
+                    modes["pruned_batch_faults"]["failed"] == 0 and identical["pruned_batch_faults"]
+                ),
             },
         }
     finally:

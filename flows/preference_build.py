@@ -237,10 +237,11 @@ def _shard_table(results: dict[str, dict[str, Any]], failed: dict[str, str]) -> 
             s = results[name]["summary"]
             t = s.judge.total
             rows.append({"shard": name, "status": "completed", "candidates": s.candidates, "scored": s.scored,
-                         "failed": s.failed, "judge requests": t.calls, "cache hits": t.cache_hits})
+                         "failed": s.failed, "judge requests": t.calls, "cache hits": t.cache_hits,
+                         "batches": len(s.batch.batch_ids) if s.batch else 0})
         else:
             rows.append({"shard": name, "status": "failed", "candidates": None, "scored": None, "failed": None,
-                         "judge requests": None, "cache hits": None, "reason": failed[name][:200]})
+                         "judge requests": None, "cache hits": None, "batches": None, "reason": failed[name][:200]})
     create_table_artifact(key="shards", table=rows, description=f"Shards of this build ({_attempt()})")
 
 

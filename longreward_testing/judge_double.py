@@ -19,6 +19,9 @@ with `answers`. `POST .../embeddings` answers 8 numbers per text, from its hash 
 "embedding"). The `model` of every request and its Authorization header are recorded (`models`,
 `authorization`; `listed_by` for `GET /models`); `only_served_models` answers 404 for a model not in `served_models`, as vLLM does.
 
+Batch requests (`/v1/files`, `/v1/batches`) go to `batch_api` (`longreward_testing.batch_double`), whose
+lines are answered by the same script and logged apart from online requests.
+
 Usage counts 4 characters as a token and reports a prompt cache as OpenAI does
 (`prompt_tokens_details.cached_tokens`): the prefix a prompt shares with an earlier prompt to the
 same model, in whole 128-token blocks, for prompts of 1024 tokens or more.
@@ -37,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from longreward_testing.batch_double import BatchAPI
 
 TASKS = {
     "[Task: grade HELPFULNESS]": "helpfulness",
@@ -180,6 +185,11 @@ class JudgeDouble:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._prompts: dict[str, list[str]] = {}  # per model, earlier prompts in sorted order
+        # `/v1/files` and `/v1/batches`; its lines are answered as chat requests are.
+        self.batch_api = BatchAPI(
+            lambda body: Request(task_of(text := message_text(body["messages"][-1]["content"])), body.get("temperature"), text, time.monotonic()),
+            lambda request, body, index, fault: self.completion(request, body, index, True, fault),
+        )
 
     def cached_tokens(self, model: str, content: str) -> int:
         """Tokens of `content` a provider's prefix cache serves: the longest prefix shared with an
@@ -216,6 +226,43 @@ class JudgeDouble:
             words = slot(c, "document_chunk").split()[:8]
             return "[[information]]\n- " + " ".join(words) + "\n[[end]]" if words else "[[none]]"
         return "I cannot tell."
+
+
+    def completion(self, request: Request, payload: dict[str, Any], index: int, chat: bool, fault: Fault | None) -> dict[str, Any]:
+        """The completion body answering `request` (`payload` as sent), with usage and prompt cache."""
+        content = request.content
+        request.cached_tokens = self.cached_tokens(payload.get("model", ""), content)
+        n = int(payload.get("n") or 1)
+        text: str | None = self.answer(request)
+        extra = [self.answer(request) for _ in range(n - 1)] if n > 1 and self.n_mode == "serve" else []
+        if fault is not None and fault.kind == "no_verdict":
+            text = "I think it is fine."
+        if fault is not None and fault.kind == "null":
+            text = None
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            if chat
+            else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+        )
+        more = [
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+            if chat else {"index": i, "text": t, "logprobs": None, "finish_reason": "stop"}
+            for i, t in enumerate(extra, start=1)
+        ]
+        body = {
+            "id": f"chatcmpl-{index}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": payload.get("model", "judge-double"),
+            "choices": [choice, *more],
+            "usage": {
+                "prompt_tokens": len(content) // 4,
+                "completion_tokens": sum(len(t or "") // 4 for t in [text, *extra]),
+                "total_tokens": len(content) // 4 + sum(len(t or "") // 4 for t in [text, *extra]),
+                "prompt_tokens_details": {"cached_tokens": request.cached_tokens},
+            },
+        }
+        return body
 
     def count(self, task: str | None = None) -> int:
         with self._lock:
@@ -281,6 +328,8 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
             self._send(200, json.dumps(body).encode())
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self._batch_api("GET"):
+                return
             if self.path == "/stats":
                 self._send(200, json.dumps({"requests": double.count(), "by_task": double.counts()}).encode())
             elif self.path.endswith("/models"):
@@ -291,7 +340,16 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
             else:
                 self._send(404, b'{"error": {"message": "not found"}}')
 
+        def _batch_api(self, method: str) -> bool:
+            if "/files" not in self.path and "/batches" not in self.path:
+                return False
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0))) if method == "POST" else b""
+            self._send(*double.batch_api.handle(method, self.path, self.headers, body))
+            return True
+
         def do_POST(self) -> None:  # noqa: N802
+            if self._batch_api("POST"):
+                return
             length = int(self.headers.get("Content-Length", 0))
             payload = json.loads(self.rfile.read(length) or b"{}")
             with double._lock:
@@ -340,41 +398,12 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                 if fault is not None and fault.kind == "broken_body":
                     self._send(200, b'{"choices": [ this is not json')
                     return
-                request.cached_tokens = double.cached_tokens(payload.get("model", ""), content)
                 n = int(payload.get("n") or 1)
                 if n > 1 and double.n_mode == "refuse":
                     body = json.dumps({"error": {"message": "n > 1 is not supported by this server", "type": "invalid_request"}})
                     self._send(400, body.encode())
                     return
-                text: str | None = double.answer(request)
-                extra = [double.answer(request) for _ in range(n - 1)] if n > 1 and double.n_mode == "serve" else []
-                if fault is not None and fault.kind == "no_verdict":
-                    text = "I think it is fine."
-                if fault is not None and fault.kind == "null":
-                    text = None
-                choice = (
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                    if chat
-                    else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
-                )
-                more = [
-                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
-                    if chat else {"index": i, "text": t, "logprobs": None, "finish_reason": "stop"}
-                    for i, t in enumerate(extra, start=1)
-                ]
-                body = {
-                    "id": f"chatcmpl-{index}",
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": int(time.time()),
-                    "model": payload.get("model", "judge-double"),
-                    "choices": [choice, *more],
-                    "usage": {
-                        "prompt_tokens": len(content) // 4,
-                        "completion_tokens": sum(len(t or "") // 4 for t in [text, *extra]),
-                        "total_tokens": len(content) // 4 + sum(len(t or "") // 4 for t in [text, *extra]),
-                        "prompt_tokens_details": {"cached_tokens": request.cached_tokens},
-                    },
-                }
+                body = double.completion(request, payload, index, chat, fault)
                 try:
                     self._send(200, json.dumps(body).encode())
                 except (BrokenPipeError, ConnectionResetError):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from longreward_core.data.pairs import PairConfig
 from longreward_core.pipeline.score_files import score_files
+from longreward_core.reward.batch_executor import WaveReport
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
 from tasks.caching import (
@@ -52,7 +55,8 @@ def score_shard(
     half-done; its finished judge calls are in the call cache."""
     shard = Path(shard_dir)
     judge = with_secret_key(judge, judge_key_secret)
-    limit = judge_limit(judge_slots, judge_limit_strict) if judge_slots else None
+    # Batch mode sends no online request: its shard holds no judge slot while its batches wait.
+    limit = judge_limit(judge_slots, judge_limit_strict) if judge_slots and not judge.batch else None
     if limit is None:
         slots = contextlib.nullcontext()
     else:
@@ -64,7 +68,8 @@ def score_shard(
         slots = concurrency(judge_slots, occupy=held, strict=judge_limit_strict)
     with slots:
         run = score_files(shard / "prompts.parquet", shard / "candidates.parquet", shard, judge, scoring,
-                          cache_path=with_cache_password(cache_path, cache_password_secret), pair_config=pairs)
+                          cache_path=with_cache_password(cache_path, cache_password_secret), pair_config=pairs,
+                          on_wave=lambda wave: _batches_artifact(shard_name, wave))
     summary = run.summary
     logger = get_run_logger()
     total = summary.judge.total
@@ -75,6 +80,14 @@ def score_shard(
     if summary.unreachable:
         raise ShardIncomplete(f"{shard_name}: the judge was unreachable for {summary.unreachable} candidates")
     return {"shard": shard_name, "scores": str(run.scores_path), "summary": summary}
+
+
+def _batches_artifact(shard_name: str, wave: WaveReport) -> None:
+    """The shard's batches in the flow run's artifacts (one table per shard, a new version per poll)."""
+    rows = [{"wave": wave.wave, "batch": batch_id, "status": status, "lines of the wave": wave.lines,
+             "waited (s)": round(wave.elapsed_s)} for batch_id, status in wave.status.items()]
+    key = "batches-" + re.sub(r"[^a-z0-9-]+", "-", shard_name.lower())
+    create_table_artifact(key=key, table=rows, description=f"Batches of {shard_name}, wave {wave.wave}")
 
 
 def judge_limit(limit_name: str, strict: bool) -> int | None:

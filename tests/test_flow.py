@@ -318,3 +318,27 @@ def test_a_pruned_build_under_a_budget_stops_names_the_rest_and_goes_on(judge_se
     # Every statement here is supported, so no middle candidate's interval clears the worst one's
     # reward before it is complete: nothing is pruned (tests/test_pruning.py measures savings).
     assert counts["scored"] + counts["failed"] + counts["pruned"] == 25 and counts["support_checks_saved"] >= 0
+
+
+def test_a_batch_build_publishes_the_online_pairs_and_lists_its_batches(judge_server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    judge_server.double.answers = {"helpfulness": helpfulness_by_length}
+    prompts, candidates = write_inputs(tmp_path)
+    judge = judge_config_for(judge_server, transport_retries=1, batch=True, batch_poll_s=0.01)
+    manifest = preference_build(params_for(judge_server, tmp_path, prompts, candidates, judge=judge))
+    pairs = pl.read_parquet(tmp_path / "builds" / "2026-11-21" / "pairs.parquet").sort("prompt_id")
+    assert pairs["chosen_id"].to_list() == [f"p{p}-0" for p in range(5)]
+    assert pairs["rejected_id"].to_list() == [f"p{p}-4" for p in range(5)]
+    assert judge_server.double.count() == 0
+    assert sorted(manifest["batch_ids"]) == sorted(judge_server.double.batch_api.batches)
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts() if a.key}
+    assert {"batches-shard-0000", "batches-shard-0001", "batches-shard-0002"} <= keys
+
+
+def test_a_batch_build_with_the_embedded_judge_is_refused_by_its_parameters(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "context": "x", "query": "y"}\n')
+    with pytest.raises(ValidationError, match="embedded/smollm2-135m-instruct has no Batch API"):
+        BuildParams(prompts=str(prompts), judge={"batch": True})

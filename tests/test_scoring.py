@@ -13,7 +13,7 @@ from longreward_core.data import io
 from longreward_core.data.records import SCORES_SCHEMA, CandidateScore, DimensionResult
 from longreward_core.models.errors import AuthenticationFailed
 from longreward_core.models.tokenizers import load_tokenizer
-from longreward_core.pipeline import score as pipeline_score
+from longreward_core.pipeline import score_files as pipeline_score
 from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.chunking import chunk_document
 from longreward_core.reward.dimensions.faithfulness import distinct

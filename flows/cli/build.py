@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from flows.cli.options import (
-    JUDGE,
+    BATCH_JUDGE,
     POLICY,
     SCORING,
     cache_url_option,
@@ -59,7 +59,7 @@ def build(
     out: Path = option(BuildParams, "output_dir", "--out"),
     candidates: Optional[Path] = option(BuildParams, "candidates", "--candidates"),
     policy: PolicyConfig = POLICY,
-    judge: JudgeConfig = JUDGE,
+    judge: JudgeConfig = BATCH_JUDGE,
     shard_size: int = option(BuildParams, "shard_size"),
     shards_in_flight: int = option(BuildParams, "shards_in_flight"),
     min_candidates: int = option(PairConfig, "min_candidates"),

@@ -130,6 +130,12 @@ JUDGE = OptionGroup(
 """The judge: which model, where, how many requests at once and per minute, how long one may take,
 how long an answer may be, and how many requests a verdict may take."""
 
+BATCH_JUDGE = replace(
+    JUDGE, fields=(*JUDGE.fields, "batch", "batch_poll_s"),
+    flags={**JUDGE.flags, "batch": "--batch/--no-batch", "batch_poll_s": "--batch-poll-s"},
+)
+"""The judge of a scoring run, which may be asked through its provider's Batch API."""
+
 MODEL = OptionGroup(
     ModelSpec, ("model", "name", "backend", "api_base", "tokenizer", "max_input_tokens", "concurrency", "timeout_s"),
     flags={"api_base": "--model-api-base", "concurrency": "--model-concurrency", "timeout_s": "--model-timeout"},

@@ -16,7 +16,7 @@ from rich.progress import (
 from rich.table import Table
 
 from flows.cli.options import (
-    JUDGE,
+    BATCH_JUDGE,
     SCORING,
     cache_url_option,
     console,
@@ -32,6 +32,7 @@ from longreward_core.reward.scorer import ScoringConfig
 
 if TYPE_CHECKING:
     from longreward_core.pipeline.score_files import ScoreRun
+    from longreward_core.reward.batch_executor import WaveReport
 
 app = typer.Typer()
 
@@ -42,7 +43,7 @@ def score(
     prompts: Path = typer.Option(..., "--prompts", help="Prompts: JSONL or Parquet."),
     candidates: Path = typer.Option(..., "--candidates", help="Candidates: JSONL or Parquet."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
-    judge: JudgeConfig = JUDGE,
+    judge: JudgeConfig = BATCH_JUDGE,
     scoring: ScoringConfig = SCORING,
     min_candidates: int = option(PairConfig, "min_candidates", help="With --prune: the pair rule pruning keeps exact "
                                  "(use the same or a smaller --min-candidates with `longreward pairs`)."),
@@ -57,6 +58,7 @@ def score(
     run again with a larger budget); 2 on bad input or configuration (credentials refused or
     missing, an unknown model, a malformed api_base: the message names the fix).
     """
+    from longreward_core.models.batch import BatchFailed
     from longreward_core.models.call_cache import check_cache_url
     from longreward_core.pipeline.score_files import score_files
 
@@ -66,12 +68,15 @@ def score(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:
             task = progress.add_task("score", total=None)
-            run = score_files(
-                prompts, candidates, out, judge, scoring, cache_path=cache_path,
-                on_start=lambda n: progress.update(task, total=n),
-                on_scored=lambda _: progress.advance(task),
-                pair_config=PairConfig(min_candidates=min_candidates),
-            )
+            try:
+                run = score_files(
+                    prompts, candidates, out, judge, scoring, cache_path=cache_path,
+                    on_start=lambda n: progress.update(task, total=n),
+                    on_scored=lambda _: progress.advance(task),
+                    pair_config=PairConfig(min_candidates=min_candidates), on_wave=_print_wave,
+                )
+            except BatchFailed as exc:
+                fail(str(exc), 1)
     _print_summary(run)
     s = run.summary
     if s.candidates == 0:
@@ -83,6 +88,11 @@ def score(
              "(every answer received is cached)", 1)
     if s.scored == 0:
         fail("no candidate could be scored (see the 'error' column of scores.parquet)", 1)
+
+
+def _print_wave(wave: WaveReport) -> None:
+    batches = ", ".join(f"{batch_id} {status}" for batch_id, status in wave.status.items())
+    console.print(f"wave {wave.wave}: {wave.lines} lines; {batches}; {wave.elapsed_s:.0f} s")
 
 
 def budget_message(reached: str, not_scored: list[str]) -> str:
@@ -111,6 +121,7 @@ def _print_summary(run: ScoreRun) -> None:
         ("mean reward", fmt(s.mean_reward)),
         *[(f"mean {d}", fmt(v)) for d, v in s.mean_by_dimension.items()],
         ("judge requests", total.calls),
+        ("  of them by batch", total.batch_calls),
         ("judge cache hits", total.cache_hits),
         ("judge tokens (prompt / completion)", f"{total.prompt_tokens} / {total.completion_tokens}"),
         ("judge cost (USD, where known)", f"{total.cost_usd:.4f}"),

@@ -265,6 +265,8 @@ class CallAccounting(BaseModel):
     failed_calls: int = Field(
         0, description="Logical calls that gave up (unreachable, refused, or no verdict after every attempt)."
     )
+    batch_calls: int = Field(0, description="Of the requests that reached the model, those answered through a Batch API.")
+    batch_failed_lines: int = Field(0, description="Batch lines that came back failed or expired (each asked again or given up).")
 
     def add(self, other: CallAccounting) -> None:
         for name in type(self).model_fields:
@@ -291,6 +293,20 @@ class EmbeddedJudgeStats(BaseModel):
     verdicts_unaided: int = Field(0, description="The model wrote a valid verdict by itself.")
     verdicts_constrained: int = Field(0, description="The verdict was chosen under the constraint.")
     seconds: float = 0.0
+
+
+class BatchSummary(BaseModel):
+    """What batch mode did in a scoring run (`accounting.json`'s `batch`)."""
+
+    batch_ids: list[str] = Field(description="Every batch of the run's ledger (this run's and those it resumed).")
+    waves: int = Field(description="Waves in the ledger.")
+    lines_submitted: int = Field(description="Lines of every batch in the ledger.")
+    waves_this_run: int = Field(description="Waves this run submitted.")
+    lines_submitted_this_run: int = Field(description="Lines this run submitted.")
+    requests_by_batch: int = Field(description="Judge answers this run obtained through the Batch API.")
+    requests_online: int = Field(description="Judge requests this run sent online.")
+    pricing: str = Field(description="How batch answers are priced: the provider's batch prices, or 50% of the online ones.")
+    ledger: str = Field(description="The ledger file (`batches.jsonl`).")
 
 
 class ScoreSummary(BaseModel):
@@ -325,10 +341,11 @@ class ScoreSummary(BaseModel):
     worker_pid: int = Field(description="The process that scored (shards may run on several).")
     judge: RequestAccounting = Field(description="Judge requests in total and per purpose.")
     embedded_judge: EmbeddedJudgeStats | None = Field(None, description="Verdict statistics of the embedded judge.")
+    batch: BatchSummary | None = Field(None, description="Batch mode: its batches, waves and lines, and how they were priced.")
 
     def to_json(self) -> bytes:
         """The summary as `accounting.json` content."""
-        exclude = {"embedded_judge"} if self.embedded_judge is None else None
+        exclude = {name for name in ("embedded_judge", "batch") if getattr(self, name) is None} or None
         return self.model_dump_json(indent=2, exclude=exclude).encode("utf-8")
 
 
@@ -408,6 +425,9 @@ class BuildManifest(BaseModel):
     judge_cost_usd: float
     call_cache: CallCacheSize | None = Field(None, description="The call cache's size once every shard was scored.")
     pairs_sha256: str | None = Field(None, description="Content hash of pairs.parquet, set when published.")
+    batch_ids: list[str] = Field(
+        default_factory=list, description="Batch mode: the ids of every batch the shards submitted (their ledgers name the lines)."
+    )
 
 
 class PredictionSummary(BaseModel):

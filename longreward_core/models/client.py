@@ -425,3 +425,18 @@ class LLMClient:
         if self.cache is not None and (accept is None or accept(text)):
             text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost, model=self.config.model)
         return text
+
+    def request_key(
+        self, messages: list[dict[str, str]], temperature: float, attempt: int, constraint: dict[str, Any] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """A chat request's cache key and its sampling parameters, as `complete` would send them
+        (for requests sent another way, such as a provider's Batch API)."""
+        return self._key(messages, temperature, attempt, constraint, False, {})
+
+    def record_answer(
+        self, acc: CallAccounting, key: str, messages: list[dict[str, str]], text: str, usage: Any, cost: float,
+        accept: Callable[[str], bool] | None = None,
+    ) -> str:
+        """Account and cache (if `accept`ed) an answer obtained another way, such as a provider's
+        Batch API, as `complete` does its own; returns the stored answer."""
+        return self._record(acc, key, text, usage, cost, accept, messages)

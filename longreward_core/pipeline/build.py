@@ -187,6 +187,7 @@ def build_manifest(
         quarantine=str(plan.quarantine_path) if plan.quarantine_path else None,
         judge_accounting=accounting.to_dict(),
         judge_cost_usd=accounting.total.cost_usd,
+        batch_ids=[batch_id for s in shard_summaries if s.batch for batch_id in s.batch.batch_ids],
         call_cache=call_cache,
     )
 

@@ -44,10 +44,18 @@ from longreward_core.data.records import (
 )
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.budget import Budget
-from longreward_core.models.call_cache import CALL_CACHE_FILE, open_call_cache
+from longreward_core.models.batch import LEDGER_FILE, BatchLedger, BatchTransport, PostgresLedger
+from longreward_core.models.call_cache import CALL_CACHE_FILE, is_database_url, open_call_cache
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.prefix_share import PrefixShare
 from longreward_core.models.tokenizers import load_tokenizer
+from longreward_core.reward.batch_executor import (
+    BatchExecutor,
+    BatchOutcome,
+    WaveReport,
+    batch_summary,
+    score_batched,
+)
 from longreward_core.reward.judge import Judge, JudgeConfig
 from longreward_core.reward.scorer import PruningStats, Scorer, ScoringConfig
 
@@ -73,9 +81,14 @@ def score_files(
     on_start: Callable[[int], None] | None = None,
     on_scored: Callable[[CandidateScore], None] | None = None,
     pair_config: PairConfig | None = None,
+    on_wave: Callable[[WaveReport], None] | None = None,
 ) -> ScoreRun:
     """Score candidates from files into `out_dir`; see the module docstring for the outputs.
-    `pair_config`: the pair rules that pair pruning (`scoring_config.prune`) decides by."""
+    `pair_config`: the pair rules that pair pruning (`scoring_config.prune`) decides by. With
+    `judge_config.batch` the judge is asked through its provider's Batch API in waves
+    (`reward.batch_executor`; `on_wave` is told of each); a judge that cannot batch is refused
+    (BatchUnsupported) before anything is read."""
+    transport = BatchTransport(judge_config) if judge_config.batch else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -94,6 +107,10 @@ def score_files(
     candidates.records.clear()  # held by prompt from here, and let go as each prompt is scored
 
     cache = open_call_cache(cache_path or out / CALL_CACHE_FILE)
+    ledger = None
+    if transport is not None:
+        mirror = PostgresLedger(str(cache_path), str(out.resolve())) if is_database_url(cache_path) else None
+        ledger = BatchLedger(out / LEDGER_FILE, mirror)
     accounting = RunAccounting()
 
     pruning = PruningStats()
@@ -101,12 +118,25 @@ def score_files(
     not_scored: list[str] = []
     failures = Counter[str]()  # candidates that failed because the judge was unreachable / refused
 
+    batch = BatchOutcome()
+
     async def run(spool: ScoreSpool) -> tuple[int, int, float]:
         judge = Judge(judge_config, cache, accounting, PrefixShare(load_tokenizer(scoring_config.tokenizer)), budget)
         scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
         scorer.pruning = pruning
+        executor = None
+        if transport is not None and ledger is not None:
+            executor = BatchExecutor(
+                judge, transport, ledger, poll_s=judge_config.batch_poll_s,
+                max_lines=judge_config.batch_max_lines, max_bytes=judge_config.batch_max_bytes, on_wave=on_wave,
+            )
+            executor.outcome = batch
+        groups = (
+            scorer.score(prompts, by_prompt, on_scored) if executor is None
+            else score_batched(scorer, executor, prompts, by_prompt, on_scored, not_scored)
+        )
         try:
-            async with aclosing(scorer.score(prompts, by_prompt, on_scored)) as finished:
+            async with aclosing(groups) as finished:
                 async for group in finished:
                     prompt_id = group[0].prompt_id
                     del by_prompt[prompt_id]
@@ -124,6 +154,8 @@ def score_files(
             chunks_embedded, statements_embedded, embedding_seconds = run_async(run(spool))
         finally:
             cache.close()
+            if ledger is not None and ledger.mirror is not None:
+                ledger.mirror.close()
         frame = spool.frame()
     scores_path = write_parquet_atomic(frame, out / "scores.parquet")
 
@@ -140,7 +172,7 @@ def score_files(
         failed=frame.filter(pl.col("status") == "failed").height,
         pruned=pruning.pruned,
         support_checks_saved=pruning.support_checks_saved,
-        budget_reached=budget.reached if not_scored else None,
+        budget_reached=(batch.budget_reached or budget.reached) if not_scored else None,
         not_scored_prompts=sorted(not_scored),
         quarantined=len(quarantined),
         unreachable=failures["unreachable"],
@@ -155,6 +187,7 @@ def score_files(
         worker_pid=os.getpid(),
         judge=accounting.record(),
         embedded_judge=embedded_judge,
+        batch=batch_summary(batch, transport, ledger, accounting.record()) if transport is not None and ledger is not None else None,
     )
     accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
     return ScoreRun(scores_path, accounting_path, quarantine_path, summary)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from longreward_core.models.accounting import RunAccounting
+from longreward_core.models.batch import batch_provider
 from longreward_core.models.budget import Budget
 from longreward_core.models.call_cache import CallStore
 from longreward_core.models.client import LLMClient, LLMConfig
@@ -48,11 +49,26 @@ class JudgeConfig(LLMConfig):
     max_attempts: int = Field(5, ge=1, description="Requests per judge call until a verdict parses.")
     temperature: float = Field(0.0, ge=0, le=2, description="Temperature of the first attempt.")
     retry_temperature: float = Field(0.95, ge=0, le=2, description="Temperature of later attempts.")
+    batch: bool = Field(
+        False,
+        description="Ask the judge through its provider's Batch API (about half the price, answers within hours): "
+        "the scoring plan runs in waves of batches, recorded in the output folder so a re-run resumes them.",
+    )
+    batch_poll_s: float = Field(60.0, gt=0, description="With batch: seconds between polls of a wave's batches.")
+    batch_max_lines: int = Field(50_000, ge=1, description="With batch: lines per batch file at most (the provider's limit).")
+    batch_max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="With batch: bytes per batch file at most (the provider's limit).")
     cache_control: bool = Field(
         False,
         description="Mark the end of each prompt's shared instructions as an Anthropic cache_control breakpoint "
         "(for Anthropic models; other providers cache prefixes without it).",
     )
+
+    @model_validator(mode="after")
+    def _batchable(self) -> JudgeConfig:
+        """Batch mode needs a judge whose provider litellm batches for: refused here, before anything starts."""
+        if self.batch:
+            batch_provider(self)
+        return self
 
 
 class Judge:
@@ -92,13 +108,13 @@ class Judge:
         requests = self.attempts(messages, verdict)
         for r in requests:
             hit = self.client.cached(r.messages, r.temperature, r.attempt, r.constraint)
-            if hit is not None and _parses(verdict, hit):
+            if hit is not None and verdict_parses(verdict, hit):
                 acc.cache_hits += 1
                 return verdict.parse(hit)
         last_answer = ""
         for r in requests:
             last_answer = await self.client.complete(
-                dimension, r.messages, r.temperature, r.attempt, r.constraint, accept=lambda text: _parses(verdict, text)
+                dimension, r.messages, r.temperature, r.attempt, r.constraint, accept=lambda text: verdict_parses(verdict, text)
             )
             try:
                 return verdict.parse(last_answer)
@@ -110,7 +126,8 @@ class Judge:
         )
 
 
-def _parses(verdict: VerdictFormat[Any], text: str) -> bool:
+def verdict_parses(verdict: VerdictFormat[Any], text: str) -> bool:
+    """Whether `text` holds a verdict in the `verdict` format."""
     try:
         verdict.parse(text)
     except VerdictParseError:

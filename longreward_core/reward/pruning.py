@@ -191,50 +191,68 @@ class SupportOutcome:
     checks_saved: int = 0  # distinct statements never graded
 
 
-async def check_support_pruned(race: PairRace, statements: dict[str, list[str]], checks) -> SupportOutcome:
-    """Grade statements of the candidates in `statements` (those whose extraction succeeded, with
-    `race` told their counts) until `race.needed()` is empty, in rounds of up to CHECKS_PER_ROUND
-    checks; every round depends only on the answers before it, so a re-run asks nothing new.
-    `checks.start(statements)` starts the support checks of `statements` (the scorer releases them
-    from the prompt's plan, `reward.plan`) and returns their verdicts to await. Refused credentials
-    end the prompt."""
-    outcome = SupportOutcome()
-    holders: dict[str, list[tuple[str, int]]] = {}
-    for cid, texts in statements.items():
-        for i, text in enumerate(texts):
-            holders.setdefault(text, []).append((cid, i))
-    asked: set[str] = set()
-    while True:
-        picks = _round(race, statements, asked)
-        if not picks:
-            break
-        asked.update(picks)
-        results = await asyncio.gather(*checks.start(picks), return_exceptions=True)
+class SupportRounds:
+    """The support checks of one prompt in deterministic rounds: `next()` names the next round's
+    statements (those of the candidates `race.to_check()` names, up to `per_round`; none once
+    `race.needed()` is empty), `record()` takes their verdicts. Every round depends only on the
+    answers before it, so a re-run asks nothing new; any executor can run them (online, each round
+    as soon as the last one is answered; in batch mode, a round per wave)."""
+
+    def __init__(self, race: PairRace, statements: dict[str, list[str]], per_round: int = CHECKS_PER_ROUND):
+        self.race = race
+        self.statements = statements
+        self.per_round = per_round
+        self.outcome = SupportOutcome()
+        self.asked: set[str] = set()
+        self._holders: dict[str, list[tuple[str, int]]] = {}
+        for cid, texts in statements.items():
+            for i, text in enumerate(texts):
+                self._holders.setdefault(text, []).append((cid, i))
+
+    def next(self) -> list[str]:
+        """The next round's statements; empty when the pair is decided (the outcome is then final)."""
+        picks = _round(self.race, self.statements, self.asked, self.per_round)
+        self.asked.update(picks)
+        self.outcome.checks_saved = len(set(self._holders) - self.asked)
+        return picks
+
+    def record(self, picks: list[str], results: list[object]) -> None:
+        """The verdicts of a round (a value, or the exception its check failed with); refused
+        credentials end the prompt."""
         for text, result in zip(picks, results, strict=True):
             if isinstance(result, ConfigurationError):
                 raise result
-            for cid, i in holders[text]:
-                contestant = race[cid]
+            for cid, i in self._holders[text]:
+                contestant = self.race[cid]
                 if contestant.failed:
                     continue
                 if isinstance(result, BaseException):
                     contestant.failed = True
-                    outcome.failures[cid] = result if isinstance(result, Exception) else RuntimeError(str(result))
+                    self.outcome.failures[cid] = result if isinstance(result, Exception) else RuntimeError(str(result))
                 else:
                     contestant.record_support(i, result)
-    outcome.checks_saved = len(set(holders) - asked)
-    return outcome
 
 
-def _round(race: PairRace, statements: dict[str, list[str]], asked: set[str]) -> list[str]:
-    """The next round's statements, up to CHECKS_PER_ROUND: the unknown ones of the candidates
+async def check_support_pruned(race: PairRace, statements: dict[str, list[str]], checks) -> SupportOutcome:
+    """Grade statements of the candidates in `statements` (those whose extraction succeeded, with
+    `race` told their counts) in the rounds of `SupportRounds`, each as soon as the one before is
+    answered. `checks.start(statements)` starts the support checks of `statements` (the scorer
+    releases them from the prompt's plan, `reward.plan`) and returns their verdicts to await."""
+    rounds = SupportRounds(race, statements)
+    while picks := rounds.next():
+        rounds.record(picks, await asyncio.gather(*checks.start(picks), return_exceptions=True))
+    return rounds.outcome
+
+
+def _round(race: PairRace, statements: dict[str, list[str]], asked: set[str], per_round: int) -> list[str]:
+    """The next round's statements, up to `per_round`: the unknown ones of the candidates
     `race.to_check()` names, the first candidate's before the next one's (a leader's checks
     decide the most); all needed candidates where those have none left."""
     for candidates in (race.to_check(), race.needed()):
         picks: list[str] = []
         for cid in candidates:
             for i, text in enumerate(statements.get(cid, ())):
-                if len(picks) == CHECKS_PER_ROUND:
+                if len(picks) == per_round:
                     return picks
                 if i not in race[cid].verdicts and text not in asked and text not in picks:
                     picks.append(text)

@@ -31,7 +31,7 @@ from longreward_core.reward.dimensions import faithfulness
 from longreward_core.reward.documents import DocumentConfig, PreparedDocument, open_chunk_index, prepare_document
 from longreward_core.reward.judge import Judge
 from longreward_core.reward.plan import Leaf, Outcome, PlanRun
-from longreward_core.reward.pruning import PairRace, check_support_pruned
+from longreward_core.reward.pruning import PairRace, SupportOutcome, check_support_pruned
 from longreward_core.reward.retrieval import content_hash
 from longreward_core.reward.steps import Ask, Evidence, PromptInputs, Step
 
@@ -155,11 +155,7 @@ class Scorer:
         scores: dict[str, CandidateScore] = {}
 
         def finished(candidate_id: str) -> None:
-            score = CandidateScore(
-                prompt_id=prompt.id, candidate_id=candidate_id, language=language,
-                **{name: _as_result(outcome) for name, outcome in run.outcomes(candidate_id).items()},
-            )
-            scores[candidate_id] = score
+            score = scores[candidate_id] = candidate_score(prompt.id, language, run, candidate_id)
             if on_scored is not None:
                 on_scored(score)
 
@@ -185,52 +181,9 @@ class Scorer:
         dimension but those checks ends for every candidate; then only the support checks that can
         still change the prompt's pair are released."""
         await online.until(run.settled)
-        race = PairRace([c.candidate_id for c in candidates], self.pairs)
-        statements: dict[str, list[str]] = {}
-        faith: dict[str, DimensionResult] = {}
-        cheap: dict[str, dict[str, DimensionResult]] = {}
-        for c in candidates:
-            contestant = race[c.candidate_id]
-            outcomes = run.outcomes(c.candidate_id)
-            cheap[c.candidate_id] = {name: _as_result(outcomes[name]) for name in ("helpfulness", "logicality", "completeness")}
-            for name, result in cheap[c.candidate_id].items():
-                contestant.scores[name] = result.score
-                contestant.failed |= not result.ok
-            if "faithfulness" in outcomes:  # the extraction failed, or found nothing to check
-                extracted = faith[c.candidate_id] = _as_result(outcomes["faithfulness"])
-                contestant.failed |= extracted.error is not None
-                contestant.statements = extracted.statements
-                contestant.scores["faithfulness"] = extracted.score
-                continue
-            found = [step.args[0] for step in run.held_steps(c.candidate_id, "faithfulness")]
-            faith[c.candidate_id] = DimensionResult(statements=len(found))
-            contestant.statements = len(found)
-            if not contestant.failed:
-                statements[c.candidate_id] = found
-        outcome = await check_support_pruned(race, statements, _ReleasedSupportChecks(online))
-        self.pruning.support_checks_saved += outcome.checks_saved
-        scores = []
-        for c in candidates:
-            contestant = race[c.candidate_id]
-            f = faith[c.candidate_id]
-            if c.candidate_id in outcome.failures:
-                f = _as_result(Outcome(error=outcome.failures[c.candidate_id]))
-                f.statements = contestant.statements
-            elif contestant.scores["faithfulness"] is not None:
-                f = DimensionResult(score=contestant.scores["faithfulness"], statements=contestant.statements)
-            pruned = contestant.open
-            low, high = contestant.bounds if pruned else (None, None)
-            known = cheap[c.candidate_id]
-            score = CandidateScore(
-                prompt_id=prompt.id, candidate_id=c.candidate_id, language=language,
-                helpfulness=known["helpfulness"], logicality=known["logicality"], faithfulness=f,
-                completeness=known["completeness"], pruned=pruned, reward_low=low, reward_high=high,
-            )
-            self.pruning.pruned += pruned
-            if on_scored is not None:
-                on_scored(score)
-            scores.append(score)
-        return scores
+        pruned = PrunedPrompt(prompt, candidates, language, run, self.pairs)
+        outcome = await check_support_pruned(pruned.race, pruned.statements, _ReleasedSupportChecks(online))
+        return pruned.scores(outcome, self.pruning, on_scored)
 
     def close(self) -> None:
         self.index.close()
@@ -242,6 +195,67 @@ class PruningStats:
 
     pruned: int = 0  # candidates left unscored
     support_checks_saved: int = 0  # distinct statements never graded
+
+
+class PrunedPrompt:
+    """A prompt under pair pruning once its plan settled (every dimension ended but the held
+    support checks): the race of its candidates, the statements left to check, and, once the
+    rounds decided the pair (`reward.pruning.SupportRounds`), its scores."""
+
+    def __init__(self, prompt: Prompt, candidates: list[Candidate], language: str, run: PlanRun, pairs: PairConfig):
+        self.prompt, self.candidates, self.language = prompt, candidates, language
+        self.race = PairRace([c.candidate_id for c in candidates], pairs)
+        self.statements: dict[str, list[str]] = {}
+        self._faith: dict[str, DimensionResult] = {}
+        self._cheap: dict[str, dict[str, DimensionResult]] = {}
+        for c in candidates:
+            contestant = self.race[c.candidate_id]
+            outcomes = run.outcomes(c.candidate_id)
+            cheap = self._cheap[c.candidate_id] = {
+                name: _as_result(outcomes[name]) for name in ("helpfulness", "logicality", "completeness")
+            }
+            for name, result in cheap.items():
+                contestant.scores[name] = result.score
+                contestant.failed |= not result.ok
+            if "faithfulness" in outcomes:  # the extraction failed, or found nothing to check
+                extracted = self._faith[c.candidate_id] = _as_result(outcomes["faithfulness"])
+                contestant.failed |= extracted.error is not None
+                contestant.statements = extracted.statements
+                contestant.scores["faithfulness"] = extracted.score
+                continue
+            found = [step.args[0] for step in run.held_steps(c.candidate_id, "faithfulness")]
+            self._faith[c.candidate_id] = DimensionResult(statements=len(found))
+            contestant.statements = len(found)
+            if not contestant.failed:
+                self.statements[c.candidate_id] = found
+
+    def scores(
+        self, outcome: SupportOutcome, stats: PruningStats, on_scored: Callable[[CandidateScore], None] | None
+    ) -> list[CandidateScore]:
+        """The candidates' scores in their order (undecided ones 'pruned', with their reward bounds)."""
+        stats.support_checks_saved += outcome.checks_saved
+        scores = []
+        for c in self.candidates:
+            contestant = self.race[c.candidate_id]
+            f = self._faith[c.candidate_id]
+            if c.candidate_id in outcome.failures:
+                f = _as_result(Outcome(error=outcome.failures[c.candidate_id]))
+                f.statements = contestant.statements
+            elif contestant.scores["faithfulness"] is not None:
+                f = DimensionResult(score=contestant.scores["faithfulness"], statements=contestant.statements)
+            pruned = contestant.open
+            low, high = contestant.bounds if pruned else (None, None)
+            known = self._cheap[c.candidate_id]
+            score = CandidateScore(
+                prompt_id=self.prompt.id, candidate_id=c.candidate_id, language=self.language,
+                helpfulness=known["helpfulness"], logicality=known["logicality"], faithfulness=f,
+                completeness=known["completeness"], pruned=pruned, reward_low=low, reward_high=high,
+            )
+            stats.pruned += pruned
+            if on_scored is not None:
+                on_scored(score)
+            scores.append(score)
+        return scores
 
 
 class OnlineExecutor:
@@ -374,6 +388,14 @@ class _ReleasedSupportChecks:
 
     def start(self, statements: list[str]) -> list[asyncio.Future[Any]]:
         return self.online.release([faithfulness.support_check(s) for s in statements])
+
+
+def candidate_score(prompt_id: str, language: str, run: PlanRun, candidate_id: str) -> CandidateScore:
+    """The score of a candidate whose every dimension ended in `run`."""
+    return CandidateScore(
+        prompt_id=prompt_id, candidate_id=candidate_id, language=language,
+        **{name: _as_result(outcome) for name, outcome in run.outcomes(candidate_id).items()},
+    )
 
 
 def _as_result(outcome: Outcome) -> DimensionResult:
