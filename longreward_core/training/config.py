@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CHECKPOINTS = "checkpoints"  # under the output folder: TRL/transformers checkpoint-N folders
 MODEL = "model"  # the final model and tokenizer
@@ -14,6 +14,9 @@ LENGTHS = "lengths.json"  # the length report, written before training starts
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 RUN_CONFIG = "train_config.json"  # the config the launched processes read
+# Set by the launcher in each process it starts: the processes asked for, which must train as one run.
+NUM_PROCESSES_ENV = "LONGREWARD_NUM_PROCESSES"
+RANKS = "ranks"  # rank-R.jsonl: the pairs each process trained on, step by step
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # The DPOConfig values a reader of the output manifest needs to reproduce the run.
@@ -59,5 +62,18 @@ class TrainConfig(BaseModel):
     bf16: bool | None = Field(None, description="None: bf16 where the GPU supports it, fp32 otherwise.")
     seed: int = Field(42, description="Random seed of data order, dropout and initialisation.")
     dpo_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Any other TRL DPOConfig field, by name (e.g. warmup_ratio)."
+        default_factory=dict, description="Any other TRL DPOConfig field, by name (e.g. warmup_steps)."
     )
+
+    @field_validator("dpo_overrides")
+    @classmethod
+    def _known(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Refuse, naming them, overrides that are not DPOConfig fields."""
+        if not overrides:
+            return overrides
+        from trl import DPOConfig
+
+        unknown = set(overrides) - set(DPOConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"dpo_overrides: not DPOConfig fields: {', '.join(sorted(unknown))}")
+        return overrides
