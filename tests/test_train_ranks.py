@@ -1,5 +1,5 @@
 """Several training processes on the CPU, through `longreward train` as a user runs it: two gloo
-ranks, one of them killed and the run resumed.
+ranks (one of them killed and the run resumed), and DeepSpeed ZeRO-3 on two CPU ranks.
 
 The embedded SmolLM2-135M trains on short pairs (about 50 tokens): every launch loads it twice
 per rank (policy and reference) and writes ~1.6 GB per checkpoint, so the launches are few and
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from longreward_core.training.config import TrainConfig
 from longreward_core.training.recording import read_rank_logs, rank_log
@@ -129,6 +131,34 @@ def test_two_cpu_ranks_split_the_pairs_and_resume_after_a_killed_rank(two_ranks,
         names = sorted(p.name for p in checkpoint.iterdir())
         assert [n for n in names if n.startswith(("model", "optimizer", "rng_state"))] == [
             "model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"]
+
+
+@pytest.mark.timeout(1800)
+def test_zero3_on_two_cpu_ranks_trains_resumes_and_saves_a_loadable_model(pairs_file, two_ranks, tmp_path):
+    out = tmp_path / "zero3"
+    options = ("--accelerate-config", "zero3-cpu", "--num-processes", "2", "--save-steps", "2")
+    first = run(train_command(pairs_file, out, "--max-steps", "2", *options))
+    assert first.returncode == 0, first.stdout + first.stderr
+    shards = sorted(p.name for p in (out / "checkpoints" / "checkpoint-2" / "global_step2").iterdir())
+    assert shards == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+
+    more = run(train_command(pairs_file, out, "--max-steps", "3", *options))
+    assert more.returncode == 0, more.stdout + more.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["num_processes"], manifest["world_size"], manifest["deepspeed_stage"]) == (2, 2, 3)
+    assert manifest["steps"] == 3 and manifest["resumed_from"].endswith("checkpoint-2")
+
+    # The same pairs and first update as the plain two-rank run: the same losses.
+    zero3, plain = read_metrics(out), read_metrics(two_ranks[0])
+    assert [log["step"] for log in zero3] == [1, 2, 3]
+    for step in (0, 1):
+        assert zero3[step]["loss"] == pytest.approx(plain[step]["loss"], abs=1e-3)
+
+    trained = AutoModelForCausalLM.from_pretrained(manifest["model_dir"])
+    base = AutoModelForCausalLM.from_pretrained(manifest["base_model"])
+    trained_weights = trained.state_dict()
+    assert trained_weights.keys() == base.state_dict().keys()
+    assert any(not torch.equal(value, trained_weights[name]) for name, value in base.state_dict().items())
 
 
 @pytest.mark.timeout(900)

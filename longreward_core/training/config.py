@@ -25,6 +25,15 @@ REPORTED_DPO_FIELDS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs",
     "max_length", "truncation_mode", "activation_checkpointing", "bf16", "seed", "save_steps",
 )
+# DPOConfig settings that TRL's DPOTrainer (1.16) drops or changes under our loss: the run would not
+# do what the override says, so it is refused before any process starts.
+REFUSED_DPO_OVERRIDES = {
+    "padding_free": "TRL's DPOTrainer switches padding_free off with a warning (unavailable since its DPO "
+    "refactor), so the batch would be padded all the same",
+    "use_liger_kernel": "TRL's DPOTrainer keeps its own fused LM head for the loss and switches Liger's fused "
+    "cross-entropy off, so only Liger's layer kernels would change; the option is deprecated there and needs the "
+    "liger-kernel package (Triton GPUs)",
+}
 
 
 class TrainConfig(BaseModel):
@@ -67,10 +76,13 @@ class TrainConfig(BaseModel):
 
     @field_validator("dpo_overrides")
     @classmethod
-    def _known(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Refuse, naming them, overrides that are not DPOConfig fields."""
+    def _known_and_effective(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Refuse, naming the key, an override that is not a DPOConfig field or that TRL would not apply."""
         if not overrides:
             return overrides
+        for key, reason in REFUSED_DPO_OVERRIDES.items():
+            if overrides.get(key):
+                raise ValueError(f"dpo_overrides: {key}={overrides[key]!r} is refused: {reason}")
         from trl import DPOConfig
 
         unknown = set(overrides) - set(DPOConfig.__dataclass_fields__)

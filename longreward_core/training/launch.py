@@ -31,7 +31,7 @@ from longreward_core.training.config import MANIFEST, NUM_PROCESSES_ENV, RUN_CON
 from longreward_core.training.data import LengthReport
 from longreward_core.training.trainer import prepare_run
 
-ACCELERATE_CONFIGS = ("cpu", "zero3-single-node", "zero3-multi-node")
+ACCELERATE_CONFIGS = ("cpu", "zero3-cpu", "zero3-single-node", "zero3-multi-node")
 
 
 class LaunchConfig(BaseModel):
@@ -39,8 +39,8 @@ class LaunchConfig(BaseModel):
 
     accelerate_config: str = Field(
         "auto",
-        description="auto (ZeRO-3 on this machine's GPUs, else CPU), cpu, zero3-single-node, zero3-multi-node, "
-        "or a file.",
+        description="auto (ZeRO-3 on this machine's GPUs, else CPU), cpu, zero3-cpu (ZeRO-3 on CPU processes), "
+        "zero3-single-node, zero3-multi-node, or a file.",
     )
     num_processes: int | None = Field(None, ge=1, description="Processes in all (default: every visible GPU).")
 

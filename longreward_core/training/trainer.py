@@ -49,8 +49,17 @@ def _bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def dpo_config(config: TrainConfig, max_length: int, world_size: int = 1) -> Any:
-    """TRL's DPOConfig for this run: the LongReward loss, the batch reached by accumulation."""
+def _deepspeed_without_gpu() -> bool:
+    import torch
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()
+
+
+def dpo_config(config: TrainConfig, max_length: int, world_size: int = 1, configured_state: bool = False) -> Any:
+    """TRL's DPOConfig for this run: the LongReward loss, the batch reached by accumulation.
+
+    `configured_state`: the process's accelerate state is already set up (see `build_trainer`).
+    """
     from trl import DPOConfig
 
     per_step = config.per_device_batch_size * world_size
@@ -83,6 +92,8 @@ def dpo_config(config: TrainConfig, max_length: int, world_size: int = 1) -> Any
         report_to=[],
         disable_tqdm=True,
     )
+    if configured_state:
+        fields["accelerator_config"] = {"use_configured_state": True}
     return DPOConfig(**{**fields, **config.dpo_overrides})
 
 
@@ -122,7 +133,14 @@ def build_trainer(config: TrainConfig, pairs: PairsDataset, base_model: str, rep
     from longreward_core.training.recording import PAIR_INDEX, PairLoggingDPOTrainer, rank_log
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = dpo_config(config, report.max_length, world_size)
+    configured_state = _deepspeed_without_gpu()
+    if configured_state:
+        from accelerate import PartialState
+
+        # accelerate finds no process-group backend for DeepSpeed on a host without GPUs and then
+        # counts one process, whatever was launched: name gloo here and let the trainer use this state.
+        PartialState(backend="gloo")
+    args = dpo_config(config, report.max_length, world_size, configured_state)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
