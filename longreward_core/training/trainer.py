@@ -237,11 +237,11 @@ def train(config: TrainConfig, callbacks: list[Any] = (), prepared: bool = False
     import transformers
     import trl
 
+    from longreward_core.training.recording import rank_log
+
     started = time.time()
     base_model = resolve_base_model(config)
     pairs, report = read_prepared_run(config) if prepared else prepare_run(config)
-    from longreward_core.training.recording import rank_log
-
     is_main = _rank() == 0
     resume = last_checkpoint(config.output_dir)
     resumed_step = _checkpoint_step(resume) if resume else 0
