@@ -64,6 +64,15 @@ def test_flow_refuses_to_drop_pairs(tiny_policy, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_run_form_refuses_a_dpo_override_trl_would_not_apply(tmp_path):
+    from pydantic import ValidationError
+
+    form = {"pairs": str(tmp_path / "pairs.parquet"), "output_dir": str(tmp_path / "run")}
+    with pytest.raises(ValidationError, match="dpo_overrides: padding_free=True is refused: TRL's DPOTrainer switches"):
+        TrainParams.model_validate({**form, "dpo_overrides": {"padding_free": True}})
+    assert TrainParams.model_validate({**form, "dpo_overrides": {"warmup_steps": 5}}).train_config().dpo_overrides
+
+
 def test_accelerate_configs(tmp_path, monkeypatch):
     from accelerate.commands.config.config_args import load_config_from_file
 

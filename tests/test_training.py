@@ -122,6 +122,27 @@ def test_paper_defaults_and_effective_batch():
     assert dpo_config(TrainConfig(pairs="x", output_dir="y", dpo_overrides={"warmup_steps": 7}), 128).warmup_steps == 7
 
 
+def test_dpo_overrides_that_trl_would_not_apply_are_refused(tiny_models, pairs_file, tmp_path):
+    from longreward_core.training.trainer import dpo_config
+
+    policy, _ = tiny_models
+    args = dpo_config(config_for(pairs_file, tmp_path / "run", policy), max_length=128)
+    assert not args.padding_free and not args.use_liger_kernel  # our own settings ask for nothing TRL drops
+    for key in ("padding_free", "use_liger_kernel"):
+        with pytest.raises(ValueError, match=rf"dpo_overrides: {key}=True is refused: TRL's DPOTrainer"):
+            config_for(pairs_file, tmp_path / "run", policy, dpo_overrides={key: True})
+    assert config_for(pairs_file, tmp_path / "run", policy, dpo_overrides={"padding_free": False}).dpo_overrides
+
+    # What the refusals say is what the installed TRL does with them.
+    unchecked = config_for(pairs_file, tmp_path / "run", policy).model_copy(
+        update={"dpo_overrides": {"padding_free": True, "use_liger_kernel": True}})
+    loaded = load_pairs(pairs_file)
+    with pytest.warns(FutureWarning, match="use_liger_kernel=True` is deprecated"):
+        trainer = build_trainer(unchecked, loaded, str(policy), check_lengths(unchecked, loaded, str(policy)))
+    assert trainer.args.padding_free and not trainer.padding_free
+    assert trainer.args.liger_kernel_config == {"fused_linear_cross_entropy": False}
+
+
 def completion_logps(model, prompt_ids: list[int], full_ids: list[int]) -> torch.Tensor:
     """Per-token log-probabilities of the completion (the tokens after the prompt), by hand."""
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CHECKPOINTS = "checkpoints"  # under the output folder: TRL/transformers checkpoint-N folders
 MODEL = "model"  # the final model and tokenizer
@@ -14,6 +14,9 @@ LENGTHS = "lengths.json"  # the length report, written before training starts
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 RUN_CONFIG = "train_config.json"  # the config the launched processes read
+# Set by the launcher in each process it starts: the processes asked for, which must train as one run.
+NUM_PROCESSES_ENV = "LONGREWARD_NUM_PROCESSES"
+RANKS = "ranks"  # rank-R.jsonl: the pairs each process trained on, step by step
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # The DPOConfig values a reader of the output manifest needs to reproduce the run.
@@ -22,6 +25,15 @@ REPORTED_DPO_FIELDS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs",
     "max_length", "truncation_mode", "activation_checkpointing", "bf16", "seed", "save_steps",
 )
+# DPOConfig settings that TRL's DPOTrainer (1.16) drops or changes under our loss: the run would not
+# do what the override says, so it is refused before any process starts.
+REFUSED_DPO_OVERRIDES = {
+    "padding_free": "TRL's DPOTrainer switches padding_free off with a warning (unavailable since its DPO "
+    "refactor), so the batch would be padded all the same",
+    "use_liger_kernel": "TRL's DPOTrainer keeps its own fused LM head for the loss and switches Liger's fused "
+    "cross-entropy off, so only Liger's layer kernels would change; the option is deprecated there and needs the "
+    "liger-kernel package (Triton GPUs)",
+}
 
 
 class TrainConfig(BaseModel):
@@ -59,5 +71,21 @@ class TrainConfig(BaseModel):
     bf16: bool | None = Field(None, description="None: bf16 where the GPU supports it, fp32 otherwise.")
     seed: int = Field(42, description="Random seed of data order, dropout and initialisation.")
     dpo_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Any other TRL DPOConfig field, by name (e.g. warmup_ratio)."
+        default_factory=dict, description="Any other TRL DPOConfig field, by name (e.g. warmup_steps)."
     )
+
+    @field_validator("dpo_overrides")
+    @classmethod
+    def _known_and_effective(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Refuse, naming the key, an override that is not a DPOConfig field or that TRL would not apply."""
+        if not overrides:
+            return overrides
+        for key, reason in REFUSED_DPO_OVERRIDES.items():
+            if overrides.get(key):
+                raise ValueError(f"dpo_overrides: {key}={overrides[key]!r} is refused: {reason}")
+        from trl import DPOConfig
+
+        unknown = set(overrides) - set(DPOConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"dpo_overrides: not DPOConfig fields: {', '.join(sorted(unknown))}")
+        return overrides

@@ -26,6 +26,7 @@ from longreward_core.training.config import (
     MANIFEST,
     METRICS,
     MODEL,
+    NUM_PROCESSES_ENV,
     PAIR_COLUMNS,
     QUARANTINE,
     REPORTED_DPO_FIELDS,
@@ -48,8 +49,17 @@ def _bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def dpo_config(config: TrainConfig, max_length: int, world_size: int = 1) -> Any:
-    """TRL's DPOConfig for this run: the LongReward loss, the batch reached by accumulation."""
+def _deepspeed_without_gpu() -> bool:
+    import torch
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()
+
+
+def dpo_config(config: TrainConfig, max_length: int, world_size: int = 1, configured_state: bool = False) -> Any:
+    """TRL's DPOConfig for this run: the LongReward loss, the batch reached by accumulation.
+
+    `configured_state`: the process's accelerate state is already set up (see `build_trainer`).
+    """
     from trl import DPOConfig
 
     per_step = config.per_device_batch_size * world_size
@@ -82,9 +92,8 @@ def dpo_config(config: TrainConfig, max_length: int, world_size: int = 1) -> Any
         report_to=[],
         disable_tqdm=True,
     )
-    unknown = set(config.dpo_overrides) - set(DPOConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"dpo_overrides: not DPOConfig fields: {', '.join(sorted(unknown))}")
+    if configured_state:
+        fields["accelerator_config"] = {"use_configured_state": True}
     return DPOConfig(**{**fields, **config.dpo_overrides})
 
 
@@ -112,28 +121,43 @@ def _metrics_callback(path: Path, is_main: bool) -> Any:
     return WriteMetrics()
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def build_trainer(config: TrainConfig, pairs: PairsDataset, base_model: str, report: LengthReport) -> Any:
-    """A DPOTrainer for the run (the policy and reference loaded from their folders)."""
+    """A DPOTrainer for the run (the policy and reference loaded from their folders) that logs the
+    pairs of each step to this process's pair log (`recording.rank_log`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOTrainer
+
+    from longreward_core.training.recording import PAIR_INDEX, PairLoggingDPOTrainer, rank_log
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args = dpo_config(config, report.max_length, world_size)
+    configured_state = _deepspeed_without_gpu()
+    if configured_state:
+        from accelerate import PartialState
+
+        # accelerate finds no process-group backend for DeepSpeed on a host without GPUs and then
+        # counts one process, whatever was launched: name gloo here and let the trainer use this state.
+        PartialState(backend="gloo")
+    args = dpo_config(config, report.max_length, world_size, configured_state)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = _rank() == 0
     # Without a reference, TRL loads a second copy of the policy from its folder.
     ref_model = None
     if config.ref_model is not None:
         ref_model = AutoModelForCausalLM.from_pretrained(config.ref_model, **args.model_init_kwargs)
-    return DPOTrainer(
+    dataset = pairs.dataset.select_columns(list(PAIR_COLUMNS))
+    return PairLoggingDPOTrainer(
         model=base_model,
         ref_model=ref_model,
         args=args,
-        train_dataset=pairs.dataset.select_columns(list(PAIR_COLUMNS)),
+        train_dataset=dataset.add_column(PAIR_INDEX, list(range(len(dataset)))),
         processing_class=tokenizer,
         callbacks=[_metrics_callback(config.output_dir / METRICS, is_main)],
+        pair_log=rank_log(config.output_dir, _rank()),
     )
 
 
@@ -175,8 +199,8 @@ def _checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Forget the metrics logged after the checkpoint a run resumes from: those steps run again."""
+def _forget_steps_after(path: Path, step: int) -> None:
+    """Forget the lines (metrics, pairs) logged after the checkpoint a run resumes from: those steps run again."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
@@ -213,14 +237,24 @@ def train(config: TrainConfig, callbacks: list[Any] = (), prepared: bool = False
     import transformers
     import trl
 
+    from longreward_core.training.recording import rank_log
+
     started = time.time()
     base_model = resolve_base_model(config)
     pairs, report = read_prepared_run(config) if prepared else prepare_run(config)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = _rank() == 0
     resume = last_checkpoint(config.output_dir)
+    resumed_step = _checkpoint_step(resume) if resume else 0
     if is_main:
-        _keep_metrics_until(config.output_dir / METRICS, _checkpoint_step(resume) if resume else 0)
+        _forget_steps_after(config.output_dir / METRICS, resumed_step)
+    _forget_steps_after(rank_log(config.output_dir, _rank()), resumed_step)
     trainer = build_trainer(config, pairs, base_model, report)
+    launched = int(os.environ.get(NUM_PROCESSES_ENV, trainer.args.world_size))
+    if trainer.args.world_size != launched:
+        raise ValueError(
+            f"{launched} training processes were asked for, but they do not train together (each sees a world of "
+            f"{trainer.args.world_size}); the accelerate config's distributed_type does not start them as one run"
+        )
     for callback in callbacks:
         trainer.add_callback(callback)
     print(f"longreward: {report.summary()}; resuming from {resume}" if resume else f"longreward: {report.summary()}",
@@ -252,7 +286,9 @@ def train(config: TrainConfig, callbacks: list[Any] = (), prepared: bool = False
         final_metrics=metrics,
         last_log=next((log for log in reversed(trainer.state.log_history) if "loss" in log), None),
         model_dir=str(model_dir),
+        num_processes=launched,
         world_size=trainer.args.world_size,
+        deepspeed_stage=trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         tokens_per_second=_tokens_per_second(trainer.state.log_history, metrics),
         peak_gpu_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         seconds=round(time.time() - started, 1),
