@@ -7,6 +7,7 @@ failed (the judge's concurrency) may be repeated."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import sqlite3
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from longreward_core.models.storage import StorageUnavailable
+from longreward_core.models.storage import StorageGuard, StorageUnavailable
 from longreward_core.pipeline.score import score_files
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.scenarios import judge_config_for, write_inputs
@@ -162,3 +163,38 @@ def test_an_output_folder_whose_disk_fills_up_ends_the_command_with_one_line(jud
     assert again.exit_code == 0, again.output
     paid_twice = [r for r in requests_of(double) if r in set(first)]
     assert len(paid_twice) <= CONCURRENCY + 1
+
+
+def no_space() -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_the_gate_stays_closed_while_a_store_is_kept_back_and_opens_once_none_is():
+    async def run() -> None:
+        guard = StorageGuard(30.0, reuse="every answer stored")
+        kept = asyncio.ensure_future(guard.use("the file f", no_space))
+        await asyncio.sleep(0.05)
+        gate = asyncio.ensure_future(guard.wait_open())
+        await asyncio.sleep(0.3)
+        assert not gate.done()  # no request goes while a store is kept back
+        kept.cancel()  # its run was stopped: nothing is kept back any more
+        await asyncio.wait_for(gate, 1.0)
+        assert await guard.use("the file f", lambda: "stored") == "stored"
+
+    asyncio.run(run())
+
+
+def test_storage_down_for_the_whole_window_stops_every_store_and_request():
+    async def run() -> None:
+        guard = StorageGuard(0.3, reuse="every answer stored in the call cache c")
+        kept = asyncio.ensure_future(guard.use("the file f", no_space))
+        await asyncio.sleep(0.05)
+        gate = asyncio.ensure_future(guard.wait_open())
+        with pytest.raises(StorageUnavailable, match=r"the file f kept failing for 0.3 s \(OSError: .*No space left"):
+            await kept
+        with pytest.raises(StorageUnavailable, match="reuses every answer stored in the call cache c"):
+            await gate
+        with pytest.raises(StorageUnavailable):
+            await guard.use("the file f", lambda: "stored")
+
+    asyncio.run(run())

@@ -75,7 +75,7 @@ class StorageGuard:
         try:
             while True:
                 try:
-                    result = operation()
+                    return operation()
                 except STORAGE_FAULTS as exc:
                     if self._failed is not None:
                         raise self._failed from None
@@ -91,18 +91,14 @@ class StorageGuard:
                         raise self._give_up(what, exc) from None
                     await asyncio.sleep(min(delay, left))
                     delay = min(2 * delay, BACKOFF_MAX_S)
-                else:
-                    if failed:
-                        failed = False
-                        self._failing -= 1
-                        if not self._failing and self._failed is None:  # every store kept back is done
-                            self._down_since = None
-                            self._open.set()
-                    return result
         finally:
             self._waiting -= 1
             if failed:
                 self._failing -= 1
+                # Every operation kept back is done (stored, or cancelled with its run): requests may go.
+                if not self._failing and self._failed is None:
+                    self._down_since = None
+                    self._open.set()
 
     def _give_up(self, what: str, exc: BaseException) -> StorageUnavailable:
         reason = redact(f"{type(exc).__name__}: {exc}")
