@@ -50,7 +50,8 @@ from tasks.pairs import build_pairs
 from tasks.publish import publish
 from tasks.retention import call_cache_size, prune_retention
 from tasks.sample import sample_candidates
-from tasks.score import judge_limit, score_shard
+from tasks.preflight import check_configuration
+from tasks.score import score_shard
 from tasks.shard import load_and_shard
 
 # A published build with more than this share of its candidates without a reward (refused by the
@@ -69,8 +70,9 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
     with `manifest_path` and `dataset_dir`."""
     logger = get_run_logger()
     started = time.time()
-    if params.judge_slots and params.judge_limit_strict:
-        judge_limit(params.judge_slots, strict=True)  # fail before indexing anything
+    # What fails every shard and every retry alike fails here, before anything is indexed or paid for.
+    check_configuration(params.judge, None if params.candidates else params.policy, params.judge_slots,
+                        params.judge_limit_strict, params.judge_key_secret, params.policy_key_secret)
     build = params.build_dir()
     cache_path = str(params.cache_path())
     # Task results (the cache records of finished stages) live beside the outputs they point to:
@@ -83,7 +85,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
-    fix: str | None = None  # the error of a shard that failed on the configuration
+    fix: BaseException | None = None  # the error of a shard that failed on what a re-run cannot fix
     retried = {"retries": params.task_retries, **stored}
     index_task, sample_task, score_task = (t.with_options(**retried) for t in (index_documents, sample_candidates, score_shard))
     # The judge budget is split evenly over the shards (each shard's run checks its own share).
@@ -122,7 +124,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                 results[name] = future.result()
             else:
                 failed[name] = state.message or state.name
-                fix = fix or (failed[name] if configuration_fault(state) else None)
+                fix = fix or (state.result(raise_on_failure=False) if configuration_fault(state) else None)
             update_progress_artifact(progress, 100.0 * done / len(names))
 
     _shard_table(results, failed)
@@ -131,7 +133,9 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
             logger.error("%s failed: %s", name, reason)
         advice = (f"a retry fails alike until the configuration is fixed: {fix}" if fix
                   else "retry the run: finished shards are cached and no judge call is repeated")
-        return Failed(message=f"{len(failed)} of {len(names)} shards failed: {', '.join(sorted(failed))}; {advice}")
+        # The fault travels with the state: the command line exits 2 on it.
+        return Failed(message=f"{len(failed)} of {len(names)} shards failed: {', '.join(sorted(failed))}; {advice}",
+                      data=fix)
 
     unscored = {n: results[n]["summary"] for n in names if results[n]["summary"].not_scored_prompts}
     if unscored:

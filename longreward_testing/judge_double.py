@@ -18,6 +18,7 @@ Prompts that open with no task line (a model under test answering a benchmark) a
 with `answers`. `POST .../embeddings` answers 8 numbers per text, from its hash (task
 "embedding"). The `model` of every request and its Authorization header are recorded (`models`,
 `authorization`; `listed_by` for `GET /models`); `only_served_models` answers 404 for a model not in `served_models`, as vLLM does.
+`required_key` answers 401 to any other bearer token, on the model listing too.
 
 Batch requests (`/v1/files`, `/v1/batches`) go to `batch_api` (`longreward_testing.batch_double`), whose
 lines are answered by the same script and logged apart from online requests.
@@ -174,6 +175,8 @@ class JudgeDouble:
     listed_by: list[str] = field(default_factory=list)  # the Authorization header of every GET /models
     # Answer 404 "model does not exist" for a model not in `served_models`, as vLLM does.
     only_served_models: bool = False
+    # A server started with a key (vLLM's --api-key): any other bearer gets 401, the listing included.
+    required_key: str | None = None
     # What `GET /v1/models` reports, as vLLM does: served names and their context window.
     served_models: tuple[str, ...] = ("judge-double", "policy-double")
     max_model_len: int = 32_768
@@ -327,8 +330,16 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
             self._send(200, json.dumps(body).encode())
 
+        def _key_refused(self) -> bool:
+            if double.required_key is None or self.headers.get("Authorization") == f"Bearer {double.required_key}":
+                return False
+            self._send(401, b'{"error": {"message": "invalid API key", "type": "authentication_error"}}')
+            return True
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self._batch_api("GET"):
+                return
+            if self.path != "/stats" and self._key_refused():
                 return
             if self.path == "/stats":
                 self._send(200, json.dumps({"requests": double.count(), "by_task": double.counts()}).encode())
@@ -354,6 +365,8 @@ def _make_handler(double: JudgeDouble) -> type[BaseHTTPRequestHandler]:
             payload = json.loads(self.rfile.read(length) or b"{}")
             with double._lock:
                 double.models.append(payload.get("model", ""))
+            if self._key_refused():
+                return
             if double.only_served_models and payload.get("model") not in double.served_models:
                 body = {"error": {"message": f"The model `{payload.get('model')}` does not exist.", "type": "NotFoundError"}}
                 self._send(404, json.dumps(body).encode())

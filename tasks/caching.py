@@ -64,17 +64,21 @@ def stage_cache_key(
     return key
 
 
+# Failures every retry repeats until someone fixes the configuration, the input or the server's setup.
+NOT_FIXED_BY_RETRY = (ConfigurationError, InputError, ServerSetupMissing)
+
+
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """A task's retry_condition_fn: refused credentials, bad input and a missing server setup fail
     every retry alike, so the task (and the run) ends at once; any other failure goes to the retry
     policy."""
-    return not isinstance(state.data, (ConfigurationError, InputError, ServerSetupMissing))
+    return not isinstance(state.data, NOT_FIXED_BY_RETRY)
 
 
 def configuration_fault(state: Any) -> bool:
-    """Whether a finished task run failed on its configuration (credentials, an unknown model): a
-    re-run fails alike until it is fixed, so the run's message must not advise one."""
-    return state.is_failed() and isinstance(state.result(raise_on_failure=False), ConfigurationError)
+    """Whether a finished task run failed on what a re-run cannot fix (credentials, an unknown
+    model, bad input, a missing server setup), so the run's message must not advise one."""
+    return state.is_failed() and isinstance(state.result(raise_on_failure=False), NOT_FIXED_BY_RETRY)
 
 
 def shard_stage(stage: str, version: int, inputs: Callable[[dict[str, Any]], list[Path]], config: tuple[str, ...]):

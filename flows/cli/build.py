@@ -35,10 +35,13 @@ app = typer.Typer()
 
 def _run_build(params: BuildParams) -> dict:
     from flows.preference_build import preference_build
+    from tasks.caching import NOT_FIXED_BY_RETRY
 
     state = preference_build(params, return_state=True)
     if state.is_failed():
-        fail(f"build failed: {state.message}", 1)
+        # What no re-run fixes (configuration, input, the server's setup) exits 2, like bad options.
+        fixed_by_retry = not isinstance(state.result(raise_on_failure=False), NOT_FIXED_BY_RETRY)
+        fail(f"build failed: {state.message}", 1 if fixed_by_retry else 2)
     manifest = state.result()
     counts = manifest["counts"]
     console.print(

@@ -26,6 +26,7 @@ from flows.params import BuildParams
 from longreward_core.data.io import InputError
 from longreward_core.evaluation.predict import ModelSpec
 from longreward_core.models.errors import ConfigurationError
+from longreward_core.models.storage import StorageUnavailable
 from longreward_core.pipeline.sampling import PolicyConfig
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
@@ -62,11 +63,14 @@ def fail(message: str, code: int) -> NoReturn:
 @contextmanager
 def input_errors() -> Iterator[None]:
     """Bad input (a missing file, a refused value) or configuration (credentials, an unknown model) ends
-    the command with its message, which names the fix, and exit code 2."""
+    the command with its message, which names the fix, and exit code 2. Storage that stayed down
+    mid-run (the call cache, the output disk) ends it with exit code 1 and what a re-run reuses."""
     try:
         yield
     except (InputError, ValidationError, ValueError, FileNotFoundError, ConfigurationError) as exc:
         fail(str(exc), 2)
+    except StorageUnavailable as exc:
+        fail(str(exc), 1)
 
 
 def fmt(value: float | None) -> str:
@@ -122,13 +126,14 @@ class OptionGroup:
 
 
 JUDGE = OptionGroup(
-    JudgeConfig, ("model", "api_base", "concurrency", "rpm", "timeout_s", "max_tokens", "max_attempts"),
+    JudgeConfig, ("model", "api_base", "concurrency", "rpm", "timeout_s", "max_tokens", "max_attempts", "storage_retry_s"),
     flags={"model": "--judge-model", "api_base": "--judge-api-base", "concurrency": "--judge-concurrency",
            "rpm": "--judge-rpm", "timeout_s": "--judge-timeout", "max_tokens": "--judge-max-tokens",
-           "max_attempts": "--judge-max-attempts"},
+           "max_attempts": "--judge-max-attempts", "storage_retry_s": "--storage-retry"},
 )
 """The judge: which model, where, how many requests at once and per minute, how long one may take,
-how long an answer may be, and how many requests a verdict may take."""
+how long an answer may be, how many requests a verdict may take, and how long its answers wait in
+memory for storage that fails."""
 
 BATCH_JUDGE = replace(
     JUDGE, fields=(*JUDGE.fields, "batch", "batch_poll_s"),

@@ -55,8 +55,9 @@ def score(
     scores.parquet, such as a request the provider refused); 1 when nothing could be scored (an
     empty input too), the judge could not be reached for some candidates (run the same command
     again: every answer received is cached), the judge budget was reached (prompts left unscored;
-    run again with a larger budget); 2 on bad input or configuration (credentials refused or
-    missing, an unknown model, a malformed api_base: the message names the fix).
+    run again with a larger budget), storage failed for good mid-run (the call cache or the output
+    disk: the message names it and what a re-run reuses); 2 on bad input or configuration
+    (credentials refused or missing, an unknown model, a malformed api_base: the message names the fix).
     """
     from longreward_core.models.batch import BatchFailed
     from longreward_core.models.call_cache import check_cache_url

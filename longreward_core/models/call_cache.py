@@ -64,6 +64,8 @@ _COLUMNS = (
 class CallStore(Protocol):
     """What the client needs of a call cache (both backends below)."""
 
+    label: str  # where it is, as messages name it (a database URL without its password)
+
     def get(self, key: str) -> tuple[str, int, int, float] | None: ...
 
     def put(
@@ -231,6 +233,7 @@ class CallCache(_CallTable):
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.label = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)

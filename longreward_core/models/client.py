@@ -10,6 +10,7 @@ purpose (a judged dimension, `sampling`, `generation`, ...) and stored in the ca
 (`models.call_cache`, any `CallStore`) keyed by (model, messages, sampling params, attempt): the
 same work run again makes zero requests and gets the same answers. A failure becomes one of the
 errors of `models.errors`; a configuration fault (credentials, unknown model) stops the client.
+While an answer cannot be stored (the cache failing), no request is sent (`models.storage`).
 Verdict retries (asking again until an answer parses) belong to judging: see
 `longreward_core.reward.judge`.
 """
@@ -49,6 +50,7 @@ from longreward_core.models.secrets import (
     provider_key_variable,
     resolve_api_key,
 )
+from longreward_core.models.storage import StorageGuard, StorageUnavailable
 
 
 def litellm_module() -> Any:
@@ -114,6 +116,11 @@ class LLMConfig(BaseModel):
     backoff_max_s: float = Field(30.0, ge=0, description="Longest backoff between retries.")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute at most (None: no limit).")
+    storage_retry_s: float = Field(
+        60.0, ge=0,
+        description="When an answer cannot be stored (the call cache or the output disk failing): how long, in "
+        "seconds, no request is sent while the store is retried; then the run stops, naming what failed.",
+    )
 
     @property
     def is_embedded(self) -> bool:
@@ -193,6 +200,10 @@ class LLMClient:
         install_log_redaction()
         self._in_flight: dict[str, asyncio.Future[str]] = {}
         self._refused: ConfigurationError | None = None  # set once: no request is sent after it
+        # Closed while an answer cannot be stored: nothing more is paid for until it is.
+        self.storage = StorageGuard(config.storage_retry_s, reuse=(
+            f"every answer stored in the call cache {cache.label}" if cache is not None else "nothing: no call cache"
+        ))
         served = direct_model(config.model, config.api_base, self._api_key) if direct else None
         self._direct = (
             DirectRoute(config.model, served, config.api_base, self._api_key, config.timeout_s)
@@ -219,14 +230,14 @@ class LLMClient:
         keyed = {**params, "endpoint": "completions"} if raw_prompt else params
         return call_key(self.config.model, messages, keyed, attempt), params
 
-    def cached(
+    async def cached(
         self, messages: list[dict[str, str]], temperature: float, attempt: int,
         constraint: dict[str, Any] | None = None, *, raw_prompt: bool = False, **sampling: Any,
     ) -> str | None:
         """The cached answer of a request, without sending it (None when it was never answered)."""
         if self.cache is None:
             return None
-        hit = self.cache.get(self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)[0])
+        hit = await self._lookup(self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)[0])
         if hit and self.budget is not None:
             self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
         return hit[0] if hit else None
@@ -338,7 +349,7 @@ class LLMClient:
         if self._refused is not None:
             acc.failed_calls += 1
             raise self._refused
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        if self.cache is not None and (hit := await self._lookup(key)) is not None:
             acc.cache_hits += 1
             if self.budget is not None:
                 self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
@@ -349,9 +360,16 @@ class LLMClient:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
-            text = self._record(acc, key, *read(await self._send(acc, call)), accept, messages)
+            text, usage, cost = read(await self._send(acc, call))
+            tokens = self._record(acc, usage, cost, messages)
+            if self.cache is not None and (accept is None or accept(text)):
+                text = await self._store(key, text, *tokens, cost)
         except asyncio.CancelledError:
             future.cancel()
+            raise
+        except StorageUnavailable as exc:  # the storage's fault, not the model's: the run stops
+            future.set_exception(exc)
+            future.exception()
             raise
         except Exception as exc:
             acc.failed_calls += 1
@@ -386,6 +404,7 @@ class LLMClient:
             async with self._semaphore:
                 if self._limiter is not None:
                     await self._limiter.acquire()
+                await self.storage.wait_open()  # nothing is paid for while answers cannot be stored
                 if self._refused is not None:  # refused while this request waited for its turn
                     raise self._refused
                 try:
@@ -404,11 +423,9 @@ class LLMClient:
         return await retrying(send)
 
     def _record(
-        self, acc: CallAccounting, key: str, text: str, usage: Any, cost: float,
-        accept: Callable[[str], bool] | None, messages: list[dict[str, str]] | None,
-    ) -> str:
-        """Account an answered request and cache its answer (if `accept`ed); returns the answer a
-        re-run reproduces."""
+        self, acc: CallAccounting, usage: Any, cost: float, messages: list[dict[str, str]] | None,
+    ) -> tuple[int, int]:
+        """Account an answered request; returns its (prompt, completion) tokens."""
         acc.calls += 1
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -422,21 +439,49 @@ class LLMClient:
             counted, shared = self.prefix_share.observe(self.config.model, messages)
             acc.tokenized_prompt_tokens += counted
             acc.cacheable_tokens += shared
-        if self.cache is not None and (accept is None or accept(text)):
-            text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost, model=self.config.model)
-        return text
+        return prompt_tokens, completion_tokens
 
+    # The cache's reads and writes, through the storage guard: a cache that fails closes the gate
+    # of every request until it answers again (or the run stops).
+    async def _lookup(self, key: str) -> tuple[str, int, int, float] | None:
+        assert self.cache is not None
+        return await self.storage.use(f"the call cache {self.cache.label}", lambda: self.cache.get(key))
+
+    async def _store(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, cost: float) -> str:
+        """Store a paid answer; returns the stored one, the answer a re-run reproduces."""
+        assert self.cache is not None
+        return await self.storage.use(
+            f"the call cache {self.cache.label}",
+            lambda: self.cache.put(key, text, prompt_tokens, completion_tokens, cost, model=self.config.model),
+        )
+
+    # Requests sent another way, such as a provider's Batch API, by an executor that runs in a worker
+    # thread: the cache is read and written directly (a batch's answers stay with the provider, and
+    # the batch ledger finds them again, so a failing cache loses nothing there).
     def request_key(
         self, messages: list[dict[str, str]], temperature: float, attempt: int, constraint: dict[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """A chat request's cache key and its sampling parameters, as `complete` would send them
-        (for requests sent another way, such as a provider's Batch API)."""
+        """A chat request's cache key and its sampling parameters, as `complete` would send them."""
         return self._key(messages, temperature, attempt, constraint, False, {})
+
+    def cached_in_thread(
+        self, messages: list[dict[str, str]], temperature: float, attempt: int, constraint: dict[str, Any] | None = None,
+    ) -> str | None:
+        """`cached`, for an executor that runs in a worker thread."""
+        if self.cache is None:
+            return None
+        hit = self.cache.get(self.request_key(messages, temperature, attempt, constraint)[0])
+        if hit and self.budget is not None:
+            self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
+        return hit[0] if hit else None
 
     def record_answer(
         self, acc: CallAccounting, key: str, messages: list[dict[str, str]], text: str, usage: Any, cost: float,
         accept: Callable[[str], bool] | None = None,
     ) -> str:
-        """Account and cache (if `accept`ed) an answer obtained another way, such as a provider's
-        Batch API, as `complete` does its own; returns the stored answer."""
-        return self._record(acc, key, text, usage, cost, accept, messages)
+        """Account and cache (if `accept`ed) an answer obtained another way, as `complete` does its
+        own; returns the stored answer."""
+        prompt_tokens, completion_tokens = self._record(acc, usage, cost, messages)
+        if self.cache is not None and (accept is None or accept(text)):
+            text = self.cache.put(key, text, prompt_tokens, completion_tokens, cost, model=self.config.model)
+        return text

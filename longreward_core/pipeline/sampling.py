@@ -97,7 +97,8 @@ async def policy_context(config: PolicyConfig) -> int:
         return int(known)
     raise ContextUnknown(
         f"the context window of policy '{config.model}' is unknown: its server does not report max_model_len and "
-        "litellm does not know the model; set policy.max_context_tokens (--policy-max-context-tokens)"
+        "litellm does not know the model; set policy.max_context_tokens (--policy-max-context-tokens), or serve it "
+        "where GET /models reports max_model_len (vLLM does)"
     )
 
 

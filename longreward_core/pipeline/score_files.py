@@ -48,6 +48,7 @@ from longreward_core.models.batch import LEDGER_FILE, BatchLedger, BatchTranspor
 from longreward_core.models.call_cache import CALL_CACHE_FILE, is_database_url, open_call_cache
 from longreward_core.models.event_loop import run_async
 from longreward_core.models.prefix_share import PrefixShare
+from longreward_core.models.storage import StorageGuard
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_core.reward.batch_executor import (
     BatchExecutor,
@@ -120,10 +121,12 @@ def score_files(
 
     batch = BatchOutcome()
 
-    async def run(spool: ScoreSpool) -> tuple[int, int, float]:
+    async def run(spool: ScoreSpool) -> tuple[int, int, float, StorageGuard]:
         judge = Judge(judge_config, cache, accounting, PrefixShare(load_tokenizer(scoring_config.tokenizer)), budget)
         scorer = Scorer(judge, scoring_config, index_path=out / "qdrant", pairs=pair_config)
         scorer.pruning = pruning
+        # The client's guard: a spool that cannot be written stops new requests like a failing cache.
+        storage = judge.client.storage
         executor = None
         if transport is not None and ledger is not None:
             executor = BatchExecutor(
@@ -140,24 +143,29 @@ def score_files(
                 async for group in finished:
                     prompt_id = group[0].prompt_id
                     del by_prompt[prompt_id]
-                    spool.write(group, positions.pop(prompt_id))
+                    where = positions.pop(prompt_id)
+                    await storage.use(f"the score spool {spool.path}", lambda: spool.write(group, where))
                     failures.update(unreachable=sum(s.unreachable for s in group), rejected=sum(s.rejected for s in group))
             not_scored.extend(scorer.not_scored)
             index = scorer.index
             embedder = index.embedder
-            return index.chunks_embedded, embedder.computed - index.chunks_embedded, embedder.busy_seconds
+            return index.chunks_embedded, embedder.computed - index.chunks_embedded, embedder.busy_seconds, storage
         finally:
             scorer.close()
 
+    def written(path: Path, write: Callable[[], Path]) -> Path:
+        # Every answer is stored by now: a full disk here costs no request, and is retried like one.
+        return run_async(storage.use(f"the output file {path}", write))
+
     with ScoreSpool(out) as spool:
         try:
-            chunks_embedded, statements_embedded, embedding_seconds = run_async(run(spool))
+            chunks_embedded, statements_embedded, embedding_seconds, storage = run_async(run(spool))
         finally:
             cache.close()
             if ledger is not None and ledger.mirror is not None:
                 ledger.mirror.close()
         frame = spool.frame()
-    scores_path = write_parquet_atomic(frame, out / "scores.parquet")
+    scores_path = written(out / "scores.parquet", lambda: write_parquet_atomic(frame, out / "scores.parquet"))
 
     scored = frame.filter(pl.col("status") == "scored")
     embedded_judge = None
@@ -189,7 +197,7 @@ def score_files(
         embedded_judge=embedded_judge,
         batch=batch_summary(batch, transport, ledger, accounting.record()) if transport is not None and ledger is not None else None,
     )
-    accounting_path = atomic_write_bytes(out / "accounting.json", summary.to_json())
+    accounting_path = written(out / "accounting.json", lambda: atomic_write_bytes(out / "accounting.json", summary.to_json()))
     return ScoreRun(scores_path, accounting_path, quarantine_path, summary)
 
 
@@ -199,25 +207,38 @@ class ScoreSpool:
     exit. (JSON lines, not Parquet: a Parquet writer held open keeps Arrow buffers for the whole run.)"""
 
     def __init__(self, out: Path):
-        fd, name = tempfile.mkstemp(dir=out, prefix=".scores.", suffix=".spool.jsonl")
+        self._fd, name = tempfile.mkstemp(dir=out, prefix=".scores.", suffix=".spool.jsonl")
         self.path = Path(name)
-        # A judge's answer may carry a JSON-escaped lone surrogate into an error text: replaced.
-        self._file = os.fdopen(fd, "w", encoding="utf-8", errors="replace")
+        self._size = 0  # bytes of whole groups written
 
     def write(self, scores: list[CandidateScore], positions: list[int]) -> None:
-        for score, position in zip(scores, positions, strict=True):
-            self._file.write(json.dumps({**score.to_row(), "position": position}, ensure_ascii=False) + "\n")
+        """Append a prompt's scores, all or nothing: a write that fails part-way (a full disk) is
+        cut back, so the same group can be written again."""
+        lines = "".join(
+            json.dumps({**score.to_row(), "position": position}, ensure_ascii=False) + "\n"
+            for score, position in zip(scores, positions, strict=True)
+        )
+        # A judge's answer may carry a JSON-escaped lone surrogate into an error text: replaced.
+        encoded = lines.encode("utf-8", errors="replace")
+        data = memoryview(encoded)
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
+            raise
+        self._size += len(encoded)
 
     def frame(self) -> pl.DataFrame:
-        """Every score written, in input order (closes the spool for writing)."""
-        self._file.close()
+        """Every score written, in input order."""
         return pl.read_ndjson(self.path, schema=SPOOL_SCHEMA).sort("position").drop("position")
 
     def __enter__(self) -> ScoreSpool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
+        os.close(self._fd)
         self.path.unlink(missing_ok=True)
 
 

@@ -228,7 +228,7 @@ class BatchExecutor:
         acc = self.judge.accounting.purpose(call.ask.dimension)
         verdict = call.ask.verdict
         for r in call.requests:
-            hit = self.client.cached(r.messages, r.temperature, r.attempt, r.constraint)
+            hit = self.client.cached_in_thread(r.messages, r.temperature, r.attempt, r.constraint)
             if hit is not None and verdict_parses(verdict, hit):
                 acc.cache_hits += 1
                 return self._resolve(call, verdict.parse(hit))

@@ -107,7 +107,7 @@ class Judge:
         acc = self.accounting.purpose(dimension)
         requests = self.attempts(messages, verdict)
         for r in requests:
-            hit = self.client.cached(r.messages, r.temperature, r.attempt, r.constraint)
+            hit = await self.client.cached(r.messages, r.temperature, r.attempt, r.constraint)
             if hit is not None and verdict_parses(verdict, hit):
                 acc.cache_hits += 1
                 return verdict.parse(hit)

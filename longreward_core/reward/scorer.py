@@ -27,6 +27,7 @@ from longreward_core.data.records import (
 )
 from longreward_core.models.errors import ConfigurationError, LLMCallFailed, RequestRejected
 from longreward_core.models.secrets import redact
+from longreward_core.models.storage import StorageUnavailable
 from longreward_core.reward.dimensions import faithfulness
 from longreward_core.reward.documents import DocumentConfig, PreparedDocument, open_chunk_index, prepare_document
 from longreward_core.reward.judge import Judge
@@ -99,6 +100,7 @@ class Scorer:
         budget = self.judge.client.budget
         in_flight: Counter[str] = Counter()  # prompts being scored per document
         running: set[asyncio.Task[list[CandidateScore]]] = set()
+        done: set[asyncio.Task[list[CandidateScore]]] = set()
 
         async def one_prompt(prompt: Prompt, group: list[Candidate]) -> list[CandidateScore]:
             doc_id = content_hash(prompt.context)
@@ -130,7 +132,8 @@ class Scorer:
         finally:  # a failure (a configuration error such as refused credentials) or a closed generator stops the other prompts
             for task in running:
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            # Finished prompts that failed alike with the one raised are retrieved too (no "never retrieved" log).
+            await asyncio.gather(*running, *done, return_exceptions=True)
 
     async def _score_prompt(
         self, prompt: Prompt, candidates: list[Candidate], on_scored: Callable[[CandidateScore], None] | None
@@ -333,7 +336,7 @@ class OnlineExecutor:
     async def _ask(self, ask: Ask) -> None:
         try:
             value = await self.judge.verdict(ask.dimension, ask.messages, ask.verdict)
-        except ConfigurationError as exc:
+        except (ConfigurationError, StorageUnavailable) as exc:
             self._stop(exc)
         except Exception as exc:
             self._answer(ask, error=exc)
@@ -400,13 +403,13 @@ def candidate_score(prompt_id: str, language: str, run: PlanRun, candidate_id: s
 
 def _as_result(outcome: Outcome) -> DimensionResult:
     """A dimension's outcome: its score, or its failure with the reason. Only configuration errors
-    (refused credentials, an unknown model) escape as an exception: they end the run, since every
-    other request would fail alike."""
+    (refused credentials, an unknown model) and storage that stayed down escape as an exception:
+    they end the run, since every other request would fail alike."""
     exc = outcome.error
     if exc is None:
         value = outcome.value
         return value if isinstance(value, DimensionResult) else DimensionResult(score=float(value))
-    if isinstance(exc, ConfigurationError):
+    if isinstance(exc, (ConfigurationError, StorageUnavailable)):
         raise exc
     if isinstance(exc, LLMCallFailed):
         return DimensionResult(error=str(exc), transport=exc.transport, rejected=isinstance(exc, RequestRejected))
