@@ -5,7 +5,7 @@ Run by `bench/gpu_check.sh` on a machine that reaches no network; nothing is dow
 1. a model of SmolLM2's architecture scaled to ~1B parameters (SmolLM2-1.7B's width, 14 of its
    24 layers; the embedded 49,152-token vocabulary and tokenizer), random weights, bf16;
 2. `longreward eval longbench --backend transformers` with that model on the test suite's small
-   LongBench-format data (`tests/longbench_fixtures.py`): the GPU generation path;
+   LongBench-format data (`longreward_testing/longbench_fixtures.py`): the GPU generation path;
 3. for pairs of 1k, 4k, 8k and 16k tokens: DPO with the LongReward loss through the real launch
    (`launch_training`, `infra/accelerate/zero3-single-node.yaml`, 1 process: DeepSpeed ZeRO-3,
    gradient checkpointing, bf16), then the same DPOConfig on TRL's own `DPOTrainer` in a plain
@@ -35,8 +35,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # gpu_check.sh puts it on PYTHONPATH (the package is not installed there)
 
 # SmolLM2-1.7B's width (hidden 2048, MLP 8192, 32 heads, no grouped KV, rope theta 130000), 14 layers: ~1.04B parameters.
 GPU = dict(
@@ -181,7 +180,7 @@ def plain_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_eval(model: Path, work: Path, limit: int | None) -> dict[str, Any]:
     """`longreward eval longbench --backend transformers` on the test suite's LongBench-format data."""
-    from tests.longbench_fixtures import write_longbench
+    from longreward_testing.longbench_fixtures import write_longbench
 
     data = write_longbench(work / "longbench", EVAL_DATA)
     out = work / "eval"

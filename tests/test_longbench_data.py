@@ -13,7 +13,7 @@ from longreward_core.evaluation.data import (
     load_longbench_chat,
     load_longbench_v2,
 )
-from tests.longbench_fixtures import (
+from longreward_testing.longbench_fixtures import (
     longbench_rows,
     v2_items,
     write_chat,

@@ -13,7 +13,7 @@ from flows.longbench_eval import EvalParams, longbench_eval
 from longreward_core.evaluation.predict import POLICY_API_KEY_ENV, ModelSpec
 from longreward_testing.judge_double import Fault
 from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
-from tests.longbench_fixtures import tiny_model, write_chat, write_longbench, write_v2
+from longreward_testing.longbench_fixtures import tiny_model, write_chat, write_longbench, write_v2
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -26,7 +26,7 @@ from longreward_core.evaluation.predict import POLICY_API_KEY_ENV, ModelSpec
 from longreward_core.reward.verdicts import VerdictParseError
 from longreward_testing.judge_double import Fault, slot
 from longreward_testing.scenarios import TEST_API_KEY, judge_config_for
-from tests.longbench_fixtures import longbench_rows, write_chat
+from longreward_testing.longbench_fixtures import longbench_rows, write_chat
 
 
 def test_the_papers_mapping_of_ratings_to_scores():

@@ -23,7 +23,7 @@ from longreward_core.evaluation.predict import (
 from longreward_core.models.tokenizers import load_tokenizer
 from longreward_testing.judge_double import Fault
 from longreward_testing.scenarios import TEST_API_KEY
-from tests.longbench_fixtures import tiny_model, write_longbench
+from longreward_testing.longbench_fixtures import tiny_model, write_longbench
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from longreward_core.evaluation import v2
 from longreward_core.evaluation.evaluate import DataSources, evaluate_benchmark
 from longreward_core.evaluation.predict import ModelSpec
 from longreward_testing.scenarios import TEST_API_KEY
-from tests.longbench_fixtures import v2_items, write_v2
+from longreward_testing.longbench_fixtures import v2_items, write_v2
 
 
 @pytest.mark.parametrize(
