@@ -42,6 +42,8 @@ ANALYSIS_TOKENS = 16  # free text before the verdict; small, since the model is 
 LIST_TOKENS = 64  # budget for a list answer after its prefix
 MAX_PROMPT_TOKENS = 7_000  # SmolLM2 has an 8k window; longer prompts keep head and tail
 DTYPE_ENV = "LONGREWARD_EMBEDDED_DTYPE"
+DRAFT_NGRAM = 3  # tokens looked up to draft what follows
+DRAFT_TOKENS = 8  # drafted tokens checked by one forward
 
 
 @dataclass
@@ -201,7 +203,9 @@ def _generate(model: Any, tokenizer: Any, ids: list[int], cache: Any, max_new: i
     `ids`, `rows` times), sampled at `temperature` with top-p TOP_P, greedy at 0. The new tokens of each."""
     import torch
 
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": TOP_P, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": TOP_P, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    )
     inputs = torch.tensor([ids] * rows)
     with torch.no_grad():
         out = model.generate(
@@ -227,6 +231,41 @@ def _until_eos(tokenizer: Any, tokens: list[int]) -> list[int]:
     return tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
 
 
+def _next_token(logits: Any, temperature: float) -> int:
+    """The token after `logits`: greedy at temperature 0, else sampled with `generate`'s own
+    temperature and top-p warpers."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = TopPLogitsWarper(TOP_P)(None, TemperatureLogitsWarper(temperature)(None, logits[None]))
+    return int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1))
+
+
+class _Drafts:
+    """Prompt-lookup drafts: the tokens that followed the latest earlier occurrence of the last
+    DRAFT_NGRAM tokens, in the prompt or the answer so far. A judge's answer quotes its input
+    (statements, sentences of the response), so a drafted run of tokens is often what the model
+    picks; one forward then checks them all, for about the cost of one token on the CPU."""
+
+    def __init__(self, ids: list[int]):
+        self.context = list(ids)
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
+        self.indexed = DRAFT_NGRAM
+
+    def append(self, token: int) -> None:
+        self.context.append(token)
+
+    def draft(self, limit: int) -> list[int]:
+        end = len(self.context)
+        for after in range(self.indexed, end):  # n-grams ending before the last position
+            self.after[tuple(self.context[after - DRAFT_NGRAM:after])] = after
+        self.indexed = max(self.indexed, end)
+        start = self.after.get(tuple(self.context[-DRAFT_NGRAM:]))
+        return self.context[start:start + min(limit, DRAFT_TOKENS)] if start is not None and limit > 0 else []
+
+
 def _decode(
     model: Any,
     tokenizer: Any,
@@ -235,15 +274,42 @@ def _decode(
     temperature: float,
     stop: Callable[[str], bool] | None = None,
 ) -> list[int]:
-    """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache."""
+    """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache.
 
-    def stopped(tokens: list[int]) -> bool:
-        return stop is not None and stop(tokenizer.decode(tokens, skip_special_tokens=True))
+    A loop of its own rather than `generate`, for its drafts: each forward also runs a draft of the
+    next tokens (`_Drafts`), and while the chosen tokens match it their logits are already
+    computed. `generate`'s prompt lookup drafts the same way but runs the whole prompt again in its
+    first forward when its cache already holds part of it, which the prefix cache always does.
+    Tokens are still chosen one by one from the model's logits; a drafted position's logits come
+    from a forward of several tokens, the same up to floating-point rounding (the test finds the
+    same tokens as one-token-at-a-time decoding)."""
+    import torch
+
+    def forward(tokens: list[int], keep: int) -> Any:
+        """Logits (float32) after each of the last `keep` tokens; the cache grows by `tokens`."""
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True, logits_to_keep=keep).logits[0].float()
 
     cache = _prefixes.cache_for(ids)
-    new = _until_eos(tokenizer, _generate(
-        model, tokenizer, ids, cache, max_new, temperature, stopping_criteria=[_StopWhen(len(ids), stopped)],
-    )[0])
+    logits = forward(ids[cache.get_seq_length():], 1)[-1]
+    drafts = _Drafts(ids)
+    new: list[int] = []
+    queued: list[tuple[int, Any]] = []  # drafted tokens already in the cache, with the logits after each
+    while len(new) < max_new:
+        token = _next_token(logits, temperature)
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+        drafts.append(token)
+        if queued and queued[0][0] == token:
+            logits = queued.pop(0)[1]
+        else:
+            _cropped(cache, len(ids) + len(new) - 1)  # drafted tokens not taken leave the cache
+            draft = drafts.draft(max_new - len(new))
+            rows = forward([token, *draft], len(draft) + 1)
+            logits, queued = rows[0], list(zip(draft, rows[1:]))
+        if stop is not None and stop(tokenizer.decode(new, skip_special_tokens=True)):
+            break
     _prefixes.remember(ids + new, _cropped(cache, len(ids) + len(new)))
     return new
 
