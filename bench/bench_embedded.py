@@ -3,15 +3,15 @@
 The workload is what `make demo` asks of the embedded SmolLM2-135M:
 - policy: 5 candidates per prompt in one request (`n=5`, temperature 0.8, 64 new tokens) on each
   prompt of the bundled sample;
-- judge: the requests a scoring run of the sample makes (the first sample candidate of each prompt,
-  all four dimensions, verdicts constrained), recorded once per run from a real `score_files` run
-  through the LLM client and replayed to each version.
+- judge: the requests a scoring run makes for one candidate (the sample's first, English; all four
+  dimensions, verdicts constrained), recorded from a real `score_files` run through the LLM client
+  (`--judge-requests FILE` keeps them for the next run) and replayed to each version.
 
 Each version is `models/embedded.py` at a git revision (or this tree's file), loaded as a module of
-its own with its own prefix cache; both drive the same loaded model. The versions take turns,
-`--rounds` times, in alternating order, each round from an empty prefix cache; the figures are per
-round and the ratio candidate / baseline per round and phase (the machine's load varies, so ratios
-of the same round count, not absolute times). Per part: seconds inside `_decode_many` (policy),
+its own with its own prefix cache; all drive the same loaded model. The versions take turns request
+by request (the order rotates), each round from empty prefix caches, so a change in the machine's
+load falls on all of them alike; the figures are seconds per phase and part, and their ratio to the
+first version's in the same round. Per part: seconds inside `_decode_many` (policy),
 `_decode` (judge analysis and list answers), `_constrained_choice`; model forwards and the tokens
 they ran. Judge answers are compared (the first attempt is greedy): equal texts per version.
 
@@ -19,7 +19,7 @@ Last, a check of transformers' prompt-lookup drafting from a reused cache: greed
 `generate(prompt_lookup_num_tokens=8)` from a cache that already holds most of the prompt against
 `generate` without drafting from the same cache.
 
-    .venv/bin/python bench/bench_embedded.py [--baseline 3dda35a] [--candidate worktree] [--rounds 3]
+    .venv/bin/python bench/bench_embedded.py [--versions 3dda35a 6255ace worktree] [--rounds 1] [--judge-requests F]
 """
 
 from __future__ import annotations
@@ -79,20 +79,14 @@ def policy_requests() -> list[dict]:
 
 
 def judge_requests(folder: Path) -> list[dict]:
-    """The embedded judge's requests in a scoring run of the sample's first candidate per prompt."""
+    """The embedded judge's requests in a scoring run of the sample's first candidate (English)."""
     from longreward_core.pipeline.score import score_files
     from longreward_core.reward.judge import JudgeConfig
     from longreward_core.reward.scorer import ScoringConfig
 
-    seen: set[str] = set()
-    first = []
-    for line in (SAMPLE / "candidates.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["prompt_id"] not in seen:
-            seen.add(row["prompt_id"])
-            first.append(line)
+    first = (SAMPLE / "candidates.jsonl").read_text().splitlines()[0]
     candidates = folder / "candidates.jsonl"
-    candidates.write_text("\n".join(first) + "\n")
+    candidates.write_text(first + "\n")
     recorded: list[dict] = []
     answer = embedded.generate
 
@@ -143,18 +137,34 @@ def measured(module: object, model: object):
             setattr(module, name, function)
 
 
-def run_version(module: object, model: object, policy: list[dict], judge: list[dict], seed: int) -> dict:
-    module._prefixes = module._PrefixCache()
-    torch.manual_seed(seed)
-    with measured(module, model) as (seconds, forwards):
-        started = time.perf_counter()
-        for request in policy:
-            module.generate(**request)
-        policy_s = time.perf_counter() - started
-        started = time.perf_counter()
-        answers = [module.generate(**request)[0][0] for request in judge]
-        judge_s = time.perf_counter() - started
-    return {"policy_s": policy_s, "judge_s": judge_s, "parts_s": dict(seconds), **forwards, "answers": answers}
+def add(total: dict, seconds: dict, forwards: dict, phase: str, elapsed: float) -> None:
+    total[phase] = total.get(phase, 0.0) + elapsed
+    for part, value in seconds.items():
+        total["parts_s"][part] = total["parts_s"].get(part, 0.0) + value
+    for key, value in forwards.items():
+        total[key] = total.get(key, 0) + value
+
+
+def run_round(versions: dict, model: object, policy: list[dict], judge: list[dict], seed: int) -> dict:
+    """Every request to every version, the versions taking turns request by request (the order
+    rotates), each version from its own empty prefix cache."""
+    names = list(versions)
+    totals = {name: {"policy_s": 0.0, "judge_s": 0.0, "parts_s": {}, "answers": []} for name in names}
+    for module in versions.values():
+        module._prefixes = module._PrefixCache()
+    requests = [("policy_s", r) for r in policy] + [("judge_s", r) for r in judge]
+    for i, (phase, request) in enumerate(requests):
+        shift = (i + seed) % len(names)
+        for name in names[shift:] + names[:shift]:
+            torch.manual_seed(seed * 1000 + i)
+            with measured(versions[name], model) as (seconds, forwards):
+                started = time.perf_counter()
+                texts = versions[name].generate(**request)[0]
+                elapsed = time.perf_counter() - started
+            add(totals[name], seconds, forwards, phase, elapsed)
+            if phase == "judge_s":
+                totals[name]["answers"].append(texts[0])
+    return totals
 
 
 def prompt_lookup_from_a_cache(module: object, tokenizer: object, model: object, request: dict) -> dict:
@@ -176,44 +186,52 @@ def prompt_lookup_from_a_cache(module: object, tokenizer: object, model: object,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", default="3dda35a", help="git revision of the baseline (the hand-written decoding loop)")
-    parser.add_argument("--candidate", default="worktree", help="git revision of the candidate, or 'worktree'")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--versions", nargs="+", default=["3dda35a", "worktree"],
+                        help="git revisions of models/embedded.py ('worktree': this tree's file); the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--judge-requests", type=Path, help="the recorded judge requests: read if the file exists, else recorded into it")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embedded.json")
     args = parser.parse_args()
 
     tokenizer, model = embedded._load()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        versions = {"baseline": load_version(args.baseline, folder), "candidate": load_version(args.candidate, folder)}
+        versions = {rev: load_version(rev, folder) for rev in args.versions}
         policy = policy_requests()
-        judge = judge_requests(folder)
+        if args.judge_requests and args.judge_requests.exists():
+            judge = json.loads(args.judge_requests.read_text())
+        else:
+            judge = judge_requests(folder)
+            embedded._prefixes = embedded._PrefixCache()  # the recording run's caches
+            if args.judge_requests:
+                args.judge_requests.write_text(json.dumps(judge, ensure_ascii=False))
         print(f"workload: {len(policy)} policy requests (n=5, 64 tokens), {len(judge)} judge requests", flush=True)
+        baseline = args.versions[0]
         rounds = []
         for r in range(args.rounds):
-            order = ("baseline", "candidate") if r % 2 == 0 else ("candidate", "baseline")
-            results = {name: run_version(versions[name], model, policy, judge, seed=r) for name in order}
-            base, cand = results["baseline"], results["candidate"]
-            ratios = {
-                "policy": cand["policy_s"] / base["policy_s"],
-                "judge": cand["judge_s"] / base["judge_s"],
-                **{part: cand["parts_s"][part] / base["parts_s"][part] for part in PARTS if base["parts_s"][part] > 0},
-            }
-            same = sum(a == b for a, b in zip(base["answers"], cand["answers"]))
-            rounds.append({"order": order, "ratios": ratios, "judge_answers_equal": same,
-                           **{name: {k: v for k, v in res.items() if k != "answers"} for name, res in results.items()}})
-            print(json.dumps({"round": r, **rounds[-1]}, indent=1), flush=True)
-        lookup = prompt_lookup_from_a_cache(versions["candidate"], tokenizer, model, judge[0])
-    summary = {
+            totals = run_round(versions, model, policy, judge, seed=r)
+            base = totals[baseline]
+            summary = {}
+            for name, res in totals.items():
+                seconds = {"policy": res["policy_s"], "judge": res["judge_s"], **res["parts_s"]}
+                base_seconds = {"policy": base["policy_s"], "judge": base["judge_s"], **base["parts_s"]}
+                ratios = {key: seconds[key] / base_seconds[key] for key in seconds if base_seconds.get(key)}
+                same = sum(a == b for a, b in zip(base["answers"], res["answers"]))
+                summary[name] = {**{k: v for k, v in res.items() if k != "answers"}, "ratios": ratios, "judge_answers_equal": same}
+            rounds.append(summary)
+            print(json.dumps({"round": r, **summary}, indent=1), flush=True)
+        lookup = prompt_lookup_from_a_cache(versions[baseline], tokenizer, model, judge[0]) if judge else None
+    result = {
         "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch_threads": torch.get_num_threads(), "dtype": str(model.dtype), "baseline": args.baseline,
-        "candidate": args.candidate, "policy_requests": len(policy), "judge_requests": len(judge),
-        "median_ratios": {k: statistics.median(r["ratios"][k] for r in rounds) for k in rounds[0]["ratios"]},
+        "torch_threads": torch.get_num_threads(), "dtype": str(model.dtype), "versions": args.versions,
+        "policy_requests": len(policy), "judge_requests": len(judge),
+        "median_ratios": {name: {k: statistics.median(r[name]["ratios"][k] for r in rounds) for k in rounds[0][name]["ratios"]}
+                          for name in args.versions[1:]},
         "prompt_lookup_from_a_cache": lookup, "rounds": rounds,
     }
-    print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
