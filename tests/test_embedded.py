@@ -159,3 +159,43 @@ def test_drafted_decoding_picks_the_same_tokens_as_one_token_at_a_time(monkeypat
     stopped = embedded._decode(model, Tokenizer(), prompt, 40, 0.0, stop=lambda text: len(text.split()) >= 5)
     assert stopped == drafted[:5]
     assert embedded._prefixes.entries[0][1].get_seq_length() == len(prompt) + 5
+
+
+def test_the_verdict_choice_is_greedy_decoding_among_the_allowed_sequences(monkeypatch):
+    """The constrained verdict (generate with prefix_allowed_tokens_fn) is what greedy decoding
+    picks token by token when every token outside the live `choice + suffix` sequences is masked."""
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from longreward_core.models import embedded
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    monkeypatch.setattr(embedded, "_prefixes", embedded._PrefixCache())
+    sequences = {"1]]": [11, 40], "10]]": [11, 12, 40], "7]]": [17, 40], "8]]": [18, 41, 40]}
+
+    class Tokenizer:
+        eos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": sequences[text]}
+
+    def masked_greedy(prompt):
+        cache, ids, chosen = DynamicCache(), torch.tensor([prompt]), []
+        with torch.no_grad():
+            while not any(seq == chosen for seq in sequences.values()):
+                logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+                allowed = [seq[len(chosen)] for seq in sequences.values() if seq[: len(chosen)] == chosen]
+                chosen.append(max(allowed, key=lambda token: logits[token]))
+                ids = torch.tensor([[chosen[-1]]])
+        return next(text.removesuffix("]]") for text, seq in sequences.items() if seq == chosen)
+
+    picked = set()
+    for seed in range(6):
+        prompt = torch.randint(3, 50, (30,), generator=torch.Generator().manual_seed(seed)).tolist()
+        choice = embedded._constrained_choice(model, Tokenizer(), prompt, ["1", "10", "7", "8"], "]]")
+        assert choice == masked_greedy(prompt)
+        picked.add(choice)
+    assert len(picked) > 1  # the prompts lead to different verdicts: the choice follows the logits

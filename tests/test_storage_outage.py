@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from longreward_core.models.storage import StorageGuard, StorageUnavailable
-from longreward_core.pipeline.score import score_files
+from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.scorer import ScoringConfig
 from longreward_testing.scenarios import judge_config_for, write_inputs
 

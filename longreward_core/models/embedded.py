@@ -26,6 +26,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import litellm
@@ -99,6 +100,7 @@ _generate_lock = threading.Lock()  # one generation at a time: the CPU is the bo
 
 
 _ROOM_TOKENS = 256  # spare room a cache layer grows by
+TOP_P = 0.95  # nucleus of every sampled token
 
 
 @functools.cache
@@ -147,42 +149,36 @@ class _PrefixCache:
         self.same_template = same_template  # a shared prefix this long means the same template
         self.entries: list[tuple[list[int], Any]] = []
 
-    def forward(self, model: Any, ids: list[int]) -> tuple[Any, Any]:
-        """Logits after `ids` and a cache holding exactly `ids` (the caller's to extend)."""
-        import torch
-
+    def cache_for(self, ids: list[int]) -> Any:
+        """A cache (the caller's own) holding the longest remembered prefix of `ids` short of its
+        last token: `generate` runs the rest, at least one token, for the logits after `ids`."""
         best, best_len = None, 0
         for seq, cache in self.entries:
             n = common_prefix(seq, ids)
             if n > best_len:
                 best, best_len = cache, n
-        best_len = min(best_len, len(ids) - 1)  # at least one token must run, for its logits
-        if best is not None and best_len > 0:
-            cache = copy.deepcopy(best)
-            surplus = cache.get_seq_length() - best_len
-            if surplus > 0:
-                cache.crop(-surplus)
-        else:
-            cache, best_len = _growing_cache_class()(), 0
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([ids[best_len:]]), cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float(), cache
+        best_len = min(best_len, len(ids) - 1)
+        if best is None or best_len <= 0:
+            return _growing_cache_class()()
+        return _cropped(copy.deepcopy(best), best_len)
 
     def remember(self, ids: list[int], cache: Any) -> None:
-        """Keep `cache` for `ids`, replacing the entry of the same template (most recent first)."""
-        kept = [(seq, c) for seq, c in self.entries if common_prefix(seq, ids) < self.same_template]
-        self.entries = [(list(ids), cache)] + kept[: self.size - 1]
+        """Keep `cache`, which holds the first tokens of `ids`, replacing the entry of the same
+        template (most recent first)."""
+        held = list(ids[: cache.get_seq_length()])
+        kept = [(seq, c) for seq, c in self.entries if common_prefix(seq, held) < self.same_template]
+        self.entries = [(held, cache)] + kept[: self.size - 1]
 
 
 _prefixes = _PrefixCache()
 
 
-def _step(model: Any, token: int, cache: Any) -> Any:
-    """Logits (float32) after one more token; `cache` is extended in place."""
-    import torch
-
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1].float()
+def _cropped(cache: Any, length: int) -> Any:
+    """`cache` shortened in place to its first `length` tokens."""
+    surplus = cache.get_seq_length() - length
+    if surplus > 0:
+        cache.crop(-surplus)
+    return cache
 
 
 def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -194,20 +190,50 @@ def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return ids
 
 
-def _next_token(logits: Any, temperature: float, allowed: list[int] | None = None) -> int:
+def _generate(model: Any, tokenizer: Any, ids: list[int], cache: Any, max_new: int, temperature: float,
+              rows: int = 1, **options: Any) -> list[list[int]]:
+    """transformers' `generate`: `rows` continuations of `ids` from `cache` (which holds a prefix of
+    `ids`, `rows` times), sampled at `temperature` with top-p TOP_P, greedy at 0. The new tokens of each."""
     import torch
 
-    if allowed is not None:
-        masked = torch.full_like(logits, float("-inf"))
-        masked[allowed] = logits[allowed]
-        logits = masked
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": TOP_P, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    )
+    inputs = torch.tensor([ids] * rows)
+    with torch.no_grad():
+        out = model.generate(
+            inputs, attention_mask=torch.ones_like(inputs), cache=cache, max_new_tokens=max_new,
+            eos_token_id=tokenizer.eos_token_id, **sampling, **options,
+        )
+    return out[:, len(ids):].tolist()
+
+
+class _StopWhen:
+    """A `generate` stopping criterion (one row): `done(new tokens)` holds."""
+
+    def __init__(self, start: int, done: Callable[[list[int]], bool]):
+        self.start, self.done = start, done
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.tensor([self.done(input_ids[0, self.start:].tolist())])
+
+
+def _until_eos(tokenizer: Any, tokens: list[int]) -> list[int]:
+    return tokens[: tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
+
+
+def _next_token(logits: Any, temperature: float) -> int:
+    """The token after `logits`: greedy at temperature 0, else sampled with `generate`'s own
+    temperature and top-p warpers."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = torch.sort(probs, descending=True)
-    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < 0.95  # top-p 0.95
-    sorted_probs[~keep] = 0
-    return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1)])
+    scores = TopPLogitsWarper(TOP_P)(None, TemperatureLogitsWarper(temperature)(None, logits[None]))
+    return int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1))
 
 
 class _Drafts:
@@ -239,17 +265,26 @@ def _decode(
     ids: list[int],
     max_new: int,
     temperature: float,
-    stop: Any = None,
+    stop: Callable[[str], bool] | None = None,
 ) -> list[int]:
     """Sample up to max_new tokens after ids; `stop(text)` ends early. Remembers the cache.
 
-    Each forward also runs a draft of the next tokens (`_Drafts`); while the chosen tokens match
-    it, their logits are already computed. Tokens are still chosen one by one from the model's
-    logits; a drafted position's logits come from a forward of several tokens, the same up to
-    floating-point rounding (the test finds the same tokens as one-token-at-a-time decoding)."""
+    A loop of its own rather than `generate`, for its drafts: each forward also runs a draft of the
+    next tokens (`_Drafts`), and while the chosen tokens match it their logits are already
+    computed. `generate`'s prompt lookup drafts the same way but runs the whole prompt again in its
+    first forward when its cache already holds part of it, which the prefix cache always does.
+    Tokens are still chosen one by one from the model's logits; a drafted position's logits come
+    from a forward of several tokens, the same up to floating-point rounding (the test finds the
+    same tokens as one-token-at-a-time decoding)."""
     import torch
 
-    logits, cache = _prefixes.forward(model, ids)
+    def forward(tokens: list[int], keep: int) -> Any:
+        """Logits (float32) after each of the last `keep` tokens; the cache grows by `tokens`."""
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True, logits_to_keep=keep).logits[0].float()
+
+    cache = _prefixes.cache_for(ids)
+    logits = forward(ids[cache.get_seq_length():], 1)[-1]
     drafts = _Drafts(ids)
     new: list[int] = []
     queued: list[tuple[int, Any]] = []  # drafted tokens already in the cache, with the logits after each
@@ -262,63 +297,44 @@ def _decode(
         if queued and queued[0][0] == token:
             logits = queued.pop(0)[1]
         else:
-            if queued:  # drafted tokens not taken leave the cache
-                cache.crop(-len(queued))
+            _cropped(cache, len(ids) + len(new) - 1)  # drafted tokens not taken leave the cache
             draft = drafts.draft(max_new - len(new))
-            with torch.no_grad():
-                rows = model(
-                    input_ids=torch.tensor([[token, *draft]]), cache=cache, use_cache=True, logits_to_keep=len(draft) + 1
-                ).logits[0].float()
+            rows = forward([token, *draft], len(draft) + 1)
             logits, queued = rows[0], list(zip(draft, rows[1:]))
         if stop is not None and stop(tokenizer.decode(new, skip_special_tokens=True)):
             break
-    if queued:
-        cache.crop(-len(queued))
-    _prefixes.remember(ids + new, cache)
+    _prefixes.remember(ids + new, _cropped(cache, len(ids) + len(new)))
     return new
 
 
 def _decode_many(model: Any, tokenizer: Any, ids: list[int], n: int, max_new: int, temperature: float) -> list[list[int]]:
-    """n samples after ids, decoded side by side in one batch: a step reads the weights once for all n."""
+    """n samples after ids, decoded side by side in one batch: a step reads the weights once for
+    all n, and the prompt is read once, into the cache the n rows start from."""
     import torch
 
-    logits, cache = _prefixes.forward(model, ids)
+    cache = _prefixes.cache_for(ids)
+    if cache.get_seq_length() < len(ids) - 1:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids[cache.get_seq_length():-1]]), cache=cache, use_cache=True, logits_to_keep=1)
     _prefixes.remember(ids, cache)
     batch = copy.deepcopy(cache)
     batch.batch_repeat_interleave(n)
-    rows = logits.expand(n, -1)
-    samples: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
-    for _ in range(max_new):
-        tokens = []
-        for row, sample in enumerate(samples):
-            token = tokenizer.eos_token_id if done[row] else _next_token(rows[row], temperature)
-            if token == tokenizer.eos_token_id:
-                done[row] = True
-            else:
-                sample.append(token)
-            tokens.append(token)
-        if all(done):
-            break
-        with torch.no_grad():
-            rows = model(input_ids=torch.tensor(tokens).unsqueeze(1), cache=batch, use_cache=True).logits[:, -1].float()
-    return samples
+    return [_until_eos(tokenizer, s) for s in _generate(model, tokenizer, ids, batch, max_new, temperature, rows=n)]
 
 
 def _constrained_choice(model: Any, tokenizer: Any, ids: list[int], choices: list[str], suffix: str) -> str:
     """Greedy decoding restricted, token by token, to the sequences `choice + suffix`."""
     sequences = {c: tokenizer(c + suffix, add_special_tokens=False)["input_ids"] for c in choices}
-    logits, cache = _prefixes.forward(model, ids)
-    chosen: list[int] = []
-    while True:
-        live = [c for c, seq in sequences.items() if seq[: len(chosen)] == chosen]
-        finished = [c for c in live if len(sequences[c]) == len(chosen)]
-        if finished:
-            return finished[0]
-        allowed = sorted({sequences[c][len(chosen)] for c in live})
-        token = _next_token(logits, 0.0, allowed)
-        chosen.append(token)
-        logits = _step(model, token, cache)
+
+    def allowed(row: int, sent: Any) -> list[int]:
+        chosen = sent[len(ids):].tolist()
+        return sorted({seq[len(chosen)] for seq in sequences.values() if seq[: len(chosen)] == chosen and len(seq) > len(chosen)})
+
+    chosen = _generate(
+        model, tokenizer, ids, _prefixes.cache_for(ids), max(map(len, sequences.values())), 0.0,
+        prefix_allowed_tokens_fn=allowed, stopping_criteria=[_StopWhen(len(ids), lambda new: new in sequences.values())],
+    )[0]
+    return next(c for c, seq in sequences.items() if seq == chosen)
 
 
 def _has_verdict(text: str, constraint: dict[str, Any]) -> bool:
