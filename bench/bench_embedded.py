@@ -1,4 +1,4 @@
-"""The embedded model's decoding on the demo's workload: two versions of `models/embedded.py` side by side.
+"""The embedded model's decoding on the demo's workload: two versions of `models/embedded_llm.py` side by side.
 
 The workload is what `make demo` asks of the embedded SmolLM2-135M:
 - policy: 5 candidates per prompt in one request (`n=5`, temperature 0.8, 64 new tokens) on each
@@ -7,7 +7,7 @@ The workload is what `make demo` asks of the embedded SmolLM2-135M:
   dimensions, verdicts constrained), recorded from a real `score_files` run through the LLM client
   (`--judge-requests FILE` keeps them for the next run) and replayed to each version.
 
-Each version is `models/embedded.py` at a git revision (or this tree's file), loaded as a module of
+Each version is `models/embedded_llm.py` at a git revision (or this tree's file), loaded as a module of
 its own with its own prefix cache; all drive the same loaded model. The versions take turns request
 by request (the order rotates), each round from empty prefix caches, so a change in the machine's
 load falls on all of them alike; the figures are seconds per phase and part, and their ratio to the
@@ -49,19 +49,25 @@ import torch  # noqa: E402
 
 from longreward_core.data.pairs import user_message  # noqa: E402
 from longreward_core.data.records import Prompt  # noqa: E402
-from longreward_core.models import embedded  # noqa: E402
+from longreward_core.models import embedded_llm as embedded  # noqa: E402
 
-MODULE = "longreward_core/models/embedded.py"
+MODULE = "longreward_core/models/embedded_llm.py"
+OLD_MODULE = "longreward_core/models/embedded.py"  # its name at revisions before the rename
 SAMPLE = ROOT / "longreward_core" / "sample"
 PARTS = ("_decode_many", "_decode", "_constrained_choice")
 
 
 def load_version(rev: str, folder: Path) -> object:
-    """`models/embedded.py` at git revision `rev` ('worktree': this tree's file) as a module of its own."""
+    """`models/embedded_llm.py` at git revision `rev` ('worktree': this tree's file) as a module of its own."""
     if rev == "worktree":
         source = (ROOT / MODULE).read_text()
     else:
-        source = subprocess.run(["git", "show", f"{rev}:{MODULE}"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        shown = [subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, capture_output=True, text=True)
+                 for name in (MODULE, OLD_MODULE)]
+        found = [s for s in shown if s.returncode == 0]
+        if not found:
+            raise SystemExit(f"no {MODULE} (or {OLD_MODULE}) at revision {rev}")
+        source = found[0].stdout
     path = folder / f"embedded_{rev.replace('/', '_')}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -187,7 +193,7 @@ def prompt_lookup_from_a_cache(module: object, tokenizer: object, model: object,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--versions", nargs="+", default=["3dda35a", "worktree"],
-                        help="git revisions of models/embedded.py ('worktree': this tree's file); the first is the baseline")
+                        help="git revisions of models/embedded_llm.py ('worktree': this tree's file); the first is the baseline")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--judge-requests", type=Path, help="the recorded judge requests: read if the file exists, else recorded into it")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embedded.json")

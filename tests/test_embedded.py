@@ -6,7 +6,7 @@ import json
 
 import polars as pl
 
-from longreward_core.models.embedded import embedded_stats
+from longreward_core.models.embedded_llm import embedded_stats
 from longreward_core.pipeline.score_files import score_files
 from longreward_core.reward.judge import JudgeConfig
 from longreward_core.reward.scorer import ScoringConfig
@@ -36,7 +36,7 @@ def test_embedded_judge_scores_a_small_prompt(tmp_path):
 
 
 def test_decoding_stops_only_at_a_verdict_the_parser_reads():
-    from longreward_core.models.embedded import _has_verdict
+    from longreward_core.models.embedded_llm import _has_verdict
     from longreward_core.reward.dimensions.faithfulness import STATEMENTS
     from longreward_core.reward.verdicts import RATING
 
@@ -61,7 +61,7 @@ def test_the_growing_cache_gives_the_same_logits_as_transformers_dynamic_cache()
     import torch
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-    from longreward_core.models.embedded import _ROOM_TOKENS, _growing_cache_class
+    from longreward_core.models.embedded_llm import _ROOM_TOKENS, _growing_cache_class
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -88,7 +88,7 @@ def test_the_growing_cache_gives_the_same_logits_as_transformers_dynamic_cache()
 def test_the_embedded_dtype_is_chosen_by_the_environment_or_the_cpu(monkeypatch):
     import pytest
 
-    from longreward_core.models.embedded import DTYPE_ENV, embedded_dtype
+    from longreward_core.models.embedded_llm import DTYPE_ENV, embedded_dtype
 
     monkeypatch.setenv(DTYPE_ENV, "float32")
     assert embedded_dtype() == "float32"
@@ -122,7 +122,7 @@ def test_drafted_decoding_picks_the_same_tokens_as_one_token_at_a_time(monkeypat
     import torch
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-    from longreward_core.models import embedded
+    from longreward_core.models import embedded_llm as embedded
 
     torch.manual_seed(3)
     config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -167,7 +167,7 @@ def test_the_verdict_choice_is_greedy_decoding_among_the_allowed_sequences(monke
     import torch
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-    from longreward_core.models import embedded
+    from longreward_core.models import embedded_llm as embedded
 
     torch.manual_seed(5)
     config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -210,7 +210,7 @@ class LLMClient:
             if served is not None and config.api_base else None
         )
         if config.is_embedded:
-            from longreward_core.models.embedded import register_embedded_provider
+            from longreward_core.models.embedded_llm import register_embedded_provider
 
             register_embedded_provider()
 

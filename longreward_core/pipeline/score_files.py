@@ -170,7 +170,7 @@ def score_files(
     scored = frame.filter(pl.col("status") == "scored")
     embedded_judge = None
     if judge_config.is_embedded:
-        from longreward_core.models.embedded import embedded_stats
+        from longreward_core.models.embedded_llm import embedded_stats
 
         embedded_judge = embedded_stats()
     summary = ScoreSummary(
