@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -76,14 +77,28 @@ class Page:
         return target
 
 
+def _end_group(process: subprocess.Popen) -> None:
+    """End Chromium and every helper process it started, so its profile folder can be removed."""
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+    started = time.monotonic()
+    while time.monotonic() - started < 40:  # past that only unreaped zombies can be left: they write nothing
+        try:
+            os.killpg(process.pid, signal.SIGKILL if time.monotonic() - started > 30 else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 @contextmanager
 def browser() -> Iterator[Page]:
     """A fresh headless Chromium (its own profile: nothing stored from an earlier page) and its tab."""
     binary = shutil.which("chromium")
     assert binary, "chromium is not installed (infra/stack/stack.sh up installs Debian's package)"
     with tempfile.TemporaryDirectory() as profile:
+        # Its own process group: the renderer and GPU helpers write into the profile until they end too.
         process = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + 60
@@ -96,8 +111,7 @@ def browser() -> Iterator[Page]:
             with connect(tab["webSocketDebuggerUrl"], max_size=None) as connection:
                 yield Page(connection)
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            _end_group(process)
 
 
 @contextmanager
