@@ -12,12 +12,12 @@ Reported per mode: judge calls, support calls, prompt / cached / completion toke
 share (tokens of the configured tokenizer: the longest prefix each request shares with an earlier
 one to the same model), the bill at list prices uncached and at cached prices (as litellm prices
 the double's reported cached tokens), USD per published pair; and whether every mode published the
-full run's pairs. Batch modes (the double's Batch API, answers priced at gpt-4.1-mini's batch prices)
+full run's pairs. Batch modes (the double's Batch API, answers priced at the model's batch prices)
 also report their waves, online requests (0 expected), lines submitted twice; one runs under 20%
 failed lines and an expired batch, one is killed (SIGKILL, in a process of its own) while a wave
 waits and then run again.
 
-    .venv/bin/python bench/bench_cost.py [--prompts 20] [--candidates 10] [--seed 11]
+    .venv/bin/python bench/bench_cost.py [--prompts 20] [--candidates 10] [--seed 11] [--prices gpt-4.1-mini]
 """
 
 from __future__ import annotations
@@ -49,11 +49,18 @@ from longreward_testing.judge_double import JudgeDouble, JudgeServer, fault_mix,
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# List prices of gpt-4.1-mini as in litellm's bundled price table (USD per token), its batch prices included.
-PRICES = {
-    "input_cost_per_token": 4e-7, "cache_read_input_token_cost": 1e-7, "output_cost_per_token": 1.6e-6,
-    "input_cost_per_token_batches": 2e-7, "output_cost_per_token_batches": 8e-7,
-}
+# The prices the double's answers are billed at: a model's entry in litellm's bundled price table
+# (USD per token), its batch prices included where the table has them (`--prices`).
+PRICE_KEYS = ("input_cost_per_token", "cache_read_input_token_cost", "output_cost_per_token",
+              "input_cost_per_token_batches", "output_cost_per_token_batches", "cache_read_input_token_cost_batches")
+PRICES: dict[str, float] = {}
+
+
+def model_prices(model: str) -> dict[str, float]:
+    entry = litellm.model_cost.get(model)
+    if not entry or entry.get("input_cost_per_token_batches") is None:
+        raise SystemExit(f"--prices {model}: litellm's price table has no batch prices for this model")
+    return {k: entry[k] for k in PRICE_KEYS if entry.get(k) is not None}
 PRICED_MODEL = "judge-double-bench"
 # A real judge writes a short analysis before its verdict; the double's answers carry one of this length.
 ANALYSIS = "Analysis: " + ("the response is weighed against the question and the material given; " * 6).strip()
@@ -154,10 +161,11 @@ def bill(total: CallAccounting) -> float:
 
 def batch_bill_stacked(total: CallAccounting) -> float:
     """The bill of batch answers if the batch discount also halved the cached-input price, as
-    Anthropic's does (litellm's table has no batch price for cached input of gpt-4.1-mini, so it
-    bills cached input in a batch at the online cached price)."""
+    Anthropic's does (where litellm's table has no batch price for cached input, as for
+    gpt-4.1-mini, it bills cached input in a batch at the online cached price)."""
     uncached = total.prompt_tokens - total.cached_tokens
-    return (uncached * PRICES["input_cost_per_token_batches"] + total.cached_tokens * PRICES["cache_read_input_token_cost"] / 2
+    cached = PRICES.get("cache_read_input_token_cost_batches", PRICES["cache_read_input_token_cost"] / 2)
+    return (uncached * PRICES["input_cost_per_token_batches"] + total.cached_tokens * cached
             + total.completion_tokens * PRICES["output_cost_per_token_batches"])
 
 
@@ -168,8 +176,10 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=160, help="sentences per document (~35 tokens each)")
     parser.add_argument("--min-candidates", type=int, default=PairConfig().min_candidates)
     parser.add_argument("--seed", type=int, default=11, help="draws the documents, candidates and their grounding")
+    parser.add_argument("--prices", default="gpt-4.1-mini", help="the model of litellm's price table to bill at")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cost.json")
     args = parser.parse_args()
+    PRICES.update(model_prices(args.prices))
     litellm.register_model({PRICED_MODEL: {**PRICES, "litellm_provider": "openai", "mode": "chat", "max_tokens": 4096}})
 
     work = Path(tempfile.mkdtemp(prefix="longreward-cost-"))

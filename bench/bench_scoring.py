@@ -52,7 +52,11 @@ def synthetic_document(rng: random.Random, sentences: int) -> list[str]:
     return out
 
 
-def write_inputs(folder: Path, n_prompts: int, n_candidates: int, sentences: int, seed: int = 7) -> tuple[Path, Path]:
+def write_inputs(
+    folder: Path, n_prompts: int, n_candidates: int, sentences: int, seed: int = 7, varied: bool = False
+) -> tuple[Path, Path]:
+    """Synthetic prompts and candidates: each candidate copies 3 sentences of its document and
+    invents 1 (with `varied`, candidate k invents k + 1, so rewards differ and pairs form)."""
     rng = random.Random(seed)
     prompts, candidates = [], []
     for p in range(n_prompts):
@@ -60,8 +64,8 @@ def write_inputs(folder: Path, n_prompts: int, n_candidates: int, sentences: int
         prompts.append({"id": f"p{p:03d}", "context": " ".join(doc), "query": f"What happened to the {rng.choice(WORDS)}?"})
         for k in range(n_candidates):
             copied = rng.sample(doc, 3)  # supported statements
-            invented = f"The {rng.choice(WORDS)} was painted blue in {rng.randrange(1800, 1900)}."
-            candidates.append({"prompt_id": f"p{p:03d}", "candidate_id": f"p{p:03d}-{k}", "response": " ".join(copied + [invented])})
+            invented = [f"The {rng.choice(WORDS)} was painted blue in {rng.randrange(1800, 1900)}." for _ in range(k + 1 if varied else 1)]
+            candidates.append({"prompt_id": f"p{p:03d}", "candidate_id": f"p{p:03d}-{k}", "response": " ".join(copied + invented)})
     prompts_path, candidates_path = folder / "prompts.jsonl", folder / "candidates.jsonl"
     prompts_path.write_text("".join(json.dumps(r) + "\n" for r in prompts))
     candidates_path.write_text("".join(json.dumps(r) + "\n" for r in candidates))

@@ -158,7 +158,7 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
                            embedding=params.scoring.embedding_model),
         call_cache=call_cache_size(cache_path, params.cache_password_secret),
     )
-    scores = pl.concat([pl.read_parquet(results[n]["scores"]) for n in names])
+    scores = pl.scan_parquet([results[n]["scores"] for n in names])
     _score_artifacts(reward_distribution(scores), RunAccounting.from_dict(manifest.judge_accounting))
     manifest_path = publish(pairs["pairs"], str(build), manifest)
     logger.info("dataset published in %s", build)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,8 +298,14 @@ def stream_prompts(path: str | Path) -> PromptStream:
     return PromptStream(path, ids, quarantined)
 
 
-def load_candidates(path: str | Path, prompt_ids: set[str]) -> Loaded:
-    """Read and validate candidates against the known prompt ids.
+def load_candidates(path: str | Path, prompt_ids: Collection[str]) -> Loaded:
+    """Read and validate candidates against the known prompt ids (see `candidate_rows`)."""
+    return Loaded.collect(candidate_rows(path, prompt_ids))
+
+
+def candidate_rows(path: str | Path, prompt_ids: Collection[str]) -> Iterator[ValidRow[Candidate] | QuarantinedRow]:
+    """Each row of a candidates file, validated against the known prompt ids; duplicates after the
+    first occurrence are quarantined.
 
     Release-format rows (`idx` = "<prompt idx>-<k>", `answer`) are mapped to
     `prompt_id` = "<prompt idx>", `candidate_id` = `idx`, `response` = `answer`.
@@ -321,10 +327,10 @@ def load_candidates(path: str | Path, prompt_ids: set[str]) -> Loaded:
         return record
 
     path = Path(path)
-    return Loaded.collect(validated_rows(
+    return validated_rows(
         path, read_rows(path), candidate, id_fields=("candidate_id", "idx"),
         duplicate="duplicate candidate_id '{id}' (first on line {line})",
-    ))
+    )
 
 
 @contextmanager

@@ -237,10 +237,7 @@ class LLMClient:
         """The cached answer of a request, without sending it (None when it was never answered)."""
         if self.cache is None:
             return None
-        hit = await self._lookup(self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)[0])
-        if hit and self.budget is not None:
-            self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
-        return hit[0] if hit else None
+        return self._hit_answer(await self._lookup(self._key(messages, temperature, attempt, constraint, raw_prompt, sampling)[0]))
 
     async def complete(
         self,
@@ -351,9 +348,7 @@ class LLMClient:
             raise self._refused
         if self.cache is not None and (hit := await self._lookup(key)) is not None:
             acc.cache_hits += 1
-            if self.budget is not None:
-                self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
-            return hit[0]
+            return self._hit_answer(hit)
         if (pending := self._in_flight.get(key)) is not None:
             acc.coalesced += 1
             return await asyncio.shield(pending)
@@ -470,10 +465,16 @@ class LLMClient:
         """`cached`, for an executor that runs in a worker thread."""
         if self.cache is None:
             return None
-        hit = self.cache.get(self.request_key(messages, temperature, attempt, constraint)[0])
-        if hit and self.budget is not None:
+        return self._hit_answer(self.cache.get(self.request_key(messages, temperature, attempt, constraint)[0]))
+
+    def _hit_answer(self, hit: tuple[str, int, int, float] | None) -> str | None:
+        """A cached answer's text; its tokens and cost are charged to the budget, which counts every
+        answer used, cached or not."""
+        if hit is None:
+            return None
+        if self.budget is not None:
             self.budget.spend((hit[1] or 0) + (hit[2] or 0), hit[3] or 0.0)
-        return hit[0] if hit else None
+        return hit[0]
 
     def record_answer(
         self, acc: CallAccounting, key: str, messages: list[dict[str, str]], text: str, usage: Any, cost: float,

@@ -20,9 +20,10 @@ import pyarrow as pa
 
 from longreward_core.data.io import (
     atomic_write_bytes,
+    candidate_rows,
     file_hash,
-    load_candidates,
     load_prompts,
+    stream_prompts,
     write_parquet_atomic,
     write_quarantine,
 )
@@ -38,6 +39,8 @@ from longreward_core.data.records import (
     CallCacheSize,
     Candidate,
     InputFile,
+    Prompt,
+    QuarantinedRow,
     SampleReport,
     ScoreSummary,
 )
@@ -65,34 +68,83 @@ def write_shards(
     prompts_path: str | Path, candidates_path: str | Path | None, shard_size: int, out_dir: str | Path
 ) -> ShardPlan:
     """Validate the inputs, quarantine bad rows, and split prompts (with their candidates) into
-    `out_dir/shard-NNNN/{prompts,candidates}.parquet` in input order."""
+    `out_dir/shard-NNNN/{prompts,candidates}.parquet` in input order.
+
+    Both files are streamed: what is held at once is the prompt ids, one shard's rows and a bounded
+    buffer of candidates, never the whole input (a nightly's documents can outgrow the memory of
+    the process that shards them)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
-    prompts = load_prompts(prompts_path)
-    ids = {p.id for p in prompts.records}
-    candidates = load_candidates(candidates_path, ids) if candidates_path else None
-    quarantined = prompts.quarantined + (candidates.quarantined if candidates else [])
+    prompts = stream_prompts(prompts_path)
+    quarantined = list(prompts.quarantined)
+    shard_dirs = [out / f"shard-{number:04d}" for number in range(-(-len(prompts.ids) // shard_size))]
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".candidates-") as spool_dir:
+        spool = _CandidateSpool(Path(spool_dir), {pid: i for i, pid in enumerate(prompts.ids)}, shard_size)
+        if candidates_path:
+            for item in candidate_rows(candidates_path, spool.position):
+                if isinstance(item, QuarantinedRow):
+                    quarantined.append(item)
+                else:
+                    spool.add(item.record)
+            spool.flush()
+        chunk: list[Prompt] = []
+        shards = iter(shard_dirs)
+        for prompt in prompts:
+            chunk.append(prompt)
+            if len(chunk) == shard_size:
+                _write_shard(next(shards), chunk, spool if candidates_path else None)
+                chunk = []
+        if chunk:
+            _write_shard(next(shards), chunk, spool if candidates_path else None)
     quarantine_path = write_quarantine(quarantined, out / "quarantine.parquet") if quarantined else None
-    by_prompt: dict[str, list[Candidate]] = {}
-    for c in candidates.records if candidates else []:
-        by_prompt.setdefault(c.prompt_id, []).append(c)
-    shard_dirs = []
-    for number, start in enumerate(range(0, len(prompts.records), shard_size)):
-        shard = out / f"shard-{number:04d}"
-        chunk = prompts.records[start : start + shard_size]
-        write_parquet_atomic(pl.DataFrame([p.to_row() for p in chunk], schema=PROMPTS_SCHEMA), shard / "prompts.parquet")
-        if candidates is not None:
-            rows = [c.model_dump() for p in chunk for c in by_prompt.get(p.id, [])]
-            write_parquet_atomic(pl.DataFrame(rows, schema=CANDIDATES_SCHEMA), shard / "candidates.parquet")
-        shard_dirs.append(shard)
     return ShardPlan(
         shard_dirs=shard_dirs,
         quarantine_path=quarantine_path,
-        prompts=len(prompts.records),
-        candidates=len(candidates.records) if candidates else None,
+        prompts=len(prompts.ids),
+        candidates=spool.kept if candidates_path else None,
         quarantined=len(quarantined),
     )
+
+
+class _CandidateSpool:
+    """Valid candidates appended to one JSON-lines file per shard, a bounded batch at a time."""
+
+    BUFFER_ROWS = 10_000
+
+    def __init__(self, folder: Path, position: dict[str, int], shard_size: int):
+        self.folder, self.position, self.shard_size = folder, position, shard_size
+        self.buffer: dict[int, list[str]] = {}
+        self.buffered = self.kept = 0
+
+    def add(self, candidate: Candidate) -> None:
+        at = self.position[candidate.prompt_id]
+        self.buffer.setdefault(at // self.shard_size, []).append(json.dumps({"at": at, **candidate.model_dump()}) + "\n")
+        self.buffered += 1
+        self.kept += 1
+        if self.buffered >= self.BUFFER_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        for shard, lines in self.buffer.items():
+            with open(self.folder / f"{shard}.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(lines)
+        self.buffer, self.buffered = {}, 0
+
+    def shard(self, number: int) -> pl.DataFrame:
+        """The shard's candidates grouped by prompt in prompt order, each prompt's in file order."""
+        path = self.folder / f"{number}.jsonl"
+        if not path.exists():
+            return pl.DataFrame(schema=CANDIDATES_SCHEMA)
+        frame = pl.read_ndjson(path, schema={"at": pl.Int64, **CANDIDATES_SCHEMA})
+        return frame.sort("at", maintain_order=True).drop("at")
+
+
+def _write_shard(shard: Path, prompts: list[Prompt], spool: _CandidateSpool | None) -> None:
+    write_parquet_atomic(pl.DataFrame([p.to_row() for p in prompts], schema=PROMPTS_SCHEMA), shard / "prompts.parquet")
+    if spool is not None:
+        write_parquet_atomic(spool.shard(int(shard.name.split("-")[1])), shard / "candidates.parquet")
 
 
 def index_shard(shard_dir: str | Path, config: DocumentConfig) -> int:
@@ -250,15 +302,17 @@ class RewardDistribution:
         return buffer.getvalue()
 
 
-def reward_distribution(scores: pl.DataFrame) -> RewardDistribution:
+def reward_distribution(scores: pl.LazyFrame | pl.DataFrame) -> RewardDistribution:
     """The reward histogram and per-dimension statistics of the scored rows of `scores`
-    (SCORES_SCHEMA); failed rows are left out."""
-    scored = scores.filter(pl.col("status") == "scored")
+    (SCORES_SCHEMA); failed rows are left out. Given `pl.scan_parquet` of the shards' scores, only
+    the columns used are read."""
+    scored = scores.lazy().filter(pl.col("status") == "scored")
     bins = scored.group_by(pl.col("reward").floor().clip(0, REWARD_BINS - 1).cast(pl.Int64).alias("bin")).len()
     histogram = (
-        pl.DataFrame({"bin": range(REWARD_BINS)}, schema={"bin": pl.Int64})
+        pl.LazyFrame({"bin": range(REWARD_BINS)}, schema={"bin": pl.Int64})
         .join(bins, on="bin", how="left")
-        .sort("bin")["len"]
+        .sort("bin")
+        .collect()["len"]
         .fill_null(0)
         .to_list()
     )
@@ -274,5 +328,6 @@ def reward_distribution(scores: pl.DataFrame) -> RewardDistribution:
             median=value.median(),
             p90=value.quantile(0.9, "linear"),
         )
+        .collect()
     )
     return RewardDistribution(histogram=histogram, by_dimension=by_dimension)
