@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -196,6 +197,7 @@ def worker(prompts: int, api_base: str) -> dict:
         "call_cache": manifest["call_cache"]["bytes"],
     }
     result["call_cache_rows"] = manifest["call_cache"]["rows"]
+    shutil.rmtree(work, ignore_errors=True)
     return result
 
 

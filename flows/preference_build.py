@@ -94,7 +94,9 @@ def preference_build(params: BuildParams) -> dict[str, Any]:
         score_futures = {}
         for shard_dir, name in zip(plan.shard_dirs, names):
             shard = str(shard_dir)
-            indexed = runner.submit(index_task, parameters={"shard_dir": shard, "shard_name": name, "scoring": params.scoring})
+            indexed = runner.submit(index_task, parameters={"shard_dir": shard, "shard_name": name, "scoring": params.scoring,
+                                                            "cache_path": cache_path,
+                                                            "cache_password_secret": params.cache_password_secret})
             upstream = [indexed]
             if params.candidates is None:
                 upstream.append(

@@ -8,14 +8,18 @@ from prefect import get_run_logger
 
 from longreward_core.pipeline.build import index_shard
 from longreward_core.reward.documents import DocumentConfig
-from tasks.caching import shard_stage
+from tasks.caching import shard_stage, with_cache_password
 
 VERSION = 1
 
 
 @shard_stage("index", VERSION, lambda p: [Path(p["shard_dir"]) / "prompts.parquet"], config=("shard_dir", "scoring"))
-def index_documents(shard_dir: str, shard_name: str, scoring: DocumentConfig) -> int:
+def index_documents(
+    shard_dir: str, shard_name: str, scoring: DocumentConfig, cache_path: str | None = None,
+    cache_password_secret: str | None = None,
+) -> int:
     """Chunks embedded for this shard (0 when its documents were already indexed)."""
-    embedded = index_shard(shard_dir, scoring)
+    cache = with_cache_password(cache_path, cache_password_secret) if cache_path else None
+    embedded = index_shard(shard_dir, scoring, cache)
     get_run_logger().info("%s: %d document chunks embedded", shard_name, embedded)
     return embedded

@@ -26,5 +26,5 @@ VERSION = 1
 def build_pairs(shard_dirs: list[str], pairs: PairConfig, out_path: str) -> dict[str, Any]:
     """The merged pairs file and the count of prompts skipped, by reason."""
     result = merge_pairs([Path(d) for d in shard_dirs], pairs, out_path)
-    get_run_logger().info("%d pairs; skipped: %s", len(result.pairs), dict(result.skipped) or "none")
-    return {"pairs": out_path, "count": len(result.pairs), "skipped": dict(result.skipped)}
+    get_run_logger().info("%d pairs; skipped: %s", result.count, dict(result.skipped) or "none")
+    return {"pairs": out_path, "count": result.count, "skipped": dict(result.skipped)}

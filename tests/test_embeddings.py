@@ -264,3 +264,25 @@ def test_a_litellm_embedding_model_is_asked_through_the_client(judge_server, tmp
 
     again = make_embedder("openai/embed-double", judge_server.api_base, cache=cache).embed(TEXTS[:3])
     assert np.array_equal(again, vectors) and judge_server.double.count("embedding") == 2
+
+
+def test_indexing_a_shard_again_asks_the_embedding_server_nothing(judge_server, tmp_path, monkeypatch):
+    """The index stage keeps a litellm embedding model's answers in the call cache, as the scorer
+    does: a shard indexed again (its local store gone) is embedded from the cache."""
+    import shutil
+
+    from longreward_core.pipeline.build import index_shard, write_shards
+    from longreward_core.reward.documents import DocumentConfig
+
+    for name in [n for n in os.environ if n.endswith("API_KEY")]:
+        monkeypatch.delenv(name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "context": " ".join(TEXTS), "query": "Why?"}) + "\n" for i in range(2)))
+    [shard] = write_shards(prompts, None, 10, tmp_path / "shards").shard_dirs
+    config = DocumentConfig(embedding_model="openai/embed-double", embedding_api_base=judge_server.api_base)
+    cache = tmp_path / "cache.sqlite"
+    first = index_shard(shard, config, cache)
+    asked = judge_server.double.count("embedding")
+    assert first > 0 and asked > 0
+    shutil.rmtree(shard / "qdrant")
+    assert index_shard(shard, config, cache) == first and judge_server.double.count("embedding") == asked

@@ -17,8 +17,10 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from longreward_core.data.io import (
+    atomic_path,
     atomic_write_bytes,
     candidate_rows,
     file_hash,
@@ -27,10 +29,11 @@ from longreward_core.data.io import (
     write_parquet_atomic,
     write_quarantine,
 )
-from longreward_core.data.pairs import PairConfig, PairsResult
+from longreward_core.data.pairs import PairConfig
 from longreward_core.data.records import (
     CANDIDATES_SCHEMA,
     DIMENSIONS,
+    PAIRS_SCHEMA,
     PROMPTS_SCHEMA,
     SAMPLING_SCHEMA,
     BuildCounts,
@@ -47,6 +50,7 @@ from longreward_core.data.records import (
 from longreward_core.models.accounting import RunAccounting
 from longreward_core.models.call_cache import open_call_cache
 from longreward_core.models.client import LLMClient
+from longreward_core.models.embeddings import EMBEDDED_EMBEDDING
 from longreward_core.models.event_loop import run_async
 from longreward_core.pipeline.sampling import PolicyConfig, sample_candidates
 from longreward_core.pipeline.score_files import pairs_files
@@ -147,18 +151,25 @@ def _write_shard(shard: Path, prompts: list[Prompt], spool: _CandidateSpool | No
         write_parquet_atomic(spool.shard(int(shard.name.split("-")[1])), shard / "candidates.parquet")
 
 
-def index_shard(shard_dir: str | Path, config: DocumentConfig) -> int:
+def index_shard(shard_dir: str | Path, config: DocumentConfig, cache_path: str | Path | None = None) -> int:
     """Index the retrieval chunks of the shard's documents, the way the scorer does, into
-    `shard_dir/qdrant` (or the configured Qdrant server); returns chunks embedded."""
+    `shard_dir/qdrant` (or the configured Qdrant server); returns chunks embedded. A litellm
+    embedding model's answers are kept in the call cache at `cache_path`, as the scorer's are, so
+    a shard indexed again does not pay its provider twice."""
     shard = Path(shard_dir)
     prompts = load_prompts(shard / "prompts.parquet").records
-    index = open_chunk_index(config, shard / "qdrant")
+    cache = open_call_cache(cache_path) if cache_path and config.embedding_model != EMBEDDED_EMBEDDING else None
     try:
-        for prompt in prompts:
-            prepare_document(prompt.context, config).index_into(index)
-        return index.chunks_embedded
+        index = open_chunk_index(config, shard / "qdrant", cache=cache)
+        try:
+            for prompt in prompts:
+                prepare_document(prompt.context, config).index_into(index)
+            return index.chunks_embedded
+        finally:
+            index.close()
     finally:
-        index.close()
+        if cache is not None:
+            cache.close()
 
 
 def sample_shard(shard_dir: str | Path, policy_config: PolicyConfig, cache_path: str | Path) -> Path:
@@ -183,17 +194,28 @@ def sample_shard(shard_dir: str | Path, policy_config: PolicyConfig, cache_path:
     return shard / "candidates.parquet"
 
 
-def merge_pairs(shard_dirs: list[Path], config: PairConfig, out_path: str | Path) -> PairsResult:
-    """Pairs from every shard's scores, written to one Parquet file."""
-    pairs: list = []
-    skipped: Counter = Counter()
+@dataclass
+class MergedPairs:
+    count: int
+    skipped: Counter  # reason -> prompts
+
+
+def merge_pairs(shard_dirs: list[Path], config: PairConfig, out_path: str | Path) -> MergedPairs:
+    """Pairs from every shard's scores (each shard's in its `pairs.parquet`), then merged into one
+    Parquet file by polars' streaming sink: the pairs carry their documents, and a night's pairs
+    together can outgrow the process that merges them."""
+    count, skipped = 0, Counter()
     for shard in shard_dirs:
-        result = pairs_files(shard / "scores.parquet", shard / "prompts.parquet", shard / "candidates.parquet", shard / "pairs.parquet", config)
-        pairs += result.pairs
+        result = pairs_files(shard / "scores.parquet", shard / "prompts.parquet", shard / "candidates.parquet",
+                             shard / "pairs.parquet", config)
+        count += len(result.pairs)
         skipped.update(result.skipped)
-    merged = PairsResult(pairs=pairs, skipped=skipped)
-    write_parquet_atomic(merged.frame(), out_path)
-    return merged
+    with atomic_path(out_path) as tmp:
+        if shard_dirs:
+            pl.scan_parquet([shard / "pairs.parquet" for shard in shard_dirs]).sink_parquet(tmp)
+        else:
+            pl.DataFrame(schema=PAIRS_SCHEMA).write_parquet(tmp)
+    return MergedPairs(count, skipped)
 
 
 def build_manifest(
@@ -253,14 +275,19 @@ def publish_dataset(pairs_path: str | Path, out_dir: str | Path, manifest: Build
     out.mkdir(parents=True, exist_ok=True)
     target = out / "pairs.parquet"
     if Path(pairs_path).resolve() != target.resolve():
-        atomic_write_bytes(target, Path(pairs_path).read_bytes())
+        with atomic_path(target) as tmp:
+            shutil.copyfile(pairs_path, tmp)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".dataset-"))
-    # From the Arrow table, not from_parquet: that refuses a file with no rows, and a build
-    # where no prompt qualifies for a pair must still publish (an empty dataset).
-    table = pl.read_parquet(target).to_arrow()
-    if table.num_rows == 0:  # datasets needs at least one (empty) record batch
-        table = pa.Table.from_batches([pa.RecordBatch.from_pylist([], schema=table.schema)], schema=table.schema)
-    datasets.Dataset(table).save_to_disk(str(staging / "dataset"), num_shards=1 if table.num_rows == 0 else None)
+    if pq.ParquetFile(target).metadata.num_rows:
+        # Read in batches into an Arrow file on disk (memory-mapped), not into memory.
+        dataset = datasets.Dataset.from_parquet(str(target), cache_dir=str(staging / "cache"))
+        dataset.save_to_disk(str(staging / "dataset"))
+    else:
+        # from_parquet refuses a file with no rows, and a build where no prompt qualifies for a
+        # pair must still publish (an empty dataset, which needs one empty record batch).
+        schema = pq.read_schema(target)
+        table = pa.Table.from_batches([pa.RecordBatch.from_pylist([], schema=schema)], schema=schema)
+        datasets.Dataset(table).save_to_disk(str(staging / "dataset"), num_shards=1)
     if (out / "dataset").exists():
         shutil.rmtree(out / "dataset")
     (staging / "dataset").rename(out / "dataset")
