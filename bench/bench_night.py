@@ -118,7 +118,7 @@ def _task_runs(db: Path) -> dict[str, dict[str, float]]:
         artifacts = con.execute("SELECT count(*), coalesce(sum(length(data)), 0) + coalesce(sum(length(description)), 0) FROM artifact").fetchone()
     kinds: dict[str, list[float]] = {}
     for name, total in rows:
-        kind = re.sub(r"-(shard-\d+|[0-9a-f]{3})$", "", name)
+        kind = re.sub(r"-(shard-\d{4}|[0-9a-f]{3})$", "", name)  # index-shard-0007, build-pairs-3fa
         kinds.setdefault(kind, []).append(_seconds(total))
     out = {k: {"count": len(v), "median_s": round(statistics.median(v), 3), "total_s": round(sum(v), 1)} for k, v in sorted(kinds.items())}
     out["_artifacts"] = {"count": artifacts[0], "bytes": artifacts[1]}
