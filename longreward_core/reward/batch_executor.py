@@ -47,7 +47,7 @@ from longreward_core.reward.steps import Ask, Evidence, PromptInputs
 
 # Support checks one prompt releases per wave under pair pruning: a wave takes hours, so a round
 # is larger than online (where the next round follows in seconds); pairs are the same either way.
-BATCH_CHECKS_PER_ROUND = 16
+BATCH_CHECKS_PER_ROUND = 8
 
 
 def pause(seconds: float) -> None:
