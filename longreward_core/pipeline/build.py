@@ -93,15 +93,14 @@ def write_shards(
                 else:
                     spool.add(item.record)
             spool.flush()
-        chunk: list[Prompt] = []
-        shards = iter(shard_dirs)
+        number, chunk = 0, []
         for prompt in prompts:
             chunk.append(prompt)
             if len(chunk) == shard_size:
-                _write_shard(next(shards), chunk, spool if candidates_path else None)
-                chunk = []
+                _write_shard(shard_dirs[number], chunk, spool.shard(number) if candidates_path else None)
+                number, chunk = number + 1, []
         if chunk:
-            _write_shard(next(shards), chunk, spool if candidates_path else None)
+            _write_shard(shard_dirs[number], chunk, spool.shard(number) if candidates_path else None)
     quarantine_path = write_quarantine(quarantined, out / "quarantine.parquet") if quarantined else None
     return ShardPlan(
         shard_dirs=shard_dirs,
@@ -145,10 +144,10 @@ class _CandidateSpool:
         return frame.sort("at", maintain_order=True).drop("at")
 
 
-def _write_shard(shard: Path, prompts: list[Prompt], spool: _CandidateSpool | None) -> None:
+def _write_shard(shard: Path, prompts: list[Prompt], candidates: pl.DataFrame | None) -> None:
     write_parquet_atomic(pl.DataFrame([p.to_row() for p in prompts], schema=PROMPTS_SCHEMA), shard / "prompts.parquet")
-    if spool is not None:
-        write_parquet_atomic(spool.shard(int(shard.name.split("-")[1])), shard / "candidates.parquet")
+    if candidates is not None:
+        write_parquet_atomic(candidates, shard / "candidates.parquet")
 
 
 def index_shard(shard_dir: str | Path, config: DocumentConfig, cache_path: str | Path | None = None) -> int:
